@@ -1,0 +1,103 @@
+"""One Lightning module for every loss: embeds a batch, mines, computes the loss; evaluates retrieval."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from metricsearch.data.dataset import IMAGE, INDEX, LABEL
+from metricsearch.metrics import RetrievalMetric
+from metricsearch.models.head import EmbeddingModel
+
+
+class MetricLearningModule(L.LightningModule):
+    """Trains an :class:`EmbeddingModel` with a pytorch-metric-learning loss and optional miner.
+
+    Validation and test compute Recall@K, MAP@R, R-Precision and NMI once over the whole split, from the
+    embeddings gathered (across processes) in a :class:`RetrievalMetric`.
+
+    Args:
+        model: backbone + head.
+        loss: a pytorch-metric-learning loss. It is a submodule, so learnable proxies are saved, restored
+            and optimized with the rest.
+        miner: a pytorch-metric-learning miner, or None to use every pair / triplet the loss forms.
+        optimizer: a partial optimizer constructor taking parameter groups.
+        scheduler: a partial LR scheduler constructor taking the optimizer, or None.
+        loss_lr_multiplier: learning rate of the loss's own parameters relative to the model's (proxy
+            methods use ~100x).
+        recall_at_k: the K of Recall@K.
+        compute_nmi: also compute NMI (a k-means per evaluation).
+        model_config: plain dict describing how to rebuild the model and its preprocessing; stored in the
+            checkpoint so search and export can load it without the training config.
+    """
+
+    def __init__(
+        self,
+        model: EmbeddingModel,
+        loss: nn.Module,
+        miner: nn.Module | None,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        loss_lr_multiplier: float = 1.0,
+        recall_at_k: Sequence[int] = (1, 2, 4, 8),
+        compute_nmi: bool = True,
+        model_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "loss", "miner", "optimizer", "scheduler"])
+        self.model = model
+        self.loss = loss
+        self.miner = miner
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.val_metric = RetrievalMetric(recall_at_k=list(recall_at_k), compute_nmi=compute_nmi)
+        self.test_metric = RetrievalMetric(recall_at_k=list(recall_at_k), compute_nmi=compute_nmi)
+        # The prefix under which test metrics are logged; the pipeline tests the untrained model as "untrained".
+        self.test_prefix = "test"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        embeddings = self.model(batch[IMAGE])
+        labels = batch[LABEL]
+        indices_tuple = self.miner(embeddings, labels) if self.miner is not None else None
+        loss = self.loss(embeddings, labels, indices_tuple)
+        batch_size = len(labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if indices_tuple is not None:
+            self.log("train/mined", float(len(indices_tuple[0])), batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.val_metric.update(self.model(batch[IMAGE]), batch[LABEL], batch[INDEX])
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.test_metric.update(self.model(batch[IMAGE]), batch[LABEL], batch[INDEX])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_retrieval(self.val_metric, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_retrieval(self.test_metric, self.test_prefix)
+
+    def _log_retrieval(self, metric: RetrievalMetric, prefix: str) -> None:
+        values = metric.compute()
+        metric.reset()
+        # Values are already computed over every process's embeddings, so no further reduction is needed.
+        self.log_dict({f"{prefix}/{name}": float(value) for name, value in values.items()}, sync_dist=False)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+        loss_params = [p for p in self.loss.parameters() if p.requires_grad]
+        if loss_params:
+            lr = optimizer.defaults["lr"] * self.hparams.loss_lr_multiplier
+            optimizer.add_param_group({"params": loss_params, "lr": lr})
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

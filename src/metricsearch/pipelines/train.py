@@ -1,0 +1,126 @@
+"""Assembles a training run from a composed Hydra config, trains it, and evaluates it on unseen classes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from metricsearch.data.datamodule import MetricDataModule
+from metricsearch.data.io import atomic_write_text
+from metricsearch.models.head import EmbeddingModel
+from metricsearch.models.module import MetricLearningModule
+from metricsearch.utils.config import instantiate_partial_with, to_plain
+from metricsearch.utils.report import format_metrics_table
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiates every ``_target_`` node of a group like ``callbacks`` or ``logger`` (a dict of named parts)."""
+    if not cfg:
+        return []
+    return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def build_model(backbone_cfg: DictConfig, head_cfg: DictConfig) -> EmbeddingModel:
+    """Backbone and head from their configs; the head's input size comes from the backbone."""
+    backbone = instantiate(backbone_cfg)
+    head = instantiate(head_cfg)(in_features=backbone.num_features)
+    return EmbeddingModel(backbone, head)
+
+
+def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
+    """Instantiates model, data, loss, miner and optimizer from ``cfg`` and wires them into the Lightning module."""
+    model = build_model(cfg.backbone, cfg.head)
+    data_config = model.backbone.data_config
+    sampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
+    datamodule: MetricDataModule = instantiate(
+        cfg.data, sampler=sampler, mean=list(data_config["mean"]), std=list(data_config["std"])
+    )
+    datamodule.prepare_data()
+    datamodule.setup()
+
+    loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
+    loss_lr_multiplier = float(loss_cfg.pop("lr_multiplier", 1.0))
+    loss = instantiate_partial_with(
+        loss_cfg, num_classes=datamodule.num_train_classes, embedding_size=model.embedding_dim
+    )
+    miner = instantiate(cfg.miner) if cfg.get("miner") else None
+    # Everything needed to rebuild the embedder and its preprocessing from a checkpoint, without Hydra.
+    model_config = {
+        "backbone": {**to_plain(cfg.backbone), "pretrained": False, "weights_file": None},
+        "head": {**to_plain(cfg.head), "in_features": model.backbone.num_features},
+        "image_size": cfg.data.image_size,
+        "resize_size": cfg.data.get("resize_size"),
+        "mean": list(data_config["mean"]),
+        "std": list(data_config["std"]),
+    }
+    module = MetricLearningModule(
+        model=model,
+        loss=loss,
+        miner=miner,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        loss_lr_multiplier=loss_lr_multiplier,
+        recall_at_k=datamodule.recall_at_k,
+        compute_nmi=True,
+        model_config=model_config,
+    )
+    return module, datamodule
+
+
+def _test(trainer: L.Trainer, module: MetricLearningModule, datamodule: MetricDataModule, prefix: str, **kw) -> dict:
+    module.test_prefix = prefix
+    results = trainer.test(module, datamodule=datamodule, verbose=False, **kw)
+    return {k.split("/", 1)[1]: float(v) for k, v in (results[0] if results else {}).items() if k.startswith(prefix)}
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Trains and evaluates one run; returns the flat metric dict (what sweepers optimize).
+
+    Order: evaluate the untrained model on the test classes, fit with checkpoint selection on validation
+    classes, evaluate the best checkpoint on the test classes, write ``metrics.json`` and print a table.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    module, datamodule = build_run(cfg)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    results: dict[str, dict[str, float]] = {}
+    if cfg.get("test_untrained"):
+        results["untrained"] = _test(trainer, module, datamodule, "untrained")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        results["val_best"] = {cfg.monitor.split("/", 1)[1]: float(checkpoint.best_model_score)}
+    if cfg.get("test"):
+        results["test"] = _test(trainer, module, datamodule, "test", ckpt_path=best_path or None)
+
+    summary = {
+        "metrics": results,
+        "best_checkpoint": best_path,
+        "epochs_trained": trainer.current_epoch,
+        "global_step": trainer.global_step,
+    }
+    if trainer.is_global_zero:
+        atomic_write_text(output_dir / "metrics.json", json.dumps(summary, indent=2))
+        print(format_metrics_table(results, title=f"{cfg.get('task_name', 'train')}: {output_dir}"))
+    flat = {f"{split}/{name}": value for split, values in results.items() for name, value in values.items()}
+    flat.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1})
+    return flat

@@ -1,0 +1,56 @@
+"""Shared fixtures: compose the real Hydra config, shrunk to seconds-long runs on tiny built-in data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from metricsearch.utils.config import CONFIG_DIR, normalize_overrides
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Never reach the network from tests: timm's hub and W&B.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# Tiny settings used by every test run (seconds on two cores).
+TINY = [
+    "data.source.num_classes=12",
+    "data.source.images_per_class=8",
+    "data.source.image_size=32",
+    "data.image_size=32",
+    "data.resize_size=32",
+    "data.batch_size=16",
+    "data.eval_batch_size=64",
+    "data.num_workers=0",
+    "data.val_fraction=0.34",
+    "head.embedding_dim=16",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
+
+
+def compose_config(overrides: list[str], output_dir: Path, data_dir: Path, tiny: bool = True) -> DictConfig:
+    """The config `python train.py OVERRIDES` would run, with paths pointed into the test's folders."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=normalize_overrides((TINY if tiny else []) + overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.data_dir = str(data_dir)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One cache of generated built-in data shared by the whole session."""
+    return tmp_path_factory.mktemp("data")
