@@ -1,0 +1,71 @@
+"""`python train.py` end to end as a subprocess: checkpoints, metrics JSON, resume, and start-up errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT, TINY
+
+
+def run_train(args: list[str], run_dir: Path, data_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "train.py", *TINY, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *args]
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_end_to_end_then_resume(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    result = run_train([], run_dir, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    for split in ("untrained", "test"):
+        metrics = summary["metrics"][split]
+        for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi"):
+            assert 0.0 <= metrics[key] <= 1.0
+    assert "recall@1" in summary["metrics"]["val_best"]
+    assert (run_dir / "config.yaml").is_file()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file() and Path(summary["best_checkpoint"]).is_file()
+    assert "recall@1" in result.stdout and "untrained" in result.stdout  # the printed table
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 2
+    assert checkpoint["hyper_parameters"]["model_config"]["head"]["embedding_dim"] == 16
+
+    resumed_dir = tmp_path / "resumed"
+    result = run_train([f"ckpt_path={last}", "trainer.max_epochs=2", "test_untrained=false"], resumed_dir, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = json.loads((resumed_dir / "metrics.json").read_text())
+    # One more epoch of 2 batches on top of the restored 2 steps: training continued from the checkpoint's epoch.
+    assert resumed["global_step"] == 4
+    assert resumed["epochs_trained"] == 2
+    assert "Restoring states from the checkpoint" in result.stderr + result.stdout
+
+
+def test_impossible_batch_setting_fails_at_start_up(tmp_path, data_dir):
+    result = run_train(["data.batch_size=18", "sampler.m=4"], tmp_path / "run", data_dir)
+    assert result.returncode != 0
+    assert "data.batch_size=18 is not divisible by sampler.m=4" in result.stderr
+
+
+def test_m_larger_than_smallest_class_fails_at_start_up(tmp_path, data_dir):
+    result = run_train(["sampler.m=16", "data.batch_size=32"], tmp_path / "run", data_dir)
+    assert result.returncode != 0
+    assert "sampler.m=16 is larger than the smallest training class (8 images" in result.stderr
+
+
+@pytest.mark.slow
+def test_multirun_over_losses(tmp_path, data_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "train.py", "-m", *TINY, f"paths.data_dir={data_dir}", f"hydra.sweep.dir={tmp_path}",
+           "loss=triplet,multi_similarity,proxy_anchor,arcface"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in range(4):
+        assert "recall@1" in json.loads((tmp_path / str(job) / "metrics.json").read_text())["metrics"]["test"]
