@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from metricsearch.data.dataset import IMAGE, INDEX, LABEL
-from metricsearch.metrics import RetrievalMetric
+from metricsearch.metrics import CollectedEmbeddings, RetrievalMetric
 from metricsearch.models.head import EmbeddingModel
 
 
@@ -58,6 +58,10 @@ class MetricLearningModule(L.LightningModule):
         self.test_metric = RetrievalMetric(recall_at_k=list(recall_at_k), compute_nmi=compute_nmi)
         # The prefix under which test metrics are logged; the pipeline tests the untrained model as "untrained".
         self.test_prefix = "test"
+        # The embeddings of the latest evaluation per prefix (all ranks gathered), for callbacks that draw
+        # projections and retrieval grids after ``on_validation_end`` / ``on_test_end``.
+        self.last_evaluation: dict[str, CollectedEmbeddings] = {}
+        self.last_metrics: dict[str, dict[str, float]] = {}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -87,6 +91,9 @@ class MetricLearningModule(L.LightningModule):
 
     def _log_retrieval(self, metric: RetrievalMetric, prefix: str) -> None:
         values = metric.compute()
+        with metric.sync_context():
+            self.last_evaluation[prefix] = metric.collected()
+        self.last_metrics[prefix] = values
         metric.reset()
         # Values are already computed over every process's embeddings, so no further reduction is needed.
         self.log_dict({f"{prefix}/{name}": float(value) for name, value in values.items()}, sync_dist=False)
