@@ -15,8 +15,23 @@ from omegaconf import open_dict
 from metricsearch.utils.config import CONFIG_DIR, instantiate_partial_with, normalize_overrides
 from tests.conftest import REPO_ROOT, compose_config
 
-GROUPS = ["data", "backbone", "head", "loss", "miner", "sampler", "optimizer", "scheduler", "trainer", "logger",
-          "callbacks", "paths", "hydra", "debug", "experiment"]
+GROUPS = [
+    "data",
+    "backbone",
+    "head",
+    "loss",
+    "miner",
+    "sampler",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "hydra",
+    "debug",
+    "experiment",
+]
 
 
 def _options(group: str) -> list[str]:
@@ -29,8 +44,22 @@ def test_every_required_group_exists():
 
 
 def test_required_losses_and_miners_are_there():
-    losses = {"triplet", "contrastive", "multi_similarity", "lifted_structure", "ntxent", "supcon", "circle",
-              "margin", "proxy_nca", "proxy_anchor", "normalized_softmax", "arcface", "cosface", "soft_triple"}
+    losses = {
+        "triplet",
+        "contrastive",
+        "multi_similarity",
+        "lifted_structure",
+        "ntxent",
+        "supcon",
+        "circle",
+        "margin",
+        "proxy_nca",
+        "proxy_anchor",
+        "normalized_softmax",
+        "arcface",
+        "cosface",
+        "soft_triple",
+    }
     assert losses <= set(_options("loss"))
     assert {"none", "triplet_margin", "multi_similarity", "batch_hard", "pair_margin"} <= set(_options("miner"))
     assert {"m_per_class", "random"} <= set(_options("sampler"))
@@ -67,8 +96,10 @@ def test_miner_null_on_the_command_line_removes_the_loss_default(tmp_path):
     assert compose_config(["loss=triplet", "miner=null"], tmp_path, tmp_path).miner is None
     cfg = compose_config(["loss=triplet", "miner=batch_hard"], tmp_path, tmp_path)
     assert cfg.miner._target_.endswith("BatchHardMiner")
-    assert normalize_overrides(["miner=null,batch_hard", "loss.margin=null"]) == ["miner=none,batch_hard",
-                                                                                  "loss.margin=null"]
+    assert normalize_overrides(["miner=null,batch_hard", "loss.margin=null"]) == [
+        "miner=none,batch_hard",
+        "loss.margin=null",
+    ]
 
 
 @pytest.mark.parametrize("option", _options("backbone"))

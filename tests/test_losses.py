@@ -23,8 +23,14 @@ def test_loss_trains_a_few_steps(loss, tmp_path, data_dir):
     module, datamodule = build_run(cfg)
     before = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
     trainer = L.Trainer(
-        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        limit_val_batches=0, enable_model_summary=False, use_distributed_sampler=False,
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
     )
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3

@@ -63,8 +63,15 @@ def test_m_larger_than_smallest_class_fails_at_start_up(tmp_path, data_dir):
 @pytest.mark.slow
 def test_multirun_over_losses(tmp_path, data_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "train.py", "-m", *TINY, f"paths.data_dir={data_dir}", f"hydra.sweep.dir={tmp_path}",
-           "loss=triplet,multi_similarity,proxy_anchor,arcface"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        *TINY,
+        f"paths.data_dir={data_dir}",
+        f"hydra.sweep.dir={tmp_path}",
+        "loss=triplet,multi_similarity,proxy_anchor,arcface",
+    ]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     for job in range(4):

@@ -14,6 +14,10 @@ from metricsearch.metrics import CollectedEmbeddings, RetrievalMetric
 from metricsearch.models.head import EmbeddingModel
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN / inf losses too many times in a row."""
+
+
 class MetricLearningModule(L.LightningModule):
     """Trains an :class:`EmbeddingModel` with a pytorch-metric-learning loss and optional miner.
 
@@ -33,6 +37,8 @@ class MetricLearningModule(L.LightningModule):
         compute_nmi: also compute NMI (a k-means per evaluation).
         model_config: plain dict describing how to rebuild the model and its preprocessing; stored in the
             checkpoint so search and export can load it without the training config.
+        max_nonfinite_steps: training stops after this many non-finite losses in a row; isolated ones are
+            skipped (no update) and counted in ``train/nonfinite_steps``.
     """
 
     def __init__(
@@ -46,6 +52,7 @@ class MetricLearningModule(L.LightningModule):
         recall_at_k: Sequence[int] = (1, 2, 4, 8),
         compute_nmi: bool = True,
         model_config: dict | None = None,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "loss", "miner", "optimizer", "scheduler"])
@@ -62,20 +69,46 @@ class MetricLearningModule(L.LightningModule):
         # projections and retrieval grids after ``on_validation_end`` / ``on_test_end``.
         self.last_evaluation: dict[str, CollectedEmbeddings] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
+        self.nonfinite_steps = 0
+        self.nonfinite_in_a_row = 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         embeddings = self.model(batch[IMAGE])
         labels = batch[LABEL]
         indices_tuple = self.miner(embeddings, labels) if self.miner is not None else None
         loss = self.loss(embeddings, labels, indices_tuple)
         batch_size = len(labels)
+        if not torch.isfinite(loss):
+            return self._skip_nonfinite(loss, batch_idx)
+        self.nonfinite_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         if indices_tuple is not None:
             self.log("train/mined", float(len(indices_tuple[0])), batch_size=batch_size)
         return loss
+
+    def _skip_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Skips the update of a NaN / inf loss; stops training when they keep coming.
+
+        Returning None from ``training_step`` makes Lightning skip backward and the optimizer step, so one bad
+        batch does not poison the weights. Many in a row mean the run diverged: stop with a clear message,
+        leaving the checkpoints written so far untouched.
+        """
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), reduce_fx="max")
+        limit = self.hparams.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"the loss was {loss.item()} for {self.nonfinite_in_a_row} steps in a row "
+                f"(epoch {self.current_epoch}, batch {batch_idx}, {self.nonfinite_steps} non-finite steps in all): "
+                "training diverged and was stopped. The checkpoints written before are intact (resume with "
+                "ckpt_path=.../last.ckpt). Lower optimizer.lr, set trainer.gradient_clip_val, or raise "
+                "module.max_nonfinite_steps to tolerate more."
+            )
+        return None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.val_metric.update(self.model(batch[IMAGE]), batch[LABEL], batch[INDEX])

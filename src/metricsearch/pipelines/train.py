@@ -11,12 +11,13 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metricsearch.data.datamodule import MetricDataModule
 from metricsearch.data.io import atomic_write_text
 from metricsearch.models.head import EmbeddingModel
 from metricsearch.models.module import MetricLearningModule
+from metricsearch.pipelines.resume import LAST_CHECKPOINT, find_resumable_run
 from metricsearch.utils.config import instantiate_partial_with, to_plain
 from metricsearch.utils.report import format_metrics_table
 
@@ -71,8 +72,8 @@ def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         loss_lr_multiplier=loss_lr_multiplier,
         recall_at_k=datamodule.recall_at_k,
-        compute_nmi=True,
         model_config=model_config,
+        **cfg.get("module", {}),
     )
     return module, datamodule
 
@@ -90,6 +91,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     classes, evaluate the best checkpoint on the test classes, write ``metrics.json`` and print a table.
     """
     output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.get("resume") == "auto":
+        previous = find_resumable_run(cfg, output_dir)
+        if previous is None:
+            log.info("resume=auto: no unfinished run of this config under %s; starting afresh", output_dir.parent)
+        else:
+            ckpt_path = str(previous / LAST_CHECKPOINT)
+            log.info("resume=auto: continuing %s from %s", previous, ckpt_path)
+            with open_dict(cfg):
+                cfg.paths.output_dir = str(previous)
+            output_dir = previous
+    elif cfg.get("resume"):
+        ckpt_path = cfg.resume
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
@@ -101,9 +115,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     results: dict[str, dict[str, float]] = {}
+    untrained_file = output_dir / "untrained_metrics.json"
     if cfg.get("test_untrained"):
-        results["untrained"] = _test(trainer, module, datamodule, "untrained")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # A resumed run keeps the untrained numbers measured when it started.
+        if ckpt_path and untrained_file.is_file():
+            results["untrained"] = json.loads(untrained_file.read_text())
+        else:
+            results["untrained"] = _test(trainer, module, datamodule, "untrained")
+            if trainer.is_global_zero:
+                atomic_write_text(untrained_file, json.dumps(results["untrained"], indent=2))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     best_path = checkpoint.best_model_path if checkpoint is not None else ""

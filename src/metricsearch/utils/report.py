@@ -28,7 +28,9 @@ def format_metrics_table(results: dict[str, dict[str, float]], title: str = "") 
             row.append("" if value is None else _fmt(name, value))
         if show_gain:
             before, after = results["untrained"].get(name), results["test"].get(name)
-            row.append("" if before is None or after is None or name == "num_queries" else f"{100 * (after - before):+.1f}")
+            row.append(
+                "" if before is None or after is None or name == "num_queries" else f"{100 * (after - before):+.1f}"
+            )
         table.add_row(*row)
     buffer = io.StringIO()
     Console(file=buffer, width=120, force_terminal=False).print(table)
