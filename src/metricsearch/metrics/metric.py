@@ -1,0 +1,128 @@
+"""A torchmetrics holder that gathers embeddings across steps and DDP ranks and computes retrieval metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from metricsearch.metrics.retrieval import calc_retrieval_metrics
+
+__all__ = ["CollectedEmbeddings", "RetrievalMetric"]
+
+
+class CollectedEmbeddings(NamedTuple):
+    """The evaluation set as gathered by ``RetrievalMetric``: one row per dataset sample, sorted by index."""
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+
+
+class RetrievalMetric(Metric):
+    """Collects embeddings, labels and dataset indices, then computes the retrieval metrics over the whole set.
+
+    Retrieval metrics are not averages over batches: every query searches the whole evaluation set, so the
+    embeddings are kept until ``compute``. The states are concatenated across DDP ranks. A
+    ``DistributedSampler`` pads the last batches by repeating samples, which would add spurious exact
+    duplicates to the gallery; the dataset index of each sample identifies them, and only its first occurrence
+    is kept.
+
+    Args:
+        recall_at_k: The values of K for Recall@K.
+        compute_nmi: Whether to also cluster the embeddings for NMI.
+        seed: Seed of the k-means clustering for NMI.
+        **kwargs: Passed on to ``torchmetrics.Metric`` (e.g. ``compute_on_cpu``).
+
+    Example:
+        >>> metric = RetrievalMetric(recall_at_k=[1], compute_nmi=False)
+        >>> metric.update(torch.tensor([[1.0, 0.0], [0.9, 0.1]]), torch.tensor([0, 0]), torch.tensor([0, 1]))
+        >>> metric.update(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 0]), torch.tensor([2, 0]))
+        >>> metric.compute()["num_queries"]
+        2.0
+    """
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    embeddings: list[torch.Tensor] | torch.Tensor
+    labels: list[torch.Tensor] | torch.Tensor
+    indices: list[torch.Tensor] | torch.Tensor
+
+    def __init__(
+        self, recall_at_k: Sequence[int] = (1, 2, 4, 8), compute_nmi: bool = True, seed: int = 0, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.recall_at_k = [int(k) for k in recall_at_k]
+        self.compute_nmi = compute_nmi
+        self.seed = seed
+        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+        self.add_state("indices", default=[], dist_reduce_fx="cat")
+
+    def update(self, embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+        """Stores one batch.
+
+        Args:
+            embeddings: Tensor of shape (B, D); need not be normalised.
+            labels: Tensor of shape (B,), the class of each sample.
+            indices: Tensor of shape (B,), each sample's index in the dataset.
+        """
+        if embeddings.ndim != 2:
+            raise ValueError(f"embeddings must have shape (B, D), got {tuple(embeddings.shape)}")
+        if labels.shape != (len(embeddings),) or indices.shape != (len(embeddings),):
+            raise ValueError(
+                f"labels and indices must have shape ({len(embeddings)},), "
+                f"got {tuple(labels.shape)} and {tuple(indices.shape)}"
+            )
+        self.embeddings.append(embeddings.detach().to(torch.float32))
+        self.labels.append(labels.detach().to(torch.int64))
+        self.indices.append(indices.detach().to(torch.int64))
+
+    def compute(self) -> dict[str, float]:
+        """Computes the metrics of ``calc_retrieval_metrics`` on the deduplicated, L2-normalised embeddings."""
+        collected = self.collected()
+        return calc_retrieval_metrics(
+            collected.embeddings, collected.labels, self.recall_at_k, compute_nmi=self.compute_nmi, seed=self.seed
+        )
+
+    def collected(self, normalize: bool = True) -> CollectedEmbeddings:
+        """Returns the gathered set with one row per dataset index (the first occurrence), sorted by index.
+
+        These are the arrays the metrics are computed on, e.g. for drawing retrieval grids. Within ``compute``
+        the states hold every rank's samples; elsewhere under DDP they hold this rank's only, unless called inside
+        ``with metric.sync_context():``.
+
+        Args:
+            normalize: Whether to L2-normalise the embeddings (in float32), as the metrics do.
+
+        Raises:
+            ValueError: If nothing was collected, or one dataset index came with two different labels (a sign
+                that batch positions were passed instead of dataset indices).
+        """
+        if _is_empty(self.embeddings):
+            raise ValueError("RetrievalMetric has no samples: call update() before compute()")
+        embeddings = dim_zero_cat(self.embeddings).cpu().numpy()
+        # NOTE: a rank that received no data contributes an empty float tensor to the DDP gather, and the
+        # concatenation then promotes the integer states to float: cast them back.
+        labels = dim_zero_cat(self.labels).cpu().numpy().astype(np.int64)
+        indices = dim_zero_cat(self.indices).cpu().numpy().astype(np.int64)
+
+        # np.unique returns the position of each index's first occurrence, in increasing order of index.
+        unique_indices, first, inverse = np.unique(indices, return_index=True, return_inverse=True)
+        if not np.array_equal(labels[first][inverse.reshape(-1)], labels):
+            raise ValueError("a dataset index was collected with two different labels; pass dataset indices")
+        embeddings = embeddings[first]
+        if normalize:
+            norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+            embeddings = embeddings / np.maximum(norms, np.float32(1e-12))
+        return CollectedEmbeddings(embeddings.astype(np.float32, copy=False), labels[first], unique_indices)
+
+
+def _is_empty(state: list[torch.Tensor] | torch.Tensor) -> bool:
+    return len(state) == 0 if isinstance(state, list) else state.numel() == 0

@@ -1,0 +1,396 @@
+"""Retrieval metrics of the deep-metric-learning protocol, computed exactly with faiss.
+
+Every item of the evaluation set is a query and the gallery is the whole set minus that query (query set =
+gallery). The metrics follow Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020):
+
+- Recall@K: fraction of queries with at least one item of their class among the K nearest neighbours
+  (the metric-learning sense, not IR recall); Precision@1 equals Recall@1.
+- R-Precision: with R the number of *other* items of the query's class, the fraction of correct items among
+  the R nearest neighbours.
+- MAP@R: (1/R) * sum_{i<=R} P@i * [i-th neighbour is correct].
+- NMI: normalized mutual information between the labels and a k-means clustering with one cluster per class.
+
+Queries whose class has no other item (singleton classes) cannot retrieve anything correct; they are left out of
+the neighbour-based metrics, as pytorch-metric-learning's ``AccuracyCalculator`` does, and their number is
+reported through ``num_queries``.
+
+The ``calc_*`` functions work on neighbour *labels*, so they can be checked by hand; ``calc_retrieval_metrics``
+finds the neighbours once and computes them all.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+from sklearn.metrics import normalized_mutual_info_score
+
+__all__ = [
+    "calc_map_at_r",
+    "calc_nmi",
+    "calc_r_precision",
+    "calc_recall_at_k",
+    "calc_retrieval_metrics",
+    "count_relevant",
+    "find_neighbors",
+]
+
+
+def find_neighbors(embeddings: np.ndarray, k: int, *, chunk_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Finds the exact k nearest neighbours by inner product of every row among all the other rows.
+
+    The embeddings are expected to be L2-normalised, so the inner product is the cosine similarity. Queries are
+    searched in chunks of ``chunk_size`` rows, which keeps memory at O(N * k) instead of O(N^2).
+
+    Each query is removed from its own results by index, not by position: ``k + 1`` neighbours are searched and
+    the column holding the query's own index is dropped, or the last column when the query is not among them.
+    With exact duplicate images the query's own index need not come first, so dropping the first column would
+    drop a true neighbour and keep the query itself.
+
+    Neighbours of exactly equal score are ordered by increasing index; which members of a group of equal scores
+    straddling the k-th place are returned is up to faiss. Scores come from faiss' BLAS kernels, whose rounding
+    may change with the chunk size and thread count, so neighbours whose scores differ by about 1e-7 may swap.
+
+    Args:
+        embeddings: Array of shape (N, D), one embedding per row.
+        k: Number of neighbours per query; clipped to N - 1.
+        chunk_size: Number of queries searched at once.
+
+    Returns:
+        ``(scores, indices)``, both of shape (N, min(k, N - 1)): inner products (float32, non-increasing along
+        each row) and row indices (int64) of the neighbours.
+
+    Raises:
+        ValueError: If the embeddings are not a finite 2D array with at least two rows, or ``k`` or
+            ``chunk_size`` is smaller than 1.
+
+    Example:
+        >>> x = np.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]], dtype=np.float32)
+        >>> scores, indices = find_neighbors(x, k=1)
+        >>> indices[:, 0].tolist()
+        [2, 2, 0]
+    """
+    x = _as_embedding_matrix(embeddings)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    num_items = x.shape[0]
+    k = min(k, num_items - 1)
+
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+
+    scores = np.empty((num_items, k), dtype=np.float32)
+    indices = np.empty((num_items, k), dtype=np.int64)
+    for start in range(0, num_items, chunk_size):
+        stop = min(start + chunk_size, num_items)
+        chunk_scores, chunk_indices = index.search(x[start:stop], k + 1)
+        keep = _columns_without_self(chunk_indices, np.arange(start, stop))
+        chunk_scores = chunk_scores[keep].reshape(stop - start, k)
+        chunk_indices = chunk_indices[keep].reshape(stop - start, k)
+        _order_ties_by_index(chunk_scores, chunk_indices)
+        scores[start:stop] = chunk_scores
+        indices[start:stop] = chunk_indices
+    return scores, indices
+
+
+def count_relevant(labels: np.ndarray) -> np.ndarray:
+    """Counts, for every item, the other items of its class: R of R-Precision and MAP@R.
+
+    Args:
+        labels: Array of shape (N,) with the class of every item of the query = gallery set.
+
+    Returns:
+        Int64 array of shape (N,); zero marks a singleton class, whose query cannot be answered.
+
+    Example:
+        >>> count_relevant(np.array([3, 5, 3, 3, 7])).tolist()
+        [2, 0, 2, 2, 0]
+    """
+    _, inverse, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
+    return counts[inverse.reshape(-1)].astype(np.int64) - 1
+
+
+def calc_recall_at_k(neighbor_labels: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+    """Computes Recall@K: the fraction of queries with at least one correct item among their K nearest neighbours.
+
+    Every query is counted, so leave out queries of singleton classes first (see ``count_relevant``): they can
+    never be answered. A K larger than the number of neighbour columns uses all the columns.
+
+    Args:
+        neighbor_labels: Array of shape (Q, K_max), the labels of each query's neighbours, nearest first.
+        labels: Array of shape (Q,), the label of each query.
+        ks: The values of K.
+
+    Returns:
+        A dict from K to Recall@K.
+
+    Example:
+        >>> neighbor_labels = np.array([[1, 0, 0], [2, 2, 1], [0, 0, 1]])
+        >>> calc_recall_at_k(neighbor_labels, np.array([0, 1, 2]), ks=[1, 2, 3])
+        {1: 0.0, 2: 0.3333333333333333, 3: 0.6666666666666666}
+    """
+    ks = _check_ks(ks)
+    first_hit = _first_correct_rank(neighbor_labels, labels)
+    num_queries = len(first_hit)
+    if num_queries == 0:
+        return {k: 0.0 for k in ks}
+    return {k: float(np.count_nonzero(first_hit < k)) / num_queries for k in ks}
+
+
+def calc_r_precision(neighbor_labels: np.ndarray, labels: np.ndarray, num_relevant: np.ndarray) -> float:
+    """Computes R-Precision: the mean fraction of correct items among each query's R nearest neighbours.
+
+    Args:
+        neighbor_labels: Array of shape (Q, K) with ``K >= max(num_relevant)``, the labels of each query's
+            neighbours, nearest first.
+        labels: Array of shape (Q,), the label of each query.
+        num_relevant: Array of shape (Q,), R for each query: the number of other items of its class (>= 1).
+
+    Returns:
+        R-Precision averaged over the queries.
+
+    Example:
+        >>> neighbor_labels = np.array([[0, 1, 0], [1, 1, 0]])
+        >>> calc_r_precision(neighbor_labels, np.array([0, 1]), num_relevant=np.array([2, 1]))
+        0.75
+    """
+    correct, num_relevant = _correct_within_r(neighbor_labels, labels, num_relevant)
+    if len(num_relevant) == 0:
+        return 0.0
+    return float(np.mean(correct.sum(axis=1) / num_relevant))
+
+
+def calc_map_at_r(neighbor_labels: np.ndarray, labels: np.ndarray, num_relevant: np.ndarray) -> float:
+    """Computes MAP@R: the mean over queries of (1/R) * sum_{i<=R} P@i * [i-th neighbour is correct].
+
+    Args:
+        neighbor_labels: Array of shape (Q, K) with ``K >= max(num_relevant)``, the labels of each query's
+            neighbours, nearest first.
+        labels: Array of shape (Q,), the label of each query.
+        num_relevant: Array of shape (Q,), R for each query: the number of other items of its class (>= 1).
+
+    Returns:
+        MAP@R averaged over the queries.
+
+    Example:
+        With R = 3 and hits at ranks 1 and 3, AP@R = (1/1 + 2/3) / 3 = 5/9:
+
+        >>> round(calc_map_at_r(np.array([[4, 0, 4, 4]]), np.array([4]), num_relevant=np.array([3])), 6)
+        0.555556
+    """
+    correct, num_relevant = _correct_within_r(neighbor_labels, labels, num_relevant)
+    if len(num_relevant) == 0:
+        return 0.0
+    ranks = np.arange(1, correct.shape[1] + 1, dtype=np.float64)
+    precision_at_i = np.cumsum(correct, axis=1) / ranks
+    average_precision = np.sum(precision_at_i * correct, axis=1) / num_relevant
+    return float(np.mean(average_precision))
+
+
+def calc_nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0, *, niter: int = 20, nredo: int = 5) -> float:
+    """Computes the NMI between the labels and a k-means clustering with one cluster per class.
+
+    All items take part, singleton classes included: clustering has no queries to leave out (this matches
+    pytorch-metric-learning's ``AccuracyCalculator``).
+
+    Args:
+        embeddings: Array of shape (N, D).
+        labels: Array of shape (N,).
+        seed: Seed of faiss' k-means initialisation.
+        niter: Number of k-means iterations per run.
+        nredo: Number of k-means runs from different random initialisations; the run with the lowest k-means
+            objective is kept. faiss initialises from randomly drawn points, and a single run often merges two
+            well-separated classes (pytorch-metric-learning uses one run of 20 iterations, so its NMI can be
+            a little lower).
+
+    Returns:
+        Normalized mutual information (arithmetic normalisation, scikit-learn's default).
+
+    Example:
+        >>> x = np.array([[0.0, 1.0], [0.0, 0.9], [1.0, 0.0], [0.9, 0.0]], dtype=np.float32)
+        >>> calc_nmi(x, np.array([5, 5, 8, 8]))
+        1.0
+    """
+    x = _as_embedding_matrix(embeddings)
+    labels = _as_label_vector(labels, len(x))
+    num_classes = len(np.unique(labels))
+    if num_classes == 1:
+        # Both partitions are a single block: scikit-learn calls that a perfect match.
+        return 1.0
+    # NOTE: min_points_per_centroid=1 silences faiss' warning about few points per cluster, which is the normal
+    # case here (a CUB class has ~60 images).
+    kmeans = faiss.Kmeans(
+        x.shape[1], num_classes, niter=niter, nredo=nredo, seed=seed, min_points_per_centroid=1, verbose=False
+    )
+    kmeans.train(x)
+    _, assignment = kmeans.index.search(x, 1)
+    return float(normalized_mutual_info_score(labels, assignment[:, 0]))
+
+
+def calc_retrieval_metrics(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    recall_at_k: Sequence[int] = (1, 2, 4, 8),
+    *,
+    compute_nmi: bool = True,
+    chunk_size: int = 8192,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Computes all the retrieval metrics of a query = gallery set with a single neighbour search.
+
+    The neighbours are searched once, with k = max(max(recall_at_k), max R) clipped to N - 1. Queries of
+    singleton classes are left out of every neighbour-based metric; ``num_queries`` says how many were kept.
+
+    Args:
+        embeddings: Array of shape (N, D), L2-normalised so that the inner product is the cosine similarity.
+        labels: Array of shape (N,), the class of every item.
+        recall_at_k: The values of K for Recall@K.
+        compute_nmi: Whether to run k-means for NMI (the slowest part on large sets).
+        chunk_size: Number of queries searched at once.
+        seed: Seed of the k-means clustering.
+
+    Returns:
+        A dict with keys ``recall@{K}`` for each K, ``precision@1``, ``r_precision``, ``map@r``, ``nmi`` (when
+        computed) and ``num_queries``. When no query can be answered the metrics are 0.0, with a warning.
+
+    Raises:
+        ValueError: On embeddings that are not a finite 2D array with at least two rows, labels that are not a
+            1D array of the same length, or values of K smaller than 1.
+
+    Example:
+        >>> x = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]], dtype=np.float32)
+        >>> metrics = calc_retrieval_metrics(x, np.array([0, 0, 1, 1]), recall_at_k=(1, 2), compute_nmi=False)
+        >>> metrics["recall@1"], metrics["recall@2"], metrics["map@r"], metrics["num_queries"]
+        (0.5, 1.0, 0.5, 4.0)
+    """
+    x = _as_embedding_matrix(embeddings)
+    labels = _as_label_vector(labels, len(x))
+    ks = _check_ks(recall_at_k)
+
+    num_relevant = count_relevant(labels)
+    answerable = num_relevant > 0
+    num_queries = int(np.count_nonzero(answerable))
+
+    metrics: dict[str, float] = {}
+    if num_queries == 0:
+        warnings.warn(
+            "No query has another item of its class: the retrieval metrics are set to 0.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        metrics.update({f"recall@{k}": 0.0 for k in ks})
+        metrics.update({"precision@1": 0.0, "r_precision": 0.0, "map@r": 0.0})
+    else:
+        k = max(max(ks), int(num_relevant.max()))
+        # NOTE: every query searches the whole gallery, singletons included; only their rows are dropped after.
+        _, neighbors = find_neighbors(x, k, chunk_size=chunk_size)
+        neighbor_labels = labels[neighbors[answerable]]
+        query_labels = labels[answerable]
+        query_relevant = num_relevant[answerable]
+        recalls = calc_recall_at_k(neighbor_labels, query_labels, sorted({*ks, 1}))
+        metrics.update({f"recall@{k}": recalls[k] for k in ks})
+        metrics["precision@1"] = recalls[1]
+        metrics["r_precision"] = calc_r_precision(neighbor_labels, query_labels, query_relevant)
+        metrics["map@r"] = calc_map_at_r(neighbor_labels, query_labels, query_relevant)
+    if compute_nmi:
+        metrics["nmi"] = calc_nmi(x, labels, seed=seed)
+    metrics["num_queries"] = float(num_queries)
+    return metrics
+
+
+def _columns_without_self(neighbors: np.ndarray, query_indices: np.ndarray) -> np.ndarray:
+    """Marks the columns to keep: all but the query's own index, or all but the last when it is absent."""
+    is_self = neighbors == query_indices[:, None]
+    has_self = is_self.any(axis=1)
+    drop = np.where(has_self, is_self.argmax(axis=1), neighbors.shape[1] - 1)
+    keep = np.ones(neighbors.shape, dtype=bool)
+    keep[np.arange(len(neighbors)), drop] = False
+    return keep
+
+
+def _order_ties_by_index(scores: np.ndarray, indices: np.ndarray) -> None:
+    """Sorts, in place, the neighbours of equal score by increasing index.
+
+    faiss returns exact ties (duplicate images) in an arbitrary order; this makes the order reproducible. Only
+    the rows that hold a tie are sorted, which keeps it cheap.
+    """
+    rows = np.flatnonzero((scores[:, 1:] == scores[:, :-1]).any(axis=1))
+    if rows.size == 0:
+        return
+    # np.lexsort sorts by its last key first: decreasing score, then increasing index.
+    order = np.lexsort((indices[rows], -scores[rows]), axis=-1)
+    scores[rows] = np.take_along_axis(scores[rows], order, axis=1)
+    indices[rows] = np.take_along_axis(indices[rows], order, axis=1)
+
+
+def _first_correct_rank(neighbor_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Returns the 0-based rank of each query's first correct neighbour; a query with none gets int64 max."""
+    neighbor_labels, labels = _check_neighbor_labels(neighbor_labels, labels)
+    correct = neighbor_labels == labels[:, None]
+    return np.where(correct.any(axis=1), correct.argmax(axis=1), np.iinfo(np.int64).max)
+
+
+def _correct_within_r(
+    neighbor_labels: np.ndarray, labels: np.ndarray, num_relevant: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Returns which of the first max(R) neighbours are correct and within each query's R, and R itself."""
+    neighbor_labels, labels = _check_neighbor_labels(neighbor_labels, labels)
+    num_relevant = np.asarray(num_relevant)
+    if num_relevant.shape != labels.shape:
+        raise ValueError(f"num_relevant must have shape {labels.shape}, got {num_relevant.shape}")
+    if len(num_relevant) == 0:
+        return np.zeros((0, 0), dtype=bool), num_relevant
+    if num_relevant.min() < 1:
+        raise ValueError("every query needs R >= 1; leave out the queries of singleton classes")
+    max_r = int(num_relevant.max())
+    if neighbor_labels.shape[1] < max_r:
+        raise ValueError(f"need at least max(R) = {max_r} neighbours per query, got {neighbor_labels.shape[1]}")
+    within_r = np.arange(max_r) < num_relevant[:, None]
+    correct = (neighbor_labels[:, :max_r] == labels[:, None]) & within_r
+    return correct, num_relevant
+
+
+def _check_neighbor_labels(neighbor_labels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    neighbor_labels = np.asarray(neighbor_labels)
+    labels = np.asarray(labels)
+    if neighbor_labels.ndim != 2 or labels.ndim != 1 or len(neighbor_labels) != len(labels):
+        raise ValueError(
+            "neighbor_labels must have shape (Q, K) and labels shape (Q,), "
+            f"got {neighbor_labels.shape} and {labels.shape}"
+        )
+    return neighbor_labels, labels
+
+
+def _check_ks(ks: Sequence[int]) -> list[int]:
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"recall_at_k needs at least one K and every K >= 1, got {ks}")
+    return ks
+
+
+def _as_embedding_matrix(embeddings: np.ndarray) -> np.ndarray:
+    """Validates the embeddings and returns a C-contiguous float32 copy, the layout faiss needs."""
+    x = np.asarray(embeddings)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a 2D array (N, D), got shape {x.shape}")
+    if x.shape[0] < 2:
+        raise ValueError(f"need at least 2 embeddings to retrieve anything, got {x.shape[0]}")
+    if x.shape[1] < 1:
+        raise ValueError("embeddings must have at least one dimension")
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+    return x
+
+
+def _as_label_vector(labels: np.ndarray, num_items: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be a 1D array, got shape {labels.shape}")
+    if len(labels) != num_items:
+        raise ValueError(f"got {num_items} embeddings but {len(labels)} labels")
+    return labels
