@@ -76,12 +76,18 @@ class MetricLearningModule(L.LightningModule):
         return self.model(images)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        # BatchNorm updates its running statistics in the forward pass, before the loss can be checked: keep a
+        # copy (a few KB) so that a non-finite batch leaves no NaN behind in the buffers either.
+        buffers = [b.detach().clone() for b in self.model.buffers()]
         embeddings = self.model(batch[IMAGE])
         labels = batch[LABEL]
         indices_tuple = self.miner(embeddings, labels) if self.miner is not None else None
         loss = self.loss(embeddings, labels, indices_tuple)
         batch_size = len(labels)
         if not torch.isfinite(loss):
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
             return self._skip_nonfinite(loss, batch_idx)
         self.nonfinite_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)

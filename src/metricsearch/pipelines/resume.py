@@ -46,3 +46,40 @@ def find_resumable_run(cfg: DictConfig, output_dir: Path) -> Path | None:
         if run_identity(OmegaConf.load(run / "config.yaml")) == identity:
             return run
     return None
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was trained with another model than the one this run builds."""
+
+
+def check_checkpoint_matches(ckpt_path: str | Path, model_config: dict[str, Any]) -> None:
+    """Refuses a checkpoint of another backbone or embedding size before Lightning fails on tensor shapes.
+
+    Args:
+        ckpt_path: the checkpoint to resume from.
+        model_config: this run's ``MetricLearningModule`` model_config (backbone and head configs).
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist.
+        CheckpointMismatchError: it holds another backbone or embedding size, or is no MetricSearch checkpoint.
+    """
+    import torch
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise CheckpointMismatchError(f"cannot read checkpoint {path} ({err}); is it truncated or corrupt?") from err
+    theirs = (checkpoint.get("hyper_parameters") or {}).get("model_config")
+    if not theirs:
+        raise CheckpointMismatchError(f"{path} is not a MetricSearch training checkpoint (no model_config inside)")
+    mine = (model_config["backbone"]["model_name"], model_config["head"]["embedding_dim"])
+    found = (theirs["backbone"]["model_name"], theirs["head"]["embedding_dim"])
+    if mine != found:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} holds backbone {found[0]} with {found[1]}-d embeddings, but this run builds "
+            f"{mine[0]} with {mine[1]}-d embeddings; pass the matching backbone=... head.embedding_dim=... "
+            "or drop ckpt_path / resume to start afresh"
+        )

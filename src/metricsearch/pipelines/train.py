@@ -17,7 +17,7 @@ from metricsearch.data.datamodule import MetricDataModule
 from metricsearch.data.io import atomic_write_text
 from metricsearch.models.head import EmbeddingModel
 from metricsearch.models.module import MetricLearningModule
-from metricsearch.pipelines.resume import LAST_CHECKPOINT, find_resumable_run
+from metricsearch.pipelines.resume import LAST_CHECKPOINT, check_checkpoint_matches, find_resumable_run
 from metricsearch.utils.config import instantiate_partial_with, to_plain
 from metricsearch.utils.report import format_metrics_table
 
@@ -110,6 +110,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     module, datamodule = build_run(cfg)
+    if ckpt_path:
+        check_checkpoint_matches(ckpt_path, module.hparams.model_config)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
