@@ -9,12 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from metricsearch.data.io import atomic_write_text
+from metricsearch.data.io import atomic_path, atomic_write_text
 from metricsearch.utils.checkpoint_io import AtomicCheckpointIO
 from tests.conftest import REPO_ROOT
 from tests.test_train import run_train
@@ -57,27 +56,14 @@ def test_unwritable_output_folder(tmp_path, data_dir):
     assert str(blocker) in result.stderr and "Not a directory" in result.stderr
 
 
-def test_disk_full_part_way_keeps_the_previous_file(tmp_path, monkeypatch):
+def test_disk_full_part_way_keeps_the_previous_file(tmp_path):
     target = tmp_path / "metrics.json"
     atomic_write_text(target, '{"ok": 1}')
-
-    def fail_part_way(self, data):
+    text = '{"ok": 2, "padding": "' + "x" * 1000 + '"}'
+    with pytest.raises(OSError, match="No space left"), atomic_path(target) as tmp:
+        with open(tmp, "w") as handle:
+            handle.write(text[: len(text) // 2])  # half of it reached the disk, then it filled up
         raise OSError(errno.ENOSPC, "No space left on device")
-
-    class FailingWriter:
-        def __init__(self, path):
-            self.handle = open(path, "w")
-
-        def write(self, text):
-            self.handle.write(text[: len(text) // 2])
-            self.handle.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    with pytest.raises(OSError, match="No space left"):
-        from metricsearch.data.io import atomic_path
-
-        with atomic_path(target) as tmp:
-            FailingWriter(tmp).write('{"ok": 2, "padding": "' + "x" * 1000 + '"}')
     assert json.loads(target.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
@@ -193,6 +179,3 @@ def test_truncated_checkpoint(tmp_path, data_dir):
     result = run_train([f"ckpt_path={bad}"], tmp_path / "run", data_dir)
     assert result.returncode != 0
     assert f"cannot read checkpoint {bad}" in result.stderr
-
-
-_ = Path  # used in annotations of helpers imported by other fault tests
