@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: help install train test test-all lint format clean
+.PHONY: help install train test test-all check-data prepare-data lint format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -29,6 +29,12 @@ test: install ## Run the test suite (slow tests excluded)
 
 test-all: install ## Run every test that can run on this machine, slow ones included
 	$(PY) -m pytest -m "not gpu" $(ARGS)
+
+check-data: install ## Check a dataset copy: make check-data ARGS="data=cub data.root=PATH"
+	$(PY) scripts/check_data.py $(ARGS)
+
+prepare-data: install ## Download and unpack a dataset: make prepare-data ARGS="data=cub"
+	$(PY) scripts/prepare_data.py $(ARGS)
 
 lint: install ## Check style with ruff
 	$(VENV)/bin/ruff check src tests scripts train.py

@@ -17,7 +17,7 @@ NULLABLE_GROUPS = ("miner", "scheduler", "sampler", "logger")
 
 
 def normalize_overrides(args: Sequence[str]) -> list[str]:
-    """Rewrites ``miner=null`` into ``miner=none``.
+    """Rewrites ``miner=null`` into ``miner=none`` and ``data.root=PATH`` into ``data.source.root=PATH``.
 
     Hydra 1.3 rejects a null value for a config group on the command line ("Config group override must be a
     string or a list"), yet ``miner=null`` is what a user types to switch the miner off.
@@ -25,6 +25,8 @@ def normalize_overrides(args: Sequence[str]) -> list[str]:
     out = []
     for arg in args:
         key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "data.root":
+            key = "data.source.root"  # shorthand: every dataset reader takes its folder as `root`
         if sep and key.lstrip("+") in NULLABLE_GROUPS:
             value = ",".join("none" if v.strip() == "null" else v for v in value.split(","))
         out.append(f"{key}{sep}{value}" if sep else arg)
