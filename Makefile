@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
+SUDO := $(shell test "$$(id -u)" -eq 0 || echo sudo)
 
-.PHONY: help install train test test-all check-data prepare-data lint format clean
+.PHONY: help install train test test-all check-data prepare-data chromium demo serve bench-search lint format clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -24,11 +25,23 @@ install: $(STAMP) ## Create .venv and install pinned dependencies (idempotent; f
 train: install ## Train the default model (resnet10t, triplet, built-in synthetic data) and print the metrics table
 	$(PY) train.py $(ARGS)
 
-test: install ## Run the test suite (slow tests excluded)
+chromium: ## Install Debian's Chromium for the browser test (apt-get; needs root or sudo)
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
+test: install chromium ## Run the test suite (slow tests excluded; the browser test included)
 	$(PY) -m pytest -m "not slow and not gpu" $(ARGS)
 
-test-all: install ## Run every test that can run on this machine, slow ones included
+test-all: install chromium ## Run every test that can run on this machine, slow ones included
 	$(PY) -m pytest -m "not gpu" $(ARGS)
+
+demo: install ## Train (or reuse) a short default run, index its unseen test classes, search, write outputs/demo/search_grid.png
+	$(PY) scripts/demo.py $(ARGS)
+
+serve: install ## Serve the demo index's search page at http://127.0.0.1:8000/
+	$(PY) scripts/serve.py index=outputs/demo/index $(ARGS)
+
+bench-search: install ## Benchmark exact vs IVF vs HNSW search on a 100k synthetic gallery
+	$(PY) scripts/bench_search.py $(ARGS)
 
 check-data: install ## Check a dataset copy: make check-data ARGS="data=cub data.root=PATH"
 	$(PY) scripts/check_data.py $(ARGS)

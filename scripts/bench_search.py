@@ -1,0 +1,11 @@
+"""Benchmark exact vs IVF vs HNSW search on a 100k synthetic gallery.
+
+python scripts/bench_search.py [n=100000]    (--help lists the options)
+"""
+
+import sys
+
+from metricsearch.search.cli import main_bench
+
+if __name__ == "__main__":
+    sys.exit(main_bench(sys.argv[1:]))

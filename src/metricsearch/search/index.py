@@ -1,0 +1,369 @@
+"""A gallery index on disk: a faiss index, the embeddings, the image paths and labels, and the model's identity.
+
+Layout of an index folder::
+
+    metadata.json              what the index is: model fingerprint and source, embedding size, preprocessing,
+                               index kind and parameters, gallery root, relative paths and labels, and the
+                               names of the two data files below
+    vectors-<token>.faiss      the faiss index (exact inner product, IVF or HNSW)
+    embeddings-<token>.npy     the embeddings themselves, so the index can be rebuilt with another kind
+                               (or retrained after the gallery grew) without re-embedding a single image
+
+Saving is atomic without ever moving the folder: the data files get fresh names, each written atomically,
+and ``metadata.json`` (also written atomically) is the commit that switches to them; the files it no longer
+names are removed afterwards. A crash at any point leaves either the previous index or the new one, both
+complete, and a folder that never got a ``metadata.json`` is refused as unfinished.
+
+Scores are inner products; the project's embeddings are L2-normalised, so they are cosine similarities.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from metricsearch.data.io import atomic_path, atomic_write_text
+from metricsearch.search.embedder import Embedder
+from metricsearch.search.errors import IndexLoadError, IndexMismatchError, SearchError
+
+log = logging.getLogger(__name__)
+
+METADATA_NAME = "metadata.json"
+FORMAT_NAME = "metricsearch-index"
+FORMAT_VERSION = 1
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+# faiss warns below ~39 training points per IVF list; fewer lists than that would train badly.
+MIN_POINTS_PER_LIST = 39
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which faiss index to build and how to search it.
+
+    Attributes:
+        kind: ``flat`` (exact, the default), ``ivf`` (inverted lists over k-means cells; fast on large
+            galleries, approximate) or ``hnsw`` (a navigable small-world graph; fast, approximate, no training).
+        nlist: IVF cells; lowered automatically on small galleries (at least 39 points per cell).
+        nprobe: IVF cells visited per query (recall vs speed).
+        hnsw_m: HNSW neighbours per node (recall and memory vs speed).
+        ef_construction: HNSW candidate-list size while building.
+        ef_search: HNSW candidate-list size per query (recall vs speed).
+    """
+
+    kind: str = "flat"
+    nlist: int = 1024
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise SearchError(f"index kind {self.kind!r} is not one of {', '.join(INDEX_KINDS)}")
+        for name in ("nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search"):
+            if getattr(self, name) < 1:
+                raise SearchError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def create_faiss_index(embeddings: np.ndarray, spec: IndexSpec) -> tuple[faiss.Index, dict[str, Any]]:
+    """A trained faiss index holding ``embeddings``, and the parameters it was actually built with."""
+    embeddings = _as_float32(embeddings)
+    count, dim = embeddings.shape
+    params: dict[str, Any] = {"kind": spec.kind}
+    if spec.kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif spec.kind == "ivf":
+        nlist = max(1, min(spec.nlist, count // MIN_POINTS_PER_LIST))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(embeddings)
+        params.update(nlist=nlist, nprobe=min(spec.nprobe, nlist))
+    else:
+        index = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = spec.ef_construction
+        params.update(hnsw_m=spec.hnsw_m, ef_construction=spec.ef_construction, ef_search=spec.ef_search)
+    configure_search(index, params)
+    index.add(embeddings)
+    return index, params
+
+
+def configure_search(index: faiss.Index, params: dict[str, Any]) -> None:
+    """Applies the query-time parameters (IVF ``nprobe``, HNSW ``efSearch``) recorded in ``params``."""
+    if params["kind"] == "ivf":
+        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
+    elif params["kind"] == "hnsw":
+        index.hnsw.efSearch = int(params["ef_search"])
+
+
+def _as_float32(embeddings: np.ndarray) -> np.ndarray:
+    array = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if array.ndim != 2:
+        raise SearchError(f"embeddings must be a [count, dim] array, got shape {array.shape}")
+    return array
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result."""
+
+    rank: int
+    position: int
+    path: str
+    label: str | None
+    score: float
+
+
+@dataclass
+class GalleryIndex:
+    """Gallery embeddings in a faiss index, with the paths, labels and model identity needed to use them.
+
+    Build one with :meth:`build`, grow it with :meth:`add`, write it with :meth:`save` and read it back
+    with :meth:`load`. Searching with an embedder goes through :meth:`check_embedder` first.
+
+    Attributes:
+        faiss_index: the faiss index; row ``i`` is ``paths[i]``.
+        embeddings: ``[count, dim]`` float32 embeddings, in the same order.
+        paths: image paths relative to ``gallery_root`` (POSIX separators).
+        labels: class label of each image, None where unknown.
+        model: the model's identity: ``fingerprint``, ``embedding_dim``, ``source``, ``preprocessing``,
+            ``model_config``.
+        index_params: the faiss index's kind and effective parameters.
+        gallery_root: absolute folder the paths are relative to.
+        created: creation time (ISO 8601, UTC).
+    """
+
+    faiss_index: faiss.Index
+    embeddings: np.ndarray
+    paths: list[str]
+    labels: list[str | None]
+    model: dict[str, Any]
+    index_params: dict[str, Any]
+    gallery_root: str
+    created: str = field(default_factory=lambda: _now())
+    _positions: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._positions = {path: i for i, path in enumerate(self.paths)}
+        if len(self._positions) != len(self.paths):
+            raise SearchError("an index cannot hold the same path twice")
+        if not len(self.paths) == len(self.labels) == len(self.embeddings) == self.faiss_index.ntotal:
+            raise IndexLoadError(
+                f"inconsistent index: {len(self.paths)} paths, {len(self.labels)} labels, "
+                f"{len(self.embeddings)} embeddings, {self.faiss_index.ntotal} vectors"
+            )
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        paths: list[str],
+        labels: list[str | None],
+        embedder: Embedder,
+        gallery_root: str | Path,
+        spec: IndexSpec | None = None,
+    ) -> GalleryIndex:
+        """A new index over ``embeddings`` (computed by ``embedder`` from ``gallery_root / paths``)."""
+        embeddings = _as_float32(embeddings)
+        if embeddings.shape[1] != embedder.embedding_dim:
+            raise SearchError(f"embeddings have {embeddings.shape[1]} dims, the model {embedder.embedding_dim}")
+        if not len(embeddings):
+            raise SearchError("cannot build an index of zero images")
+        faiss_index, params = create_faiss_index(embeddings, spec or IndexSpec())
+        return cls(
+            faiss_index=faiss_index,
+            embeddings=embeddings,
+            paths=list(paths),
+            labels=list(labels),
+            model=model_identity(embedder),
+            index_params=params,
+            gallery_root=str(Path(gallery_root).expanduser().resolve()),
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model["embedding_dim"])
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._positions
+
+    def position_of(self, path: str) -> int:
+        """Row of a gallery path; KeyError if it is not indexed."""
+        return self._positions[path]
+
+    def add(self, embeddings: np.ndarray, paths: list[str], labels: list[str | None]) -> None:
+        """Appends new images; the stored embeddings of the old ones are kept as they are.
+
+        IVF cells stay those trained on the first images: after the gallery has grown several-fold,
+        :meth:`rebuild` retrains them from the stored embeddings.
+        """
+        embeddings = _as_float32(embeddings)
+        if embeddings.shape[1] != self.embedding_dim:
+            raise IndexMismatchError(f"new embeddings have {embeddings.shape[1]} dims, the index {self.embedding_dim}")
+        duplicates = [p for p in paths if p in self._positions]
+        if duplicates or len(set(paths)) != len(paths):
+            raise SearchError(f"{len(duplicates)} paths are already indexed (e.g. {duplicates[:3]})")
+        self.faiss_index.add(embeddings)
+        start = len(self.paths)
+        self.embeddings = np.concatenate([self.embeddings, embeddings]) if len(self.embeddings) else embeddings
+        self.paths.extend(paths)
+        self.labels.extend(labels)
+        self._positions.update({path: start + i for i, path in enumerate(paths)})
+
+    def rebuild(self, spec: IndexSpec) -> None:
+        """Replaces the faiss index by one of ``spec``'s kind over the stored embeddings (no re-embedding)."""
+        self.faiss_index, self.index_params = create_faiss_index(self.embeddings, spec)
+
+    def search(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """The ``k`` most similar gallery images of each query embedding, best first."""
+        queries = _as_float32(queries)
+        if queries.shape[1] != self.embedding_dim:
+            raise IndexMismatchError(
+                f"query embeddings have {queries.shape[1]} dims but the index holds {self.embedding_dim}-d ones"
+            )
+        k = max(1, min(int(k), len(self)))
+        scores, rows = self.faiss_index.search(queries, k)
+        results = []
+        for query_scores, query_rows in zip(scores, rows, strict=True):
+            # Approximate indexes return -1 when they find fewer than k neighbours.
+            kept = [(int(r), float(s)) for r, s in zip(query_rows, query_scores, strict=True) if r >= 0]
+            results.append([Hit(rank + 1, r, self.paths[r], self.labels[r], s) for rank, (r, s) in enumerate(kept)])
+        return results
+
+    def check_embedder(self, embedder: Embedder) -> None:
+        """Refuses a model that would produce embeddings incomparable with the indexed ones.
+
+        Raises:
+            IndexMismatchError: another embedding size, or other weights / preprocessing (fingerprint).
+        """
+        built_with = self.model["source"]
+        if embedder.embedding_dim != self.embedding_dim:
+            raise IndexMismatchError(
+                f"this index holds {self.embedding_dim}-d embeddings (built with {built_with['kind']} "
+                f"{built_with['path']}) but {embedder.describe()} makes {embedder.embedding_dim}-d ones: "
+                "search it with the model that built it, or rebuild the index with this model"
+            )
+        if embedder.fingerprint != self.model["fingerprint"]:
+            raise IndexMismatchError(
+                f"this index was built by another model: fingerprint {self.model['fingerprint'][:12]} "
+                f"({built_with['kind']} {built_with['path']}), not {embedder.describe()}. Embeddings of different "
+                "models are not comparable: search with the model that built the index (or its ONNX export), "
+                "or rebuild the index with this one"
+            )
+
+    def resolve(self, path: str) -> Path:
+        """Absolute file of an indexed relative path."""
+        return Path(self.gallery_root) / path
+
+    def metadata(self, vectors_file: str, embeddings_file: str) -> dict[str, Any]:
+        """The JSON document that describes (and commits) a saved index."""
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "created": self.created,
+            "updated": _now(),
+            "count": len(self),
+            "embedding_dim": self.embedding_dim,
+            "index": self.index_params,
+            "model": self.model,
+            "gallery_root": self.gallery_root,
+            "vectors_file": vectors_file,
+            "embeddings_file": embeddings_file,
+            "paths": self.paths,
+            "labels": self.labels,
+        }
+
+    def save(self, folder: str | Path) -> Path:
+        """Writes the index into ``folder`` atomically (see the module docstring); returns the folder."""
+        folder = Path(folder).expanduser().resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        token = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
+        vectors_file, embeddings_file = f"vectors-{token}.faiss", f"embeddings-{token}.npy"
+        try:
+            with atomic_path(folder / vectors_file) as tmp:
+                faiss.write_index(self.faiss_index, str(tmp))
+            with atomic_path(folder / embeddings_file) as tmp:
+                np.save(tmp, self.embeddings)
+        except BaseException:
+            # Nothing refers to these yet; leave the folder as it was.
+            for name in (vectors_file, embeddings_file):
+                (folder / name).unlink(missing_ok=True)
+            raise
+        metadata = self.metadata(vectors_file, embeddings_file)
+        atomic_write_text(folder / METADATA_NAME, json.dumps(metadata, indent=1) + "\n")
+        # Only now are the previous data files unreferenced.
+        for stale in [*folder.glob("vectors-*.faiss"), *folder.glob("embeddings-*.npy")]:
+            if stale.name not in (vectors_file, embeddings_file):
+                stale.unlink(missing_ok=True)
+        log.info("Saved an index of %d images to %s", len(self), folder)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, gallery_root: str | Path | None = None) -> GalleryIndex:
+        """Reads an index saved by :meth:`save`.
+
+        Args:
+            folder: the index folder.
+            gallery_root: where the gallery images are now, if they moved since the index was built.
+
+        Raises:
+            IndexLoadError: no finished index there, another format, or files that disagree.
+        """
+        folder = Path(folder).expanduser().resolve()
+        meta_path = folder / METADATA_NAME
+        if not meta_path.is_file():
+            state = "is not a folder" if not folder.is_dir() else f"has no {METADATA_NAME} (no finished index)"
+            raise IndexLoadError(f"index={folder} {state}; build one with scripts/build_index.py")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise IndexLoadError(f"index={folder}: {METADATA_NAME} is not valid JSON ({err})") from err
+        if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+            raise IndexLoadError(
+                f"index={folder} is not a MetricSearch index of version {FORMAT_VERSION} "
+                f"(format {meta.get('format')!r}, version {meta.get('version')!r}); rebuild it"
+            )
+        try:
+            faiss_index = faiss.read_index(str(folder / meta["vectors_file"]))
+            embeddings = np.load(folder / meta["embeddings_file"], allow_pickle=False)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise IndexLoadError(f"index={folder}: cannot read its data files ({err}); rebuild it") from err
+        configure_search(faiss_index, meta["index"])
+        index = cls(
+            faiss_index=faiss_index,
+            embeddings=embeddings,
+            paths=list(meta["paths"]),
+            labels=list(meta["labels"]),
+            model=meta["model"],
+            index_params=meta["index"],
+            gallery_root=str(Path(gallery_root).expanduser().resolve()) if gallery_root else meta["gallery_root"],
+            created=meta["created"],
+        )
+        if embeddings.shape[1:] != (index.embedding_dim,) or meta["count"] != len(index):
+            raise IndexLoadError(f"index={folder}: metadata and data files disagree; rebuild it")
+        return index
+
+
+def model_identity(embedder: Embedder) -> dict[str, Any]:
+    """What an index records about the model that built it."""
+    return {
+        "fingerprint": embedder.fingerprint,
+        "embedding_dim": embedder.embedding_dim,
+        "source": embedder.source,
+        "preprocessing": embedder.preprocessing,
+        "model_config": embedder.model_config,
+    }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
