@@ -8,7 +8,15 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 SUDO := $(shell test "$$(id -u)" -eq 0 || echo sudo)
 
-.PHONY: help install train test test-all check-data prepare-data chromium demo serve bench-search lint format clean
+.PHONY: help install train test test-all check-data prepare-data chromium demo serve bench-search lint format clean reproduce
+
+# `make reproduce`: DATASETS adds real datasets (cub,cars196,sop; only those on disk) to the built-in synthetic
+# data; LOSSES, SEEDS and EPOCHS replace the grid's defaults; EXTRA is passed to every run as Hydra overrides.
+DATASETS ?=
+LOSSES ?=
+SEEDS ?=
+EPOCHS ?=
+EXTRA ?=
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -33,6 +41,10 @@ test: install chromium ## Run the test suite (slow tests excluded; the browser t
 
 test-all: install chromium ## Run every test that can run on this machine, slow ones included
 	$(PY) -m pytest -m "not gpu" $(ARGS)
+
+reproduce: install ## Loss x dataset x seed grid into results/ (resumable; DATASETS=cub,cars196,sop LOSSES= SEEDS= EPOCHS= EXTRA=)
+	$(PY) scripts/reproduce.py --datasets "synthetic,$(DATASETS)" $(if $(LOSSES),--losses "$(LOSSES)") \
+		$(if $(SEEDS),--seeds "$(SEEDS)") $(if $(EPOCHS),--epochs $(EPOCHS)) --extra "$(EXTRA)"
 
 demo: install ## Train (or reuse) a short default run, index its unseen test classes, search, write outputs/demo/search_grid.png
 	$(PY) scripts/demo.py $(ARGS)

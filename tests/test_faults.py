@@ -157,7 +157,7 @@ def test_sigkill_during_training_then_resume(tmp_path, data_dir):
 
     resumed = run_train(["resume=auto", *args], run_dir, data_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resume=auto: continuing" in resumed.stderr
+    assert "resume=auto: continuing" in resumed.stdout + resumed.stderr
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["epochs_trained"] == 4 and summary["global_step"] == 12
 

@@ -19,6 +19,7 @@ from metricsearch.models.head import EmbeddingModel
 from metricsearch.models.module import MetricLearningModule
 from metricsearch.pipelines.resume import LAST_CHECKPOINT, check_checkpoint_matches, find_resumable_run
 from metricsearch.utils.config import instantiate_partial_with, to_plain
+from metricsearch.utils.loggers import finish_loggers
 from metricsearch.utils.report import format_metrics_table
 
 log = logging.getLogger(__name__)
@@ -146,4 +147,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print(format_metrics_table(results, title=f"{cfg.get('task_name', 'train')}: {output_dir}"))
     flat = {f"{split}/{name}": value for split, values in results.items() for name, value in values.items()}
     flat.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1})
+    # Close the W&B run now, so its offline files are complete when train() returns and the next job of a
+    # multirun or Optuna study starts its own run.
+    finish_loggers(loggers)
     return flat

@@ -33,7 +33,7 @@ def format_metrics_table(results: dict[str, dict[str, float]], title: str = "") 
             )
         table.add_row(*row)
     buffer = io.StringIO()
-    Console(file=buffer, width=120, force_terminal=False).print(table)
+    Console(file=buffer, width=120, force_terminal=False, force_jupyter=False).print(table)
     return buffer.getvalue()
 
 

@@ -1,0 +1,340 @@
+"""``make reproduce``: a loss x dataset x seed grid of training runs, resumable, summarized into ``results/``.
+
+Every cell is one ``python train.py data=D loss=L seed=S hydra.run.dir=results/runs/D/L/seedS`` in a subprocess,
+so a crash in one cell cannot take the grid down and every cell is an ordinary run folder. A cell whose
+``metrics.json`` exists is finished and skipped, which makes the grid safe to interrupt and run again; a cell
+folder without one is the remains of an interrupted run: it continues from its ``last.ckpt`` (``resume=auto``),
+or starts over when it has none. When all cells are done (or at
+any point, with ``--aggregate-only``) the finished cells are summarized into:
+
+- ``results/results.md``: per dataset, mean ± std over seeds of Recall@K, MAP@R and R-Precision per loss;
+- ``results/results.csv`` (the same, as fractions) and ``results/runs.csv`` (one row per cell);
+- ``results/recall_at_1.png``: Recall@1 per loss and dataset with error bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from metricsearch.analysis.files import save_figure, write_csv
+from metricsearch.analysis.results import (
+    CELL_INFO_NAME,
+    cell_dir,
+    collect_results,
+    format_results_markdown,
+    plot_metric_bars,
+    read_run_result,
+    summarize_results,
+    summary_csv_rows,
+)
+from metricsearch.data.io import atomic_write_text
+from metricsearch.pipelines.resume import LAST_CHECKPOINT
+from metricsearch.utils.config import CONFIG_DIR, normalize_overrides
+
+REPO_ROOT = CONFIG_DIR.parent
+# Seven losses covering the families: triplet / pair (triplet, contrastive, multi-similarity), batch-level
+# contrastive (supcon), proxy (proxy_anchor) and classification (arcface, normalized_softmax).
+DEFAULT_LOSSES = (
+    "triplet",
+    "contrastive",
+    "multi_similarity",
+    "supcon",
+    "proxy_anchor",
+    "arcface",
+    "normalized_softmax",
+)
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_DATASETS = ("synthetic",)
+# Datasets that need nothing on disk: generated (synthetic) or shipped with a package (digits).
+BUILTIN_DATASETS = ("synthetic", "digits")
+# A shorter training than `python train.py` (30 epochs, ~3-4 minutes): 8 epochs keep a cell near 1.5 minutes on
+# two cores, so the default 7 losses x 3 seeds finish in roughly 30-40 minutes.
+DEFAULT_SYNTHETIC_EPOCHS = 8
+# Settings every cell of a dataset needs, whatever the grid (the data configs explain why).
+DATASET_OVERRIDES: dict[str, list[str]] = {"sop": ["sampler.m=2"]}
+# Every cell: CSV logs only, no untrained baseline (not in the tables), and only the final test set drawn, with
+# PCA (UMAP's 10-20 s of compilation per process would add minutes to the grid).
+COMMON_OVERRIDES = (
+    "logger=csv",
+    "test_untrained=false",
+    "trainer.enable_progress_bar=false",
+    "callbacks.visualization.every_n_epochs=0",
+    "callbacks.visualization.method=pca",
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    dataset: str
+    loss: str
+    seed: int
+
+    def folder(self, results_dir: Path) -> Path:
+        return cell_dir(results_dir, self.dataset, self.loss, self.seed)
+
+    def __str__(self) -> str:
+        return f"{self.dataset} / {self.loss} / seed {self.seed}"
+
+
+def dataset_availability(dataset: str, overrides: Sequence[str] = ()) -> tuple[bool, str]:
+    """Whether a dataset can run here, and why not.
+
+    Built-in datasets always can; the others need their ``conf/data/<name>.yaml`` and their data root on disk
+    (``data.source.root`` as the config resolves it, with ``overrides`` such as ``paths.data_dir=...`` applied).
+    """
+    if not (CONFIG_DIR / "data" / f"{dataset}.yaml").is_file():
+        return False, f"no conf/data/{dataset}.yaml"
+    if dataset in BUILTIN_DATASETS:
+        return True, "built in"
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=normalize_overrides([*overrides, f"data={dataset}"]))
+        root = OmegaConf.select(cfg, "data.source.root")
+    except Exception as exc:  # any composition error means the dataset cannot run here
+        return False, f"its config does not compose ({type(exc).__name__}: {exc})"
+    finally:
+        GlobalHydra.instance().clear()
+    if root is None:
+        return False, "its config has no data.source.root"
+    # Cells run from the repository root, so a relative root (the default ./data/...) is relative to it.
+    root = Path(root).expanduser()
+    if not (root if root.is_absolute() else REPO_ROOT / root).exists():
+        return False, f"{root} not found (set paths.data_dir or data.source.root in EXTRA)"
+    return True, str(root)
+
+
+def cell_overrides(cell: Cell, results_dir: Path, epochs: int | None, extra: Sequence[str]) -> list[str]:
+    """The Hydra overrides of one cell: grid settings, dataset needs, the cell itself, then the user's extras."""
+    overrides = list(COMMON_OVERRIDES)
+    if cell.dataset == "synthetic" and epochs is None:
+        epochs = DEFAULT_SYNTHETIC_EPOCHS
+    if epochs is not None:
+        overrides.append(f"trainer.max_epochs={epochs}")
+    overrides += DATASET_OVERRIDES.get(cell.dataset, [])
+    overrides += [f"data={cell.dataset}", f"loss={cell.loss}", f"seed={cell.seed}"]
+    overrides.append(f"hydra.run.dir={cell.folder(results_dir).resolve()}")
+    return overrides + list(extra)
+
+
+def is_finished(folder: Path) -> bool:
+    """A cell is finished when its run wrote test metrics (``metrics.json`` is written last, atomically)."""
+    return read_run_result(folder, "", "", 0) is not None
+
+
+def run_cell(cell: Cell, overrides: list[str], folder: Path, timeout: float | None = None) -> tuple[bool, float]:
+    """Trains one cell in a subprocess, its output appended to ``<cell>/reproduce.log``; returns (success, seconds).
+
+    A cell interrupted during training left its ``last.ckpt`` behind and continues from it (``resume=auto``);
+    a folder without one, or a resume that fails (a checkpoint cut off mid-write), starts over from scratch.
+    """
+    start = time.perf_counter()
+    resumable = (folder / LAST_CHECKPOINT).is_file()
+    ok = _train(folder, [*overrides, "resume=auto"] if resumable else overrides, timeout, fresh=not resumable)
+    if not ok and resumable:
+        ok = _train(folder, overrides, timeout, fresh=True)
+    seconds = time.perf_counter() - start
+    if ok:
+        info = {"seconds": round(seconds, 1), "overrides": overrides, "cell": cell.__dict__}
+        atomic_write_text(folder / CELL_INFO_NAME, json.dumps(info, indent=1) + "\n")
+    return ok, seconds
+
+
+def _train(folder: Path, overrides: list[str], timeout: float | None, fresh: bool) -> bool:
+    if fresh and folder.exists():
+        # Remains of an interrupted run without a checkpoint to continue: start over rather than mix old files in.
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "train.py", *overrides]
+    with open(folder / "reproduce.log", "a", encoding="utf-8") as log_file:
+        log_file.write(shlex.join(command) + "\n\n")
+        log_file.flush()
+        try:
+            result = subprocess.run(
+                command, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return False
+    return result.returncode == 0 and is_finished(folder)
+
+
+def write_results(results_dir: Path, command: str = "") -> list:
+    """Summarizes every finished cell under ``results_dir/runs`` into the markdown, CSV and plot files."""
+    results = collect_results(results_dir)
+    rows = summarize_results(results)
+    runs = [
+        {"dataset": r.dataset, "loss": r.loss, "seed": r.seed, "seconds": r.seconds or "", **r.metrics} for r in results
+    ]
+    write_csv(results_dir / "runs.csv", runs, _union_columns(runs))
+    csv_rows, columns = summary_csv_rows(rows)
+    write_csv(results_dir / "results.csv", csv_rows, columns)
+    total = sum(r.seconds or 0.0 for r in results)
+    datasets = sorted({r.dataset for r in results})
+    header = (
+        "## Reproduce: retrieval on unseen test classes\n\n"
+        f"{len(results)} finished runs ({', '.join(datasets) or 'none'}); mean ± sample std over seeds, in %, of the "
+        "best checkpoint (selected on validation classes held out of training) on the test classes."
+    )
+    footer_lines = [f"Training time of these runs: {total / 60:.1f} min in total ({_per_run(total, results)} per run)."]
+    if command:
+        footer_lines.append(f"Command: `{command}`")
+    markdown = format_results_markdown(rows, header=header, footer="\n".join(footer_lines))
+    atomic_write_text(results_dir / "results.md", markdown)
+    if rows:
+        save_figure(plot_metric_bars(rows, "recall@1"), results_dir / "recall_at_1.png")
+    return rows
+
+
+def run_grid(
+    datasets: Sequence[str],
+    losses: Sequence[str],
+    seeds: Sequence[int],
+    results_dir: Path,
+    *,
+    epochs: int | None = None,
+    extra: Sequence[str] = (),
+    timeout: float | None = None,
+    dry_run: bool = False,
+    console: Console | None = None,
+) -> list[Cell]:
+    """Runs every unfinished cell of the grid (datasets that cannot run here are left out, with the reason).
+
+    Returns:
+        The cells that failed.
+    """
+    console = console or Console()
+    available = []
+    for dataset in dict.fromkeys(datasets):
+        ok, reason = dataset_availability(dataset, extra)
+        if ok:
+            available.append(dataset)
+        else:
+            console.print(f"[yellow]skipping dataset {dataset}: {reason}[/yellow]")
+    cells = [Cell(d, loss, seed) for d in available for loss in dict.fromkeys(losses) for seed in dict.fromkeys(seeds)]
+    failed: list[Cell] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("reproduce", total=len(cells))
+        for i, cell in enumerate(cells, start=1):
+            folder = cell.folder(results_dir)
+            overrides = cell_overrides(cell, results_dir, epochs, extra)
+            progress.update(task, description=f"cell {i}/{len(cells)}: {cell}")
+            if is_finished(folder):
+                _warn_if_settings_changed(folder, overrides, cell, console)
+                progress.console.print(f"skip   {cell} (finished)")
+            elif dry_run:
+                progress.console.print(f"would run {cell}: python train.py {shlex.join(overrides)}")
+            else:
+                ok, seconds = run_cell(cell, overrides, folder, timeout)
+                if ok:
+                    progress.console.print(f"done   {cell} in {seconds:.0f} s")
+                else:
+                    failed.append(cell)
+                    progress.console.print(
+                        f"[red]failed {cell} after {seconds:.0f} s: see {folder / 'reproduce.log'}[/red]"
+                    )
+            progress.advance(task)
+    return failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of ``scripts/reproduce.py`` / ``make reproduce``; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--datasets",
+        default=",".join(DEFAULT_DATASETS),
+        help="comma-separated conf/data names; real datasets run only when their data is on disk",
+    )
+    parser.add_argument("--losses", default=",".join(DEFAULT_LOSSES), help="comma-separated conf/loss names")
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"trainer.max_epochs of every cell (default: {DEFAULT_SYNTHETIC_EPOCHS} on synthetic, "
+        "conf/trainer's elsewhere)",
+    )
+    parser.add_argument(
+        "--results-dir", type=Path, default=REPO_ROOT / "results", help="where runs/ and the tables go (results/)"
+    )
+    parser.add_argument("--extra", default="", help="Hydra overrides added to every cell, e.g. 'backbone=resnet18'")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds after which a cell counts as failed")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and their commands, run nothing")
+    parser.add_argument("--aggregate-only", action="store_true", help="only rewrite the tables from finished cells")
+    args = parser.parse_args(argv)
+
+    console = Console()
+    results_dir = args.results_dir.resolve()
+    command = _describe_command(argv)
+    failed: list[Cell] = []
+    if not args.aggregate_only:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        start = time.perf_counter()
+        failed = run_grid(
+            _split(args.datasets),
+            _split(args.losses),
+            [int(s) for s in _split(args.seeds)],
+            results_dir,
+            epochs=args.epochs,
+            extra=shlex.split(args.extra),
+            timeout=args.timeout,
+            dry_run=args.dry_run,
+            console=console,
+        )
+        console.print(f"grid pass took {(time.perf_counter() - start) / 60:.1f} min")
+    if args.dry_run:
+        return 0
+    rows = write_results(results_dir, command)
+    console.print(f"wrote {results_dir / 'results.md'} ({len(rows)} loss x dataset rows)")
+    if failed:
+        console.print(f"[red]{len(failed)} cells failed; rerun the same command to retry them[/red]")
+        return 1
+    return 0
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.replace(" ", ",").split(",") if item.strip()]
+
+
+def _union_columns(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def _per_run(total: float, results: Sequence) -> str:
+    return f"{total / len(results) / 60:.1f} min" if results else "-"
+
+
+def _describe_command(argv: Sequence[str] | None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["python", "scripts/reproduce.py", *args])
+
+
+def _warn_if_settings_changed(folder: Path, overrides: list[str], cell: Cell, console: Console) -> None:
+    """A finished cell trained with other settings (epochs, extras) is kept; say so, since its numbers differ."""
+    try:
+        previous = json.loads((folder / CELL_INFO_NAME).read_text(encoding="utf-8"))["overrides"]
+    except (OSError, ValueError, KeyError):
+        return
+    if previous != overrides:
+        console.print(f"[yellow]note: {cell} was trained with other settings; delete {folder} to retrain it[/yellow]")

@@ -1,0 +1,117 @@
+"""`make reproduce` on a tiny grid, end to end: runs, skips finished cells, restarts interrupted ones, summarizes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from metricsearch.analysis.results import RunResult, format_results_markdown, summarize_results
+from metricsearch.reproduce import Cell, cell_overrides, dataset_availability
+from tests.conftest import REPO_ROOT, TINY
+
+
+def run_reproduce(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "scripts/reproduce.py", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    results = [
+        RunResult("synthetic", "triplet", 0, {"recall@1": 0.5, "recall@2": 0.6, "map@r": 0.2, "r_precision": 0.3}),
+        RunResult("synthetic", "triplet", 1, {"recall@1": 0.7, "recall@2": 0.8, "map@r": 0.4, "r_precision": 0.5}),
+        RunResult("synthetic", "supcon", 0, {"recall@1": 0.9, "recall@2": 0.95, "map@r": 0.5, "r_precision": 0.6}),
+    ]
+    rows = summarize_results(results)
+    assert [r.loss for r in rows] == ["supcon", "triplet"]  # best Recall@1 first
+    triplet = rows[1]
+    assert triplet.seeds == [0, 1]
+    assert triplet.mean["recall@1"] == pytest.approx(0.6)
+    assert triplet.std["recall@1"] == pytest.approx(0.1414213, abs=1e-6)  # ddof=1
+    table = format_results_markdown(rows)
+    assert "| loss | seeds | R@1 | R@2 | MAP@R | R-Precision |" in table
+    assert "| triplet | 2 | 60.0 ± 14.1 | 70.0 ± 14.1 | 30.0 ± 14.1 | 40.0 ± 14.1 |" in table
+    assert "| supcon | 1 | 90.0 | 95.0 | 50.0 | 60.0 |" in table
+
+
+def test_cells_get_the_short_setting_and_the_users_extras_last(tmp_path):
+    overrides = cell_overrides(Cell("synthetic", "triplet", 1), tmp_path, None, ["trainer.max_epochs=2"])
+    assert overrides.index("trainer.max_epochs=8") < overrides.index("trainer.max_epochs=2")
+    assert {
+        "data=synthetic",
+        "loss=triplet",
+        "seed=1",
+        f"hydra.run.dir={tmp_path / 'runs/synthetic/triplet/seed1'}",
+    } <= set(overrides)
+    assert "sampler.m=2" in cell_overrides(Cell("sop", "triplet", 0), tmp_path, None, [])
+
+
+def test_datasets_without_data_are_left_out(tmp_path):
+    assert dataset_availability("synthetic") == (True, "built in")
+    ok, reason = dataset_availability("cub", [f"paths.data_dir={tmp_path}"])
+    assert not ok and "not found" in reason
+    (tmp_path / "CUB_200_2011").mkdir()
+    assert dataset_availability("cub", [f"paths.data_dir={tmp_path}"])[0]
+    assert dataset_availability("no_such_dataset") == (False, "no conf/data/no_such_dataset.yaml")
+
+
+def test_tiny_grid_end_to_end_with_skip_and_resume(tmp_path, data_dir):
+    results = tmp_path / "results"
+    extra = shlex.join([*TINY, f"paths.data_dir={data_dir}", "callbacks.visualization.prefixes=[test]"])
+    args = ["--results-dir", str(results), "--extra", extra, "--datasets", "synthetic,cub"]
+
+    first = run_reproduce([*args, "--losses", "triplet", "--seeds", "0"])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "skipping dataset cub" in first.stdout
+    finished = results / "runs" / "synthetic" / "triplet" / "seed0" / "metrics.json"
+    assert finished.is_file()
+    mtime = finished.stat().st_mtime_ns
+
+    # Two interrupted cells: seed 1 was killed after a checkpoint and continues from its last.ckpt (a copy of seed
+    # 0's stands in for it); seed 2 was killed before any checkpoint and starts over. The finished cell is skipped.
+    resumable = results / "runs" / "synthetic" / "triplet" / "seed1"
+    (resumable / "checkpoints").mkdir(parents=True)
+    shutil.copy(finished.parent / "checkpoints" / "last.ckpt", resumable / "checkpoints" / "last.ckpt")
+    fresh = results / "runs" / "synthetic" / "triplet" / "seed2"
+    (fresh / "checkpoints").mkdir(parents=True)
+    (fresh / "checkpoints" / "stale.ckpt").write_bytes(b"partial")
+    second = run_reproduce([*args, "--losses", "triplet", "--seeds", "0,1,2"])
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "skip   synthetic / triplet / seed 0" in second.stdout
+    assert (
+        "done   synthetic / triplet / seed 1" in second.stdout
+        and "done   synthetic / triplet / seed 2" in second.stdout
+    )
+    assert finished.stat().st_mtime_ns == mtime
+    log = (resumable / "reproduce.log").read_text()
+    assert "resume=auto" in log and "Restoring states from the checkpoint" in log
+    assert not (fresh / "checkpoints" / "stale.ckpt").exists() and (fresh / "metrics.json").is_file()
+    assert json.loads((fresh / "reproduce.json").read_text())["seconds"] > 0
+
+    markdown = (results / "results.md").read_text()
+    assert "### synthetic" in markdown and "| loss | seeds | R@1 | R@2 | R@4 | R@8 | MAP@R | R-Precision |" in markdown
+    triplet_row = next(line for line in markdown.splitlines() if line.startswith("| triplet |"))
+    assert triplet_row.startswith("| triplet | 3 |") and "±" in triplet_row
+    assert "Training time of these runs" in markdown
+    with open(results / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["dataset"], r["loss"], r["num_seeds"]) for r in rows] == [("synthetic", "triplet", "3")]
+    assert {"recall@1_mean", "recall@1_std", "map@r_mean", "r_precision_std"} <= set(rows[0])
+    with open(results / "runs.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert (results / "recall_at_1.png").stat().st_size > 1000
+    # The cells draw the final test set only: the notebook finds a map and a retrieval table in every cell.
+    assert (fresh / "tables" / "retrieval_test.csv").is_file()
