@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import lightning as L
 import numpy as np
+import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, SequentialSampler
 
-from metricsearch.data.dataset import ImageDataset
+from metricsearch.data.cache import ImageCache, build_image_cache
+from metricsearch.data.dataset import CROP, FLIP, IMAGE, CachedImageDataset, ImageDataset
+from metricsearch.data.gpu_augment import BatchAugment
 from metricsearch.data.records import DatasetError, DatasetSplit, ImageRecords
+from metricsearch.data.samplers import RandomBatchSampler, SeededBatchSampler
 from metricsearch.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
+
+log = logging.getLogger(__name__)
+CACHE_MODES = (None, "uint8")
 
 
 class DatasetSource(Protocol):
@@ -58,7 +67,13 @@ class MetricDataModule(L.LightningDataModule):
         mean: normalization mean (the pipeline passes the backbone's).
         std: normalization std (the pipeline passes the backbone's).
         recall_at_k: the K of Recall@K customary for this dataset.
-        seed: seed of the validation-class choice and of the sampler.
+        seed: seed of the validation-class choice, of the sampler and of every sample's augmentation.
+        cache: None for the PIL path (decode + augment every image in DataLoader workers); ``"uint8"`` for the fast
+            path: images decoded and resized once into memory-mapped uint8 caches (:mod:`metricsearch.data.cache`),
+            training crops, flips and normalization done on the batch tensor on the training device
+            (:mod:`metricsearch.data.gpu_augment`), evaluation reading the stored centre crops.
+        cache_dir: where the caches live; default: ``cache`` inside the source's ``root``.
+        pin_memory: page-locked batches for faster host-to-GPU copies; default: when CUDA is available.
     """
 
     def __init__(
@@ -77,27 +92,44 @@ class MetricDataModule(L.LightningDataModule):
         std: Sequence[float] = IMAGENET_STD,
         recall_at_k: Sequence[int] = (1, 2, 4, 8),
         seed: int = 0,
+        cache: str | None = None,
+        cache_dir: str | None = None,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
+        if cache not in CACHE_MODES:
+            raise ValueError(f"data.cache={cache!r} is not one of {CACHE_MODES} (null: decode with PIL every time)")
         self.source = source
         self.batch_size = batch_size
         self.sampler_factory = sampler
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.val_fraction = val_fraction
+        self.image_size = image_size
+        self.resize_size = resize_size
+        self.train_scale = tuple(train_scale)
+        self.hflip = hflip
         self.train_transform = build_train_transform(image_size, train_scale, hflip, mean, std)
         self.eval_transform = build_eval_transform(image_size, resize_size, mean, std)
         self.recall_at_k = list(recall_at_k)
         self.seed = seed
+        self.cache = cache
+        self.cache_dir = cache_dir
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.augment = BatchAugment(image_size, mean, std)
         self.split: DatasetSplit | None = None
         self.train_records: ImageRecords | None = None
         self.val_records: ImageRecords | None = None
         self.class_to_index: dict[int, int] = {}
+        self.caches: dict[str, ImageCache] = {}
 
     def prepare_data(self) -> None:
         # Generation / integrity checks happen in the source's load(); run once here so that under DDP the
-        # first process does it before the others read.
+        # first process does it before the others read. The caches are built here too for the same reason
+        # (the other processes find them finished; concurrent builders would be serialized anyway).
         self.source.load()
+        if self.cache is not None:
+            self.setup()
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
@@ -110,6 +142,30 @@ class MetricDataModule(L.LightningDataModule):
         self.train_records, self.val_records = split_validation_classes(split.train, self.val_fraction, self.seed)
         # Proxy and classification losses need contiguous class indices 0..C-1 over the training classes.
         self.class_to_index = {int(c): i for i, c in enumerate(self.train_records.classes)}
+        if self.cache is not None:
+            self._build_caches()
+
+    def _cache_root(self) -> Path:
+        if self.cache_dir is not None:
+            return Path(self.cache_dir)
+        return Path(getattr(self.source, "root", "data")).expanduser() / "cache"
+
+    def _build_caches(self) -> None:
+        """One uint8 cache per split: the training images whole, validation and test as evaluation crops."""
+        root = self._cache_root()
+        # NOTE: the training copy keeps at least the evaluation resolution, so crops near full scale are not
+        # upsampled from a smaller copy than the PIL path starts from.
+        train_side = max(self.resize_size or self.image_size, self.image_size)
+        self.caches["train"] = build_image_cache(
+            self.train_records.paths, root, layout="train", side=train_side, name="train"
+        )
+        for name, records in (("val", self.val_records), ("test", self.split.test)):
+            if len(records):
+                self.caches[name] = build_image_cache(
+                    records.paths, root, layout="eval", side=self.image_size, resize_size=self.resize_size, name=name
+                )
+        gigabytes = sum(cache.nbytes for cache in self.caches.values()) / 1e9
+        log.info("Fast data path: %.2f GB of uint8 caches in %s", gigabytes, root)
 
     @property
     def num_train_classes(self) -> int:
@@ -117,33 +173,60 @@ class MetricDataModule(L.LightningDataModule):
         self.setup()
         return len(self.class_to_index)
 
-    def _eval_loader(self, records: ImageRecords) -> DataLoader:
-        dataset = ImageDataset(records, self.eval_transform)
-        # Under DDP each process embeds a shard; the sampler pads with repeats, which the metric drops by index.
-        sampler = DistributedSampler(dataset, shuffle=False) if dist.is_available() and dist.is_initialized() else None
-        return DataLoader(
-            dataset,
-            batch_size=self.eval_batch_size,
-            sampler=sampler,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory)
+
+    def _eval_loader(self, records: ImageRecords, name: str) -> DataLoader:
+        distributed = dist.is_available() and dist.is_initialized()
+        if self.cache is None:
+            dataset = ImageDataset(records, self.eval_transform)
+            # Under DDP each process embeds a shard; the sampler pads with repeats, which the metric drops by index.
+            sampler = DistributedSampler(dataset, shuffle=False) if distributed else None
+            return DataLoader(
+                dataset, batch_size=self.eval_batch_size, sampler=sampler, shuffle=False, **self._loader_kwargs()
+            )
+        dataset = CachedImageDataset(self.caches[name], records.labels)
+        order = DistributedSampler(dataset, shuffle=False) if distributed else SequentialSampler(dataset)
+        # Whole batches are gathered from the memory map at once: the dataset takes the batch's index list.
+        batches = BatchSampler(order, self.eval_batch_size, drop_last=False)
+        return DataLoader(dataset, sampler=batches, batch_size=None, **self._loader_kwargs())
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
         labels = np.array([self.class_to_index[int(c)] for c in self.train_records.labels], dtype=np.int64)
-        dataset = ImageDataset(self.train_records, self.train_transform, labels)
-        kwargs = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         if self.sampler_factory is None:
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, **kwargs)
-        batch_sampler = self.sampler_factory(labels=labels, batch_size=self.batch_size, seed=self.seed)
-        return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+            batch_sampler = RandomBatchSampler(labels, batch_size=self.batch_size, seed=self.seed)
+        else:
+            batch_sampler = self.sampler_factory(labels=labels, batch_size=self.batch_size, seed=self.seed)
+        if self.cache is None:
+            dataset = ImageDataset(self.train_records, self.train_transform, labels)
+        else:
+            dataset = CachedImageDataset(self.caches["train"], labels, scale=self.train_scale, hflip=self.hflip)
+        # NOTE: the batch sampler goes in as the DataLoader's sampler, with batch_size=None, so each dataset item is a
+        # whole seeded batch: Lightning then calls set_epoch on it (it never does on a batch_sampler), and every
+        # sample's augmentation follows from its seed rather than from a worker's RNG.
+        sampler = SeededBatchSampler(batch_sampler, seed=self.seed)
+        # NOTE: Lightning draws the first batch of a fit (to look ahead) before its first set_epoch call. After a
+        # resume that batch would come from epoch 0; start at the restored epoch instead.
+        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        return DataLoader(dataset, sampler=sampler, batch_size=None, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
-        return self._eval_loader(self.val_records) if len(self.val_records) else []
+        return self._eval_loader(self.val_records, "val") if len(self.val_records) else []
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return self._eval_loader(self.split.test)
+        return self._eval_loader(self.split.test, "test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Finishes cached (uint8) batches on the device they were moved to: augments training batches (crop,
+        resize, flip, normalize), normalises evaluation batches. PIL-path batches pass through unchanged."""
+        if not isinstance(batch, dict) or batch[IMAGE].dtype != torch.uint8:
+            return batch
+        images = batch[IMAGE]
+        if CROP in batch:
+            images = self.augment(images, batch.pop(CROP), batch.pop(FLIP))
+        else:
+            images = self.augment.normalize_uint8(images)
+        return {**batch, IMAGE: images}

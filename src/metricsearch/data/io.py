@@ -66,7 +66,7 @@ def load_rgb_image(path: str | os.PathLike[str]) -> Image.Image:
                 return _to_rgb(img)
     except FileNotFoundError as exc:
         raise ImageLoadError(f"image file {path} does not exist: remove or replace the file") from exc
-    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many exception types for bad input
+    except Exception as exc:  # PIL's decoders raise many exception types for bad input
         raise ImageLoadError(
             f"cannot read image {path} ({type(exc).__name__}: {exc}): remove or replace the file"
         ) from exc
@@ -203,3 +203,17 @@ def build_once(folder: Path, params: dict[str, Any], build: Callable[[Path], dic
         manifest = {"params": params, **build(folder)}
         atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
         return manifest
+
+
+def require_built_files(folder: Path, paths: list[Path]) -> None:
+    """Fail with the fix if files of a finished build in ``folder`` have gone missing since it was built.
+
+    Raises:
+        DatasetError: Some of ``paths`` do not exist.
+    """
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} of the {len(paths)} files built in {folder} are missing (e.g. {missing[0]}): "
+            "delete that folder and it will be built again"
+        )

@@ -13,6 +13,9 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+# A batch of dataset indices, each paired with the seed of its augmentation.
+SeededBatch = list[tuple[int, int]]
+
 
 class SamplerConfigError(ValueError):
     """An impossible batch / m-per-class setting."""
@@ -177,3 +180,41 @@ class RandomBatchSampler(Sampler[list[int]]):
         for b in range(len(self)):
             start = (b * self.world_size + self.rank) * self.batch_size
             yield order[start : start + self.batch_size].tolist()
+
+
+class SeededBatchSampler(Sampler[SeededBatch]):
+    """Pairs every index of another batch sampler's batches with a seed for that sample's augmentation.
+
+    The seed is a hash of (base seed, epoch, rank, batch position, position in the batch), so the augmentation of
+    every sample is fixed by where it occurs in the run: it does not depend on which DataLoader worker loads it
+    or on the state of any global RNG, and a run resumed from an epoch-end checkpoint draws exactly the crops and
+    flips the uninterrupted run would have. The datasets turn each seed into the generator of the transform.
+
+    It is passed to the DataLoader as its ``sampler`` (with ``batch_size=None``), where Lightning finds it and
+    calls :meth:`set_epoch` at every epoch start; Lightning does not look for ``set_epoch`` on a ``batch_sampler``.
+
+    Args:
+        batch_sampler: yields lists of dataset indices (e.g. :class:`MPerClassBatchSampler`); its ``set_epoch``
+            and ``rank`` are used where it has them.
+        seed: base seed (e.g. the run's ``seed``).
+    """
+
+    def __init__(self, batch_sampler: Sampler[list[int]], seed: int = 0) -> None:
+        self.batch_sampler = batch_sampler
+        self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF  # SeedSequence takes non-negative entropy
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if callable(getattr(self.batch_sampler, "set_epoch", None)):
+            self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[SeededBatch]:
+        rank = int(getattr(self.batch_sampler, "rank", 0))
+        for position, batch in enumerate(self.batch_sampler):
+            key = np.random.SeedSequence([self.seed, self.epoch, rank, position])
+            seeds = key.generate_state(len(batch), dtype=np.uint64).tolist()
+            yield list(zip((int(i) for i in batch), seeds, strict=True))

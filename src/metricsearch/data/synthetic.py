@@ -113,7 +113,7 @@ def _diamond(u: np.ndarray, v: np.ndarray) -> Mask:
 
 
 def _hourglass(u: np.ndarray, v: np.ndarray) -> Mask:
-    return (np.abs(u) <= 0.15 + 0.7 * np.abs(v)) & (np.abs(v) <= 0.85)
+    return (np.abs(u) <= 0.1 + 0.65 * np.abs(v)) & (np.abs(v) <= 0.8)
 
 
 # Ordered by how distinct they are: small configurations use the first ones.

@@ -85,10 +85,19 @@ class RetrievalMetric(Metric):
         self.indices.append(indices.detach().to(torch.int64))
 
     def compute(self) -> dict[str, float]:
-        """Computes the metrics of ``calc_retrieval_metrics`` on the deduplicated, L2-normalised embeddings."""
+        """Computes the metrics of ``calc_retrieval_metrics`` on the deduplicated, L2-normalised embeddings.
+
+        When the embeddings were collected on a GPU, the similarity blocks are computed there too: at SOP size
+        that takes a fraction of a second instead of tens of seconds on the CPU.
+        """
         collected = self.collected()
         return calc_retrieval_metrics(
-            collected.embeddings, collected.labels, self.recall_at_k, compute_nmi=self.compute_nmi, seed=self.seed
+            collected.embeddings,
+            collected.labels,
+            self.recall_at_k,
+            compute_nmi=self.compute_nmi,
+            seed=self.seed,
+            device=self.device if self.device.type == "cuda" else None,
         )
 
     def collected(self, normalize: bool = True) -> CollectedEmbeddings:

@@ -1,4 +1,4 @@
-"""Retrieval metrics of the deep-metric-learning protocol, computed exactly with faiss.
+"""Retrieval metrics of the deep-metric-learning protocol, computed exactly.
 
 Every item of the evaluation set is a query and the gallery is the whole set minus that query (query set =
 gallery). The metrics follow Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020):
@@ -14,8 +14,11 @@ Queries whose class has no other item (singleton classes) cannot retrieve anythi
 the neighbour-based metrics, as pytorch-metric-learning's ``AccuracyCalculator`` does, and their number is
 reported through ``num_queries``.
 
-The ``calc_*`` functions work on neighbour *labels*, so they can be checked by hand; ``calc_retrieval_metrics``
-finds the neighbours once and computes them all.
+The ``calc_*`` functions work on neighbour *labels*, so they can be checked by hand. ``calc_retrieval_metrics``
+computes them all without neighbour lists: every metric follows from the rank of each query's positives (see
+:mod:`metricsearch.metrics.positive_ranks`), which a blocked pass over the upper triangle of the symmetric
+similarity matrix finds in O(N * R_max) memory. At SOP size (60,502 x 512) that is several times faster than a
+k-NN search for K = 1000 and needs a fraction of its memory, with Recall@1000 included.
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ from collections.abc import Sequence
 
 import faiss
 import numpy as np
+import torch
 from sklearn.metrics import normalized_mutual_info_score
+
+from metricsearch.metrics.positive_ranks import PositiveRanks, rank_positives
 
 __all__ = [
     "calc_map_at_r",
+    "calc_metrics_from_positive_ranks",
     "calc_nmi",
     "calc_r_precision",
     "calc_recall_at_k",
@@ -237,21 +244,28 @@ def calc_retrieval_metrics(
     recall_at_k: Sequence[int] = (1, 2, 4, 8),
     *,
     compute_nmi: bool = True,
-    chunk_size: int = 8192,
+    chunk_size: int | None = None,
     seed: int = 0,
+    device: str | torch.device | None = None,
 ) -> dict[str, float]:
-    """Computes all the retrieval metrics of a query = gallery set with a single neighbour search.
+    """Computes all the retrieval metrics of a query = gallery set in one pass over the similarity matrix.
 
-    The neighbours are searched once, with k = max(max(recall_at_k), max R) clipped to N - 1. Queries of
-    singleton classes are left out of every neighbour-based metric; ``num_queries`` says how many were kept.
+    The results are those of a neighbour search with k = max(max(recall_at_k), max R) clipped to N - 1 and
+    equal scores ordered by index (see :func:`find_neighbors`), but no neighbour list is built: the rank of each
+    query's positives is counted directly (:func:`~metricsearch.metrics.positive_ranks.rank_positives`), so any
+    K costs the same. Queries of singleton classes are left out of every neighbour-based metric;
+    ``num_queries`` says how many were kept.
 
     Args:
         embeddings: Array of shape (N, D), L2-normalised so that the inner product is the cosine similarity.
         labels: Array of shape (N,), the class of every item.
         recall_at_k: The values of K for Recall@K.
         compute_nmi: Whether to run k-means for NMI (the slowest part on large sets).
-        chunk_size: Number of queries searched at once.
+        chunk_size: Rows of each block of the similarity matrix computed at once (default: 4096 on the CPU, 8192
+            on a GPU); memory grows with it, results do not change.
         seed: Seed of the k-means clustering.
+        device: None to compute on the CPU; a torch device such as ``"cuda"`` to compute the similarity blocks
+            there (the embeddings are copied to it).
 
     Returns:
         A dict with keys ``recall@{K}`` for each K, ``precision@1``, ``r_precision``, ``map@r``, ``nmi`` (when
@@ -270,6 +284,8 @@ def calc_retrieval_metrics(
     x = _as_embedding_matrix(embeddings)
     labels = _as_label_vector(labels, len(x))
     ks = _check_ks(recall_at_k)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
 
     num_relevant = count_relevant(labels)
     answerable = num_relevant > 0
@@ -285,20 +301,48 @@ def calc_retrieval_metrics(
         metrics.update({f"recall@{k}": 0.0 for k in ks})
         metrics.update({"precision@1": 0.0, "r_precision": 0.0, "map@r": 0.0})
     else:
-        k = max(max(ks), int(num_relevant.max()))
-        # NOTE: every query searches the whole gallery, singletons included; only their rows are dropped after.
-        _, neighbors = find_neighbors(x, k, chunk_size=chunk_size)
-        neighbor_labels = labels[neighbors[answerable]]
-        query_labels = labels[answerable]
-        query_relevant = num_relevant[answerable]
-        recalls = calc_recall_at_k(neighbor_labels, query_labels, sorted({*ks, 1}))
-        metrics.update({f"recall@{k}": recalls[k] for k in ks})
-        metrics["precision@1"] = recalls[1]
-        metrics["r_precision"] = calc_r_precision(neighbor_labels, query_labels, query_relevant)
-        metrics["map@r"] = calc_map_at_r(neighbor_labels, query_labels, query_relevant)
+        # NOTE: singletons stay in the gallery (they can outrank the positives of others); only their own rows,
+        # which have no positives, are left out.
+        ranks = rank_positives(x, labels, max_k=max(ks), block_size=chunk_size, device=device)
+        metrics.update(calc_metrics_from_positive_ranks(ranks, ks, answerable))
     if compute_nmi:
         metrics["nmi"] = calc_nmi(x, labels, seed=seed)
     metrics["num_queries"] = float(num_queries)
+    return metrics
+
+
+def calc_metrics_from_positive_ranks(
+    ranks: PositiveRanks, ks: Sequence[int], queries: np.ndarray | None = None
+) -> dict[str, float]:
+    """Computes Recall@K, Precision@1, R-Precision and MAP@R from the ranks of each query's positives.
+
+    The m-th positive of a query sits at rank ``m + (negatives before it)``, and the precision there is
+    ``m / rank``; so MAP@R is the mean of ``(1/R) * sum of m / rank_m`` over the positives within the top R,
+    R-Precision the mean fraction of positives within the top R, and a query counts for Recall@K when its
+    first positive's rank is below K.
+
+    Args:
+        ranks: The per-query counts of :func:`~metricsearch.metrics.positive_ranks.rank_positives`.
+        ks: The values of K.
+        queries: Boolean mask of the queries to average over (default: those with R > 0).
+
+    Returns:
+        A dict with ``recall@{K}``, ``precision@1``, ``r_precision`` and ``map@r``.
+    """
+    ks = _check_ks(ks)
+    if queries is None:
+        queries = ranks.num_relevant > 0
+    num_queries = int(np.count_nonzero(queries))
+    first_hit = ranks.first_hit_rank[queries]
+    inside, positive_ranks = ranks.positives_within_r()
+    inside, positive_ranks = inside[queries], positive_ranks[queries]
+    num_relevant = ranks.num_relevant[queries]
+    metrics = {f"recall@{k}": float(np.count_nonzero(first_hit < k)) / num_queries for k in ks}
+    metrics["precision@1"] = float(np.count_nonzero(first_hit < 1)) / num_queries
+    metrics["r_precision"] = float(np.mean(np.count_nonzero(inside, axis=1) / num_relevant))
+    position = np.arange(1, inside.shape[1] + 1, dtype=np.float64)
+    precision_at_hits = np.where(inside, position[None, :] / np.maximum(positive_ranks, 1), 0.0)
+    metrics["map@r"] = float(np.mean(precision_at_hits.sum(axis=1) / num_relevant))
     return metrics
 
 
@@ -373,7 +417,11 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
 
 
 def _as_embedding_matrix(embeddings: np.ndarray) -> np.ndarray:
-    """Validates the embeddings and returns a C-contiguous float32 copy, the layout faiss needs."""
+    """Validates the embeddings and returns them as a C-contiguous float32 array, the layout faiss and BLAS need.
+
+    Nothing here writes into the array, so float32 C-contiguous input is used as it is: at SOP size a copy would
+    add 120 MB to the peak memory.
+    """
     x = np.asarray(embeddings)
     if x.ndim != 2:
         raise ValueError(f"embeddings must be a 2D array (N, D), got shape {x.shape}")
@@ -381,7 +429,7 @@ def _as_embedding_matrix(embeddings: np.ndarray) -> np.ndarray:
         raise ValueError(f"need at least 2 embeddings to retrieve anything, got {x.shape[0]}")
     if x.shape[1] < 1:
         raise ValueError("embeddings must have at least one dimension")
-    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError("embeddings contain NaN or infinite values")
     return x

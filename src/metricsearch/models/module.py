@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.miners import BaseMiner
+from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
 from torch import nn
 
 from metricsearch.data.dataset import IMAGE, INDEX, LABEL
@@ -39,6 +44,13 @@ class MetricLearningModule(L.LightningModule):
             checkpoint so search and export can load it without the training config.
         max_nonfinite_steps: training stops after this many non-finite losses in a row; isolated ones are
             skipped (no update) and counted in ``train/nonfinite_steps``.
+        channels_last: keep the model and its inputs in channels-last memory format (faster convolutions with
+            bf16 / fp16 on tensor cores).
+        compile: ``torch.compile`` the model (in place, so checkpoints keep their keys); true for the default
+            backend (inductor), or a backend name (e.g. ``"eager"`` to check a setup quickly).
+        gather_across_ranks: under multi-process training, let the loss and miner see the embeddings of every
+            process (pytorch-metric-learning's distributed wrappers), so pairs and triplets are mined over the
+            global batch, as in one process with the global batch.
     """
 
     def __init__(
@@ -53,6 +65,9 @@ class MetricLearningModule(L.LightningModule):
         compute_nmi: bool = True,
         model_config: dict | None = None,
         max_nonfinite_steps: int = 10,
+        channels_last: bool = False,
+        compile: bool | str = False,
+        gather_across_ranks: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "loss", "miner", "optimizer", "scheduler"])
@@ -71,18 +86,69 @@ class MetricLearningModule(L.LightningModule):
         self.last_metrics: dict[str, dict[str, float]] = {}
         self.nonfinite_steps = 0
         self.nonfinite_in_a_row = 0
+        # The loss and miner as called in training: wrapped to gather all processes' embeddings under DDP. A plain
+        # dict, so the wrappers are not submodules and checkpoints keep the same keys with and without DDP.
+        self._train_parts: dict[str, nn.Module | None] = {"loss": loss, "miner": miner}
+        self._world_size = 1
+        self._compiled = False
+
+    def setup(self, stage: str) -> None:
+        """Applies the memory-format, compile and cross-process options once the process group exists."""
+        if self.hparams.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.hparams.compile and not self._compiled:
+            backend = self.hparams.compile if isinstance(self.hparams.compile, str) else "inductor"
+            # NOTE: Module.compile() compiles in place; torch.compile(module) would wrap it and prefix every
+            # checkpoint key with "_orig_mod.".
+            self.model.compile(backend=backend)
+            self._compiled = True
+        if dist.is_available() and dist.is_initialized() and self._world_size == 1:
+            self._wrap_for_ranks(dist.get_world_size())
+
+    def _wrap_for_ranks(self, world_size: int) -> None:
+        """Makes the loss and miner see the embeddings of every rank (pytorch-metric-learning's wrappers).
+
+        With ``efficient=False`` every rank computes the loss over the gathered batch, with gradients flowing
+        into its own embeddings only, and the wrapper multiplies the loss by the world size, so that DDP's
+        averaging of gradients yields the gradient of the global-batch loss. (``efficient=True`` would use only
+        the local embeddings as anchors, which proxy losses do not support.) The loss's own parameters (proxies,
+        class weights) see the whole loss on every rank, so the multiplication would scale their averaged
+        gradient by the world size: a hook divides it back.
+        """
+        self._world_size = world_size
+        if world_size <= 1 or not self.hparams.gather_across_ranks:
+            return
+        if not isinstance(self.loss, BaseMetricLossFunction):
+            warnings.warn(
+                f"{type(self.loss).__name__} is not a pytorch-metric-learning loss: each process computes it on its "
+                "own batch only",
+                stacklevel=2,
+            )
+            return
+        self._train_parts["loss"] = DistributedLossWrapper(self.loss, efficient=False)
+        if self.miner is not None and isinstance(self.miner, BaseMiner):
+            self._train_parts["miner"] = DistributedMinerWrapper(self.miner, efficient=False)
+        for parameter in self.loss.parameters():
+            if parameter.requires_grad:
+                parameter.register_hook(lambda grad: grad / world_size)
+
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        return self.model(self._inputs(images))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         # BatchNorm updates its running statistics in the forward pass, before the loss can be checked: keep a
         # copy (a few KB) so that a non-finite batch leaves no NaN behind in the buffers either.
         buffers = [b.detach().clone() for b in self.model.buffers()]
-        embeddings = self.model(batch[IMAGE])
+        embeddings = self.model(self._inputs(batch[IMAGE]))
         labels = batch[LABEL]
-        indices_tuple = self.miner(embeddings, labels) if self.miner is not None else None
-        loss = self.loss(embeddings, labels, indices_tuple)
+        miner, loss_fn = self._train_parts["miner"], self._train_parts["loss"]
+        indices_tuple = miner(embeddings, labels) if miner is not None else None
+        loss = loss_fn(embeddings, labels, indices_tuple)
         batch_size = len(labels)
         if not torch.isfinite(loss):
             with torch.no_grad():
@@ -90,7 +156,8 @@ class MetricLearningModule(L.LightningModule):
                     buffer.copy_(saved)
             return self._skip_nonfinite(loss, batch_idx)
         self.nonfinite_in_a_row = 0
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # The cross-rank wrapper scales the loss by the world size (see _wrap_for_ranks); log the loss itself.
+        self.log("train/loss", loss.detach() / self._world_size, prog_bar=True, batch_size=batch_size)
         if indices_tuple is not None:
             self.log("train/mined", float(len(indices_tuple[0])), batch_size=batch_size)
         return loss
@@ -117,10 +184,10 @@ class MetricLearningModule(L.LightningModule):
         return None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.val_metric.update(self.model(batch[IMAGE]), batch[LABEL], batch[INDEX])
+        self.val_metric.update(self(batch[IMAGE]), batch[LABEL], batch[INDEX])
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.test_metric.update(self.model(batch[IMAGE]), batch[LABEL], batch[INDEX])
+        self.test_metric.update(self(batch[IMAGE]), batch[LABEL], batch[INDEX])
 
     def on_validation_epoch_end(self) -> None:
         self._log_retrieval(self.val_metric, "val")

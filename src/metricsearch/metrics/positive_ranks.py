@@ -1,0 +1,405 @@
+"""Where every same-class item ranks in each query's neighbour list, without ever holding the N x N similarity.
+
+Recall@K, R-Precision and MAP@R of a query = gallery set depend only on the ranks of each query's positives (the
+other items of its class) among all its neighbours. The rank of the m-th best positive is ``m`` plus the number of
+negatives (items of other classes) scored above it, so it suffices to count, for every query, how many negatives
+beat each of its positives:
+
+- Recall@K only needs the count above the *best* positive (the rank of the first hit), for every K at once;
+- R-Precision and MAP@R need the counts above each of the R positives, but only while they are below R.
+
+The search runs in two phases:
+
+1. every class's own Gram matrix gives each query's positive scores, sorted (cheap: a sum of class size squared);
+2. the similarity matrix is computed block by block over its upper triangle only (it is symmetric because the
+   queries are the gallery), and each block updates both its row queries and its column queries. For each
+   negative score a binary search over the query's sorted positive scores finds the first positive it beats,
+   and one histogram bin per query and positive is incremented.
+
+Memory is O(N * R_max) for the state plus one block of scores, instead of the O(N * K) neighbour lists of a k-NN
+search or the O(N^2) matrix (phase 1 also holds the Gram matrix of the largest class: a dataset with a class of
+n images needs n^2 floats there, as a k-NN search would need k >= n - 1 neighbours per query).
+
+Neighbours of exactly equal score are ordered by increasing index (the rule of
+:func:`metricsearch.metrics.retrieval.find_neighbors`), so duplicates of the query's classmates in other classes
+are ranked reproducibly.
+
+Two implementations of phase 2 give the same counts: a numba kernel for the CPU, which skips every negative
+scored below the lowest positive that can still matter (the common case, and a row is skipped entirely once its
+first hit is beyond every K and no positive can enter its top R), and a vectorised torch version for GPUs, where
+brute force is faster than branching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+try:  # numba ships with umap-learn; without it the torch implementation runs on the CPU (correct, slower).
+    import numba
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+
+__all__ = ["PositiveRanks", "rank_positives", "numba_available"]
+
+# Rows (and at least the columns) of a block of the similarity matrix: 4096^2 float32 scores take 64 MB on the CPU;
+# on a GPU 8192^2 scores and their int64 keys take ~2 GB, and larger blocks keep it busy.
+CPU_BLOCK_SIZE = 4096
+CUDA_BLOCK_SIZE = 8192
+# Upper bound of the batched per-class Gram matrices of phase 1 (number of float32 scores held at once).
+GRAM_BUDGET = 1 << 24
+
+
+def numba_available() -> bool:
+    """Whether the compiled CPU kernel is available (else the CPU runs the torch implementation)."""
+    return numba is not None
+
+
+@dataclass(frozen=True)
+class PositiveRanks:
+    """Per query: how many positives it has and how many negatives outrank each of them.
+
+    Attributes:
+        num_relevant: Shape (N,): R, the number of other items of the query's class (0 for singletons).
+        negatives_before: Shape (N, R_max), int64: entry ``[q, m]`` is the number of negatives ranked before the
+            query's (m+1)-th best positive. Exact while it decides a metric: the first column is exact below
+            ``max_k`` (beyond it the query misses every Recall@K anyway), and column m is exact while
+            ``m + 1 + negatives_before[q, m] <= R``; beyond that the positive is outside the top R whatever the
+            exact count. Columns ``m >= R`` are meaningless.
+    """
+
+    num_relevant: np.ndarray
+    negatives_before: np.ndarray
+
+    @property
+    def first_hit_rank(self) -> np.ndarray:
+        """0-based rank of each query's nearest positive among its neighbours (valid where R > 0)."""
+        if self.negatives_before.shape[1] == 0:
+            return np.zeros(len(self.num_relevant), dtype=np.int64)
+        return self.negatives_before[:, 0]
+
+    def positives_within_r(self) -> tuple[np.ndarray, np.ndarray]:
+        """For every query and positive m (1-based), whether it ranks within the top R, and its rank.
+
+        Returns:
+            ``(inside, ranks)``, both of shape (N, R_max): ``inside[q, m-1]`` is true when the m-th positive is
+            among the R nearest neighbours, and ``ranks[q, m-1]`` its 1-based rank (meaningful where inside).
+        """
+        position = np.arange(1, self.negatives_before.shape[1] + 1, dtype=np.int64)
+        ranks = position[None, :] + self.negatives_before
+        inside = (position[None, :] <= self.num_relevant[:, None]) & (ranks <= self.num_relevant[:, None])
+        return inside, ranks
+
+
+def rank_positives(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    max_k: int,
+    *,
+    block_size: int | None = None,
+    device: str | torch.device | None = None,
+) -> PositiveRanks:
+    """Counts, for every query of a query = gallery set, the negatives ranked before each of its positives.
+
+    Args:
+        embeddings: Shape (N, D), float32, C-contiguous and finite (as ``_as_embedding_matrix`` returns them);
+            L2-normalised so that the inner product is the cosine similarity.
+        labels: Shape (N,), the class of every item.
+        max_k: The largest K of Recall@K; counts above the first positive are exact below it.
+        block_size: Rows of each block of the similarity matrix (default: 4096 on the CPU, 8192 on a GPU). On the
+            CPU, blocks span at least 4096 columns, so that thin blocks do not cost a kernel call per few scores.
+        device: None for the CPU (numba kernel); a torch device (e.g. ``"cuda"``) to run phase 2 with torch
+            there, which also works on ``"cpu"`` (it is what the tests check the GPU code with).
+
+    Returns:
+        The per-query counts; see :class:`PositiveRanks`.
+    """
+    classes = np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    num_relevant, pos_scores, pos_index = _sorted_positive_scores(embeddings, classes)
+    num_items, max_r = pos_scores.shape
+    if max_r == 0:
+        return PositiveRanks(num_relevant, np.zeros((num_items, 0), dtype=np.int64))
+    use_numba = device is None and numba is not None
+    if device is None and not use_numba:
+        device = "cpu"
+    if use_numba:
+        size = block_size or CPU_BLOCK_SIZE
+        counts = _count_with_numba(embeddings, classes, num_relevant, pos_scores, pos_index, max_k, size)
+    else:
+        device = torch.device(device)
+        size = block_size or (CUDA_BLOCK_SIZE if device.type == "cuda" else CPU_BLOCK_SIZE)
+        counts = _count_with_torch(embeddings, classes, num_relevant, pos_scores, pos_index, size, device)
+    return PositiveRanks(num_relevant, np.cumsum(counts, axis=1))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Phase 1: each query's positives, from its class's own Gram matrix
+
+
+def _sorted_positive_scores(x: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query's positive scores, best first (ties: lower index first), padded to the largest class.
+
+    Returns:
+        ``(num_relevant, scores, indices)``: R per query, and arrays of shape (N, R_max) holding the positives'
+        scores (float32, non-increasing; padding -inf) and item indices (int64; padding -1).
+    """
+    num_items = len(classes)
+    order = np.argsort(classes, kind="stable")  # members of each class in increasing index order
+    sizes = np.bincount(classes)
+    num_relevant = (sizes[classes] - 1).astype(np.int64)
+    max_r = int(sizes.max()) - 1
+    scores = np.full((num_items, max_r), -np.inf, dtype=np.float32)
+    indices = np.full((num_items, max_r), -1, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    # NOTE: classes of equal size are stacked and multiplied as one batch: SOP's 11k classes take ~10 calls.
+    for size in np.unique(sizes):
+        if size < 2:
+            continue
+        group = np.flatnonzero(sizes == size)
+        per_batch = max(1, GRAM_BUDGET // (size * size))
+        for begin in range(0, len(group), per_batch):
+            members = starts[group[begin : begin + per_batch], None] + np.arange(size)  # (C, n) positions in order
+            members = order[members]
+            vectors = x[members]  # (C, n, D)
+            gram = np.matmul(vectors, vectors.transpose(0, 2, 1))
+            # The query itself is excluded by position (not by score, which duplicates share).
+            gram[:, np.arange(size), np.arange(size)] = -np.inf
+            member_index = np.broadcast_to(members[:, None, :], gram.shape)
+            # np.lexsort sorts by its last key first: decreasing score, then increasing index.
+            rank = np.lexsort((member_index, -gram), axis=-1)[..., : size - 1]
+            scores[members, : size - 1] = np.take_along_axis(gram, rank, axis=-1)
+            indices[members, : size - 1] = np.take_along_axis(member_index, rank, axis=-1)
+    return num_relevant, scores, indices
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Phase 2 on the CPU: numba kernels over blocks of the upper triangle
+
+
+def _upper_triangle_blocks(num_items: int, block_rows: int, block_cols: int) -> Iterator[tuple[slice, slice, int]]:
+    """Tiles the upper triangle (diagonal included) of an N x N matrix into blocks.
+
+    Yields:
+        ``(rows, cols, first)``: a block, and the first of its columns that is not also one of its rows. The
+        row pass of a block covers each row query's pairs with all the block's columns; the pairs of the column
+        queries from ``first`` on, with these rows, lie below the diagonal and are taken from the same block,
+        transposed. Every unordered pair is visited once per direction.
+    """
+    for row0 in range(0, num_items, block_rows):
+        rows = slice(row0, min(row0 + block_rows, num_items))
+        for col0 in range(row0, num_items, block_cols):
+            cols = slice(col0, min(col0 + block_cols, num_items))
+            yield rows, cols, max(rows.stop - col0, 0)
+
+
+def _count_with_numba(
+    x: np.ndarray,
+    classes: np.ndarray,
+    num_relevant: np.ndarray,
+    pos_scores: np.ndarray,
+    pos_index: np.ndarray,
+    max_k: int,
+    block_size: int,
+) -> np.ndarray:
+    """Histogram (N, R_max): bin m counts the negatives whose first beaten positive is the (m+1)-th."""
+    num_items, max_r = pos_scores.shape
+    counts = np.zeros((num_items, max_r), dtype=np.int64)
+    # The lowest positive (0-based) whose count still matters; -1 once nothing about the query can change.
+    last_live = num_relevant - 1
+    block_rows = min(block_size, num_items)
+    # NOTE: thin blocks (a few rows) would make a kernel call per handful of scores; columns stay wide.
+    block_cols = min(max(block_size, CPU_BLOCK_SIZE), num_items)
+    chunks = 4 * numba.get_num_threads()  # column chunks of the transposed pass, a few per thread
+    buffer = np.empty(block_rows * block_cols, dtype=np.float32)  # reused: np.dot writes into it in place
+    for rows, cols, first in _upper_triangle_blocks(num_items, block_rows, block_cols):
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        scores = buffer[: shape[0] * shape[1]].reshape(shape)
+        np.dot(x[rows], x[cols].T, out=scores)
+        live, threshold, tie_index = _thresholds(pos_scores, pos_index, last_live, rows)
+        _count_rows(scores, rows.start, cols.start, classes, pos_scores, pos_index, live, threshold, tie_index, counts)
+        _update_liveness(counts, num_relevant, last_live, rows, max_k)
+        if first < shape[1]:
+            queries = slice(cols.start + first, cols.stop)
+            live, threshold, tie_index = _thresholds(pos_scores, pos_index, last_live, queries)
+            _count_cols(
+                scores, rows.start, queries.start, first, classes, pos_scores, pos_index, live, threshold, tie_index,
+                counts, chunks,
+            )  # fmt: skip
+            _update_liveness(counts, num_relevant, last_live, queries, max_k)
+    return counts
+
+
+def _thresholds(
+    pos_scores: np.ndarray, pos_index: np.ndarray, last_live: np.ndarray, queries: slice
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query: the lowest positive that still matters, its score (+inf when none does) and its index."""
+    live = last_live[queries].copy()
+    rows = np.arange(queries.start, queries.stop)
+    column = np.maximum(live, 0)
+    threshold = np.where(live >= 0, pos_scores[rows, column], np.float32(np.inf)).astype(np.float32)
+    return live, threshold, pos_index[rows, column]
+
+
+def _update_liveness(
+    counts: np.ndarray, num_relevant: np.ndarray, last_live: np.ndarray, queries: slice, max_k: int
+) -> None:
+    """Lowers each query's last positive that matters, after its counts grew.
+
+    The (m+1)-th positive can still be in the top R while ``m + 1 + negatives_before <= R``; that holds for a
+    prefix of the positives, since both terms grow with m. The first positive also matters while its count is
+    below ``max_k`` (Recall@K). Counts only grow, so a positive that stopped mattering never matters again.
+    """
+    before = np.cumsum(counts[queries], axis=1)
+    relevant = num_relevant[queries]
+    position = np.arange(1, counts.shape[1] + 1)
+    within_r = (position[None, :] + before <= relevant[:, None]) & (position[None, :] <= relevant[:, None])
+    last = np.count_nonzero(within_r, axis=1) - 1
+    needed_for_recall = (relevant > 0) & (before[:, 0] < max_k)
+    last_live[queries] = np.where(needed_for_recall, np.maximum(last, 0), last)
+
+
+if numba is not None:
+
+    @numba.njit(cache=True, inline="always")
+    def _first_beaten(score, item, pos_scores, pos_index, query, last):  # pragma: no cover - compiled
+        """Binary search: the first of positives 0..last (sorted best first) that ``item`` with ``score`` beats.
+
+        Beating is monotone along the sorted positives; the caller has checked that ``last`` is beaten.
+        """
+        low, high = 0, last
+        while low < high:
+            mid = (low + high) // 2
+            s = pos_scores[query, mid]
+            if score > s or (score == s and item < pos_index[query, mid]):
+                high = mid
+            else:
+                low = mid + 1
+        return low
+
+    @numba.njit(cache=True, parallel=True, nogil=True)
+    def _count_rows(
+        scores, row0, col0, classes, pos_scores, pos_index, live, threshold, tie_index, counts
+    ):  # pragma: no cover - compiled
+        """Row queries of a block: every negative that beats the query's threshold positive is binned."""
+        num_rows, num_cols = scores.shape
+        for i in numba.prange(num_rows):
+            limit = threshold[i]
+            if live[i] < 0:
+                continue
+            query = row0 + i
+            tie = tie_index[i]
+            cls = classes[query]
+            for j in range(num_cols):
+                s = scores[i, j]
+                if s < limit:  # the common case: below every positive that matters
+                    continue
+                item = col0 + j
+                if (s == limit and item > tie) or classes[item] == cls:
+                    continue
+                counts[query, _first_beaten(s, item, pos_scores, pos_index, query, live[i])] += 1
+
+    @numba.njit(cache=True, parallel=True, nogil=True)
+    def _count_cols(
+        scores, row0, query0, first, classes, pos_scores, pos_index, live, threshold, tie_index, counts, num_chunks
+    ):  # pragma: no cover - compiled
+        """Column queries of a block (its columns from ``first`` on, as rows of the transposed block).
+
+        Columns are split across threads and every thread streams through all rows, reading contiguous pieces.
+        """
+        num_rows, num_cols = scores.shape
+        num_queries = num_cols - first
+        num_chunks = min(num_queries, num_chunks)
+        width = (num_queries + num_chunks - 1) // num_chunks
+        for chunk in numba.prange(num_chunks):
+            begin = chunk * width
+            end = min(begin + width, num_queries)
+            for i in range(num_rows):
+                item = row0 + i
+                cls = classes[item]
+                for q in range(begin, end):
+                    s = scores[i, first + q]
+                    limit = threshold[q]
+                    if s < limit:  # also skips finished queries, whose threshold is +inf
+                        continue
+                    query = query0 + q
+                    if (s == limit and item > tie_index[q]) or classes[query] == cls:
+                        continue
+                    counts[query, _first_beaten(s, item, pos_scores, pos_index, query, live[q])] += 1
+
+else:  # pragma: no cover
+
+    def _count_rows(*args):
+        raise RuntimeError("numba is not installed")
+
+    _count_cols = _count_rows
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Phase 2 with torch (GPU; also runs on the CPU): exact, vectorised, no pruning
+
+
+@contextlib.contextmanager
+def _exact_float32_matmul() -> Iterator[None]:
+    """Full float32 products: TF32 (enabled by ``set_float32_matmul_precision("high")``) would reorder neighbours."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _sortable_keys(scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """One int64 per (score, item) ordered as the neighbour lists are: higher score first, then lower index.
+
+    The float32 bits of the score become an order-preserving int32 (negative floats have their magnitude bits
+    flipped) in the high half; the complemented item index fills the low half.
+    """
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0, which compare equal as floats
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (bits.to(torch.int64) << 32) + (0xFFFFFFFF - items)
+
+
+def _count_with_torch(
+    x: np.ndarray,
+    classes: np.ndarray,
+    num_relevant: np.ndarray,
+    pos_scores: np.ndarray,
+    pos_index: np.ndarray,
+    block_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """The histogram of :func:`_count_with_numba`, counting every negative (exact everywhere)."""
+    num_items, max_r = pos_scores.shape
+    bins = max_r + 1  # the last bin collects negatives that beat no positive, and same-class pairs
+    xt = torch.from_numpy(x).to(device)
+    cls = torch.from_numpy(classes).to(device)
+    # Ascending keys per query, padding (smaller than every real key) first: searchsorted needs ascending rows.
+    keys = _sortable_keys(torch.from_numpy(pos_scores).to(device), torch.from_numpy(pos_index).to(device))
+    keys = torch.where(torch.from_numpy(pos_index >= 0).to(device), keys, torch.iinfo(torch.int64).min)
+    ascending = keys.flip(1).contiguous()
+    relevant = torch.from_numpy(num_relevant).to(device)
+    counts = torch.zeros(num_items * bins, dtype=torch.int64, device=device)
+    item_ids = torch.arange(num_items, device=device)
+
+    def add(scores: torch.Tensor, queries: slice, items: slice) -> None:
+        """Bins every (query, item) pair of ``scores``, whose rows are the queries."""
+        negative_keys = _sortable_keys(scores, item_ids[items][None, :])
+        # The number of positive keys above the negative's key is the index of the first positive it beats.
+        first_beaten = max_r - torch.searchsorted(ascending[queries], negative_keys, right=True)
+        unused = (first_beaten >= relevant[queries, None]) | (cls[queries, None] == cls[None, items])
+        first_beaten = torch.where(unused, max_r, first_beaten)
+        flat = (item_ids[queries, None] * bins + first_beaten).reshape(-1)
+        counts.index_add_(0, flat, torch.ones_like(flat))
+
+    with _exact_float32_matmul():
+        for rows, cols, first in _upper_triangle_blocks(num_items, block_size, block_size):
+            scores = xt[rows] @ xt[cols].T
+            add(scores, rows, cols)
+            if first < scores.shape[1]:
+                add(scores[:, first:].T, slice(cols.start + first, cols.stop), rows)
+    return counts.view(num_items, bins)[:, :max_r].cpu().numpy()

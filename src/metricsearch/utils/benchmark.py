@@ -1,0 +1,361 @@
+"""The speed-and-scale benchmark: one run measures evaluation, Lightning's overhead and training throughput.
+
+``python scripts/benchmark.py`` calls :func:`run_benchmark`, which writes ``benchmark.json`` (every number) and
+``benchmark.md`` (a summary with the targets) to the output folder. It measures whatever machine it runs on: the
+CPU sections always, the GPU sections (ResNet-50 training throughput with the fast path, the whole SOP-size test
+evaluation on the GPU) when CUDA is available; the report says which targets were measured and which were not.
+
+Sections:
+
+- ``eval``: Recall@1/10/100/1000 + R-Precision + MAP@R over SOP-size embeddings, ours vs pytorch-metric-learning's
+  AccuracyCalculator (time, peak RSS, equal values), and vs torchmetrics on a subset it can handle.
+- ``overhead``: the same model, loss and in-memory data in a hand-written PyTorch loop vs our Lightning module.
+- ``train``: training images/s with the PIL data path and with the uint8-cache fast path (and the model alone).
+- ``gpu_eval``: embedding + search + metrics of a SOP-size test set on the GPU (CUDA only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metricsearch.data.io import atomic_write_text
+from metricsearch.utils.benchmark_eval import EvalData, benchmark_evaluation, make_embeddings
+from metricsearch.utils.benchmark_train import (
+    TrainSetting,
+    measure_data_path,
+    measure_gpu_evaluation,
+    measure_lightning_overhead,
+    measure_model_only,
+)
+
+SECTIONS = ("eval", "overhead", "train", "gpu_eval")
+# The targets of the issue: (key, description, comparison, threshold, device the target is stated for).
+TARGETS = (
+    ("lightning_overhead", "Lightning step / plain PyTorch loop step, CPU time (CPU)", "<=", 1.10, "cpu"),
+    ("eval_speedup", "SOP-size evaluation: AccuracyCalculator time / ours (CPU)", ">=", 2.0, "cpu"),
+    ("eval_memory", "SOP-size evaluation: our peak RSS / AccuracyCalculator's (CPU)", "<=", 0.2, "cpu"),
+    ("gpu_train", "ResNet-50 @224 bf16 training with the fast path, images/s (H200)", ">=", 6000.0, "cuda"),
+    ("gpu_eval", "Whole SOP test evaluation: embedding + search + metrics, s (H200)", "<=", 6.0, "cuda"),
+)
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers came from, including the load: this benchmark is often run on shared machines."""
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    return info
+
+
+def default_settings(cuda: bool, quick: bool) -> dict[str, Any]:
+    """The sizes of each section on this kind of machine; ``quick`` shrinks them for a first look."""
+    overhead = TrainSetting(backbone="resnet10t", image_size=64, batch_size=64, warmup_steps=4, steps=20)
+    if cuda:
+        train = TrainSetting(
+            backbone="resnet50",
+            image_size=224,
+            batch_size=256,
+            precision="bf16-mixed",
+            channels_last=True,
+            compile=True,
+            embedding_dim=512,
+            warmup_steps=15,
+            steps=40,
+            num_workers=min(16, os.cpu_count() or 1),
+            accelerator="gpu",
+            num_classes=128,
+            images_per_class=8,
+            source_size=256,
+        )
+    else:
+        train = TrainSetting(backbone="resnet10t", image_size=64, batch_size=64, warmup_steps=3, steps=15)
+    data = EvalData()
+    if quick:
+        overhead = replace(overhead, steps=10, warmup_steps=3)
+        train = replace(train, steps=max(8, train.steps // 3))
+        data = replace(data, num_items=12_100, num_classes=2_263)
+    return {"overhead": overhead, "train": train, "eval": data}
+
+
+def run_benchmark(
+    out_dir: Path,
+    *,
+    sections: Sequence[str] = SECTIONS,
+    quick: bool = False,
+    data_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Runs the chosen sections and writes ``benchmark.json`` and ``benchmark.md`` to ``out_dir``.
+
+    Args:
+        out_dir: where the report goes (and scratch files, removed afterwards).
+        sections: any of ``eval``, ``overhead``, ``train``, ``gpu_eval``; GPU-only ones are skipped without CUDA.
+        quick: smaller sizes (minutes instead of ~10 on two cores); the SOP-size targets are then not measured.
+        data_dir: where the synthetic training images and their caches are generated (reused across runs);
+            default ``$METRICSEARCH_DATA/benchmark`` or ``data/benchmark``.
+        log: progress messages.
+        settings: overrides of :func:`default_settings` (tests use tiny ones).
+
+    Returns:
+        The report (also written as JSON).
+    """
+    cuda = torch.cuda.is_available()
+    settings = {**default_settings(cuda, quick), **(settings or {})}
+    out_dir = Path(out_dir)
+    if data_dir is None:
+        # Beside the project's other generated data (git-ignored), not in the report folder.
+        data_dir = Path(os.environ.get("METRICSEARCH_DATA", "data")) / "benchmark"
+    report: dict[str, Any] = {"machine": machine_info(), "quick": quick, "sections": list(sections)}
+    started = time.perf_counter()
+
+    if "eval" in sections:
+        log("== evaluation")
+        with tempfile.TemporaryDirectory(prefix="metricsearch-benchmark-") as scratch:
+            report["evaluation"] = benchmark_evaluation(settings["eval"], Path(scratch), with_cuda=cuda, log=log)
+    if "overhead" in sections:
+        log("== Lightning overhead (CPU)")
+        setting = replace(settings["overhead"], accelerator="cpu")
+        report["lightning_overhead"] = {"setting": asdict(setting), **measure_lightning_overhead(setting, log=log)}
+        log(f"  ratio {report['lightning_overhead']['ratio']:.3f}")
+    if "train" in sections:
+        setting = settings["train"]
+        log(f"== training images/s ({setting.backbone} @{setting.image_size}, batch {setting.batch_size}, "
+            f"{setting.precision}, {setting.accelerator})")  # fmt: skip
+        training: dict[str, Any] = {"setting": asdict(setting)}
+        for name, cache in (("pil", None), ("fast", "uint8")):
+            training[name] = measure_data_path(setting, data_dir, cache)
+            log(f"  {name} path: {training[name]['images_per_s']:.0f} images/s")
+        training["model_only"] = measure_model_only(setting)
+        log(f"  model alone: {training['model_only']['images_per_s']:.0f} images/s")
+        training["fast_over_pil"] = training["fast"]["images_per_s"] / training["pil"]["images_per_s"]
+        report["training"] = training
+    if "gpu_eval" in sections and cuda:
+        log("== whole SOP-size test evaluation on the GPU")
+        data = settings["eval"]
+        _, labels = make_embeddings(replace(data, dim=8))  # the labels of the SOP-like set; images are random
+        report["gpu_evaluation"] = measure_gpu_evaluation(data.num_items, labels, log=log)
+
+    report["seconds"] = time.perf_counter() - started
+    report["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    report["targets"] = check_targets(report, settings["eval"])
+    write_report(report, out_dir)
+    return report
+
+
+def check_targets(report: dict[str, Any], data: EvalData) -> list[dict[str, Any]]:
+    """Each target with its measured value and whether it was met, or why it was not measured on this run."""
+    full_size = data.num_items >= 60_502
+    evaluation = report.get("evaluation", {})
+    training = report.get("training", {})
+    values: dict[str, tuple[float | None, str | None]] = {
+        "lightning_overhead": (report.get("lightning_overhead", {}).get("ratio"), None),
+        "eval_speedup": (evaluation.get("speedup_vs_pml"), None if full_size else "not at SOP size (--quick)"),
+        "eval_memory": (evaluation.get("memory_ratio_vs_pml"), None if full_size else "not at SOP size (--quick)"),
+        "gpu_train": (None, "needs CUDA"),
+        "gpu_eval": (report.get("gpu_evaluation", {}).get("seconds"), None),
+    }
+    setting = training.get("setting", {})
+    if setting.get("accelerator") == "gpu" and setting.get("backbone") == "resnet50":
+        values["gpu_train"] = (training["fast"]["images_per_s"], None)
+    gpu_name = report["machine"].get("cuda") or ""
+    targets = []
+    for key, description, comparison, threshold, device in TARGETS:
+        value, reason = values[key]
+        if value is None and reason is None:
+            reason = "needs CUDA" if device == "cuda" else "section not run"
+        if device == "cuda" and value is not None and "H200" not in gpu_name:
+            reason = f"measured on {gpu_name}, not an H200"
+        met = None
+        if value is not None and reason is None:
+            met = value <= threshold if comparison == "<=" else value >= threshold
+        targets.append(
+            {
+                "target": key,
+                "description": description,
+                "threshold": f"{comparison} {threshold:g}",
+                "value": value,
+                "met": met,
+                "not_measured": reason if value is None else None,
+                "note": reason if value is not None else None,
+            }
+        )
+    return targets
+
+
+EVAL_HEADER = "| method | time (s) | peak RSS (GB) | above baseline (GB) | Recall@1 | Recall@1000 | R-Prec. | MAP@R |"
+EVAL_RULE = "|---|---|---|---|---|---|---|---|"
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The human-readable summary of a report."""
+    machine = report["machine"]
+    lines = [
+        "# MetricSearch benchmark",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cpu_cores']} cores, {machine['memory_gb']} GB"
+        + (f", GPU {machine['cuda']}" if machine.get("cuda") else ", no GPU")
+        + f"; torch {machine['torch']}. Load average at start {_load(machine.get('load_average_at_start'))}, "
+        f"at end {_load(machine.get('load_average_at_end'))}. Total {report['seconds'] / 60:.1f} min"
+        + (" (--quick)" if report.get("quick") else "")
+        + ".",
+        "",
+        "## Targets",
+        "",
+        "| target | threshold | measured | met |",
+        "|---|---|---|---|",
+    ]
+    for target in report["targets"]:
+        met = {True: "yes", False: "**no**", None: "not measured"}[target["met"]]
+        measured = _fmt(target["value"], 3) if target["value"] is not None else target["not_measured"]
+        if target.get("note"):
+            met = target["note"]
+        lines.append(f"| {target['description']} | {target['threshold']} | {measured} | {met} |")
+
+    evaluation = report.get("evaluation")
+    if evaluation:
+        data = evaluation["data"]
+        lines += [
+            "",
+            f"## Evaluation: {data['num_items']:,} x {data['dim']} embeddings, {data['num_classes']:,} classes",
+            "",
+            "Synthetic SOP-like embeddings (seeded); each method in its own process; peak RSS includes the ~0.9 GB "
+            "of imported libraries and the embeddings, equal for all.",
+            "",
+            EVAL_HEADER,
+            EVAL_RULE,
+        ]
+        for key, name in (("ours", "ours (CPU)"), ("ours_cuda", "ours (GPU)"), ("pml", "pml AccuracyCalculator")):
+            if key in evaluation:
+                lines.append(_eval_row(name, evaluation[key]))
+        if "speedup_vs_pml" in evaluation:
+            diffs = evaluation["max_abs_diff_vs_pml"]
+            lines += [
+                "",
+                f"Speed-up over AccuracyCalculator: **{evaluation['speedup_vs_pml']:.2f}x**; peak RSS ratio "
+                f"**{evaluation['memory_ratio_vs_pml']:.3f}** (above baseline: "
+                f"{evaluation['memory_above_baseline_ratio_vs_pml']:.3f}). Largest value difference: "
+                f"{max(diffs.values()):.2e} ({', '.join(diffs)}). AccuracyCalculator computes no Recall@K for K > 1.",
+            ]
+        subset = evaluation.get("torchmetrics_subset")
+        if subset:
+            lines += [
+                "",
+                f"torchmetrics (RetrievalHitRate for Recall@K, RetrievalRPrecision) on a subset of "
+                f"{subset['num_items']:,} items, {subset['num_classes']} classes; "
+                f"{evaluation['torchmetrics_full_size_note']}.",
+                "",
+                EVAL_HEADER,
+                EVAL_RULE,
+                _eval_row("ours", evaluation["ours_small"]),
+                _eval_row("torchmetrics", evaluation["torchmetrics_small"]),
+            ]
+            if "max_abs_diff_vs_torchmetrics" in evaluation:
+                diffs = evaluation["max_abs_diff_vs_torchmetrics"]
+                lines += ["", f"Largest value difference: {max(diffs.values()):.2e} (float32 in torchmetrics)."]
+
+    overhead = report.get("lightning_overhead")
+    if overhead:
+        s = overhead["setting"]
+        lines += [
+            "",
+            f"## Lightning overhead: {s['backbone']} @{s['image_size']} px, batch {s['batch_size']}, "
+            f"triplet + semi-hard miner, AdamW, {s['steps']} steps after {s['warmup_steps']} warm-up, CPU",
+            "",
+            f"Median step, process CPU time: plain loop {overhead['plain_step_cpu_ms']:.1f} ms, Lightning "
+            f"{overhead['lightning_step_cpu_ms']:.1f} ms: ratio **{overhead['ratio']:.3f}**. Wall clock: "
+            f"{overhead['plain_step_ms']:.1f} ms vs {overhead['lightning_step_ms']:.1f} ms, ratio "
+            f"{overhead['ratio_wall']:.3f}. Medians over {len(overhead['rounds'])} rounds, each running both loops "
+            "back to back; CPU time is the framework's extra work, wall time also measures the other processes of a "
+            "shared machine.",
+        ]
+
+    training = report.get("training")
+    if training:
+        s = training["setting"]
+        lines += [
+            "",
+            f"## Training throughput: {s['backbone']} @{s['image_size']} px, batch {s['batch_size']}, "
+            f"{s['precision']}, channels_last={s['channels_last']}, compile={s['compile']}, "
+            f"{s['num_workers']} workers, {s['accelerator']}",
+            "",
+            "| data path | images/s |",
+            "|---|---|",
+            f"| PIL (decode + augment in workers) | {training['pil']['images_per_s']:,.0f} |",
+            f"| fast (uint8 cache, tensor augmentation on the device) | {training['fast']['images_per_s']:,.0f} |",
+            f"| model alone (batches already on the device) | {training['model_only']['images_per_s']:,.0f} |",
+            "",
+            f"Fast path / PIL path: **{training['fast_over_pil']:.2f}x**. Synthetic {s['source_size']} px JPEGs "
+            f"({s['num_classes']} classes x {s['images_per_class']}).",
+        ]
+    gpu = report.get("gpu_evaluation")
+    if gpu:
+        lines += [
+            "",
+            f"## Whole SOP-size test evaluation on the GPU ({gpu['num_items']:,} images, {gpu['backbone']} "
+            f"@{gpu['image_size']}, bf16, batch {gpu['batch_size']}{', compiled' if gpu['compiled'] else ''})",
+            "",
+            f"Embedding {gpu['embedding_seconds']:.2f} s ({gpu['images_per_s']:,.0f} images/s, uint8 images in pinned "
+            f"host memory), metrics {gpu['metric_seconds']:.2f} s: total **{gpu['seconds']:.2f} s**.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _eval_row(name: str, result: dict[str, Any]) -> str:
+    if "error" in result:
+        return f"| {name} | failed: {result['error'].strip().splitlines()[-1]} | | | | | | |"
+    m = result["metrics"]
+    recall1 = m.get("recall@1", m.get("precision_at_1"))
+    return (
+        f"| {name} | {result['seconds']:.2f} | {result['peak_rss_mb'] / 1024:.2f} | "
+        f"{result['peak_above_baseline_mb'] / 1024:.2f} | {_fmt(recall1, 4)} | {_fmt(m.get('recall@1000'), 4)} | "
+        f"{_fmt(m.get('r_precision'), 4)} | {_fmt(m.get('map@r', m.get('mean_average_precision_at_r')), 4)} |"
+    )
+
+
+def _load(values: list[float] | None) -> str:
+    return "?" if not values else f"{values[0]:.1f}"
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    """``benchmark.json`` and ``benchmark.md``, each written atomically."""
+    atomic_write_text(out_dir / "benchmark.json", json.dumps(report, indent=2, default=_json_default) + "\n")
+    atomic_write_text(out_dir / "benchmark.md", render_markdown(report))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,266 @@
+"""Evaluation benchmark: our retrieval metrics against pytorch-metric-learning and torchmetrics, time and memory.
+
+Every method runs in a child process of its own (``python -m metricsearch.utils.benchmark_eval``), which loads the
+same embeddings from disk, so its peak resident memory (``ru_maxrss``) is its own: tracemalloc would miss the
+BLAS and faiss buffers, where most of the memory goes. Each child imports the same libraries before loading the
+data, so the baselines are equal and the peaks comparable.
+
+The data is a synthetic stand-in for the SOP test set (60,502 x 512, 11,316 classes of 2-12 images, the sizes
+drawn from a decaying distribution with SOP's mean of 5.35): unit class centres in random directions plus
+Gaussian noise, L2-normalised, generated from a seed. Only the shape of the problem matters for speed; the noise
+is set so that the metrics land in SOP's range rather than at 1.0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SOP_TEST_ITEMS = 60_502
+SOP_TEST_CLASSES = 11_316
+SOP_DIM = 512
+SOP_KS = (1, 10, 100, 1000)
+# Metrics AccuracyCalculator computes that match ours, by name (ours, theirs).
+PML_METRICS = (
+    ("precision@1", "precision_at_1"),
+    ("r_precision", "r_precision"),
+    ("map@r", "mean_average_precision_at_r"),
+)
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """How to generate the synthetic embeddings."""
+
+    num_items: int = SOP_TEST_ITEMS
+    num_classes: int = SOP_TEST_CLASSES
+    dim: int = SOP_DIM
+    min_size: int = 2
+    max_size: int = 12
+    noise: float = 2.3
+    seed: int = 0
+
+
+def sop_like_class_sizes(data: EvalData, rng: np.random.Generator) -> np.ndarray:
+    """Class sizes in [min_size, max_size] summing to ``num_items``, decaying like SOP's (many pairs, few dozens)."""
+    sizes_range = np.arange(data.min_size, data.max_size + 1)
+    mean = data.num_items / data.num_classes
+    # Geometric weights whose mean matches the target, found by bisection on the decay rate.
+    low, high = -5.0, 5.0
+    for _ in range(60):
+        rate = (low + high) / 2
+        weights = np.exp(-rate * sizes_range)
+        if (weights * sizes_range).sum() / weights.sum() > mean:
+            low = rate
+        else:
+            high = rate
+    sizes = rng.choice(sizes_range, size=data.num_classes, p=weights / weights.sum())
+    # Nudge random classes up or down (within bounds) until the total is exact.
+    while (excess := int(sizes.sum()) - data.num_items) != 0:
+        step = -1 if excess > 0 else 1
+        movable = np.flatnonzero(sizes > data.min_size if step < 0 else sizes < data.max_size)
+        chosen = rng.choice(movable, size=min(abs(excess), len(movable)), replace=False)
+        sizes[chosen] += step
+    return sizes
+
+
+def make_embeddings(data: EvalData) -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic (N, D) float32 L2-normalised embeddings and their labels."""
+    rng = np.random.default_rng(data.seed)
+    sizes = sop_like_class_sizes(data, rng)
+    labels = rng.permutation(np.repeat(np.arange(data.num_classes), sizes)).astype(np.int64)
+    centers = rng.standard_normal((data.num_classes, data.dim), dtype=np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    x = centers[labels]
+    x += rng.standard_normal(x.shape, dtype=np.float32) * np.float32(data.noise / math.sqrt(data.dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, labels
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The methods, run inside the child process
+
+
+def _run_ours(x: np.ndarray, labels: np.ndarray, device: str | None = None) -> dict[str, float]:
+    from metricsearch.metrics import calc_retrieval_metrics
+
+    return calc_retrieval_metrics(x, labels, SOP_KS, compute_nmi=False, device=device)
+
+
+def _run_pml(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    # k="max_bin_count": R-Precision and MAP@R need every query's R neighbours; AccuracyCalculator has no
+    # Recall@K for K > 1.
+    calculator = AccuracyCalculator(include=tuple(theirs for _, theirs in PML_METRICS), k="max_bin_count")
+    return {k: float(v) for k, v in calculator.get_accuracy(torch.from_numpy(x), torch.from_numpy(labels)).items()}
+
+
+def _run_torchmetrics(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Recall@K as RetrievalHitRate and RetrievalRPrecision, over per-query score lists of the whole gallery.
+
+    torchmetrics has no MAP@R (RetrievalMAP is the full mAP) and needs one (score, target, query) triple per pair:
+    N^2 entries, which is why it only runs on small sets.
+    """
+    import torch
+    from torchmetrics.retrieval import RetrievalHitRate, RetrievalRPrecision
+
+    emb = torch.from_numpy(x)
+    lab = torch.from_numpy(labels)
+    num = len(lab)
+    scores = emb @ emb.T
+    keep = ~torch.eye(num, dtype=torch.bool)  # the query itself is not in its gallery
+    preds = scores[keep]
+    target = (lab[:, None] == lab[None, :])[keep]
+    indexes = torch.arange(num)[:, None].expand(num, num)[keep]
+    out = {}
+    for k in SOP_KS:
+        if k < num:
+            out[f"recall@{k}"] = float(RetrievalHitRate(top_k=k)(preds, target, indexes=indexes))
+    # Queries without any positive count as 0 here; ours leaves them out, so the comparison uses sets without them.
+    out["r_precision"] = float(RetrievalRPrecision()(preds, target, indexes=indexes))
+    return out
+
+
+METHODS = {
+    "ours": _run_ours,
+    "ours_cuda": lambda x, labels: _run_ours(x, labels, device="cuda"),
+    "pml": _run_pml,
+    "torchmetrics": _run_torchmetrics,
+}
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def child_main(method: str, data_file: str, out_file: str) -> None:
+    """Entry point of the child process: imports everything, loads the data, runs one method, writes JSON."""
+    import faiss  # noqa: F401 - imported by every child so that the baselines are equal
+    import pytorch_metric_learning.utils.accuracy_calculator  # noqa: F401
+    import torch
+    import torchmetrics.retrieval  # noqa: F401
+
+    import metricsearch.metrics  # noqa: F401
+
+    with np.load(data_file) as archive:
+        x, labels = archive["x"], archive["labels"]
+    # One small call first, outside the measurement: compiled kernels are loaded, the CUDA context created, faiss
+    # and BLAS thread pools started.
+    warmup = np.argsort(labels, kind="stable")[:512]  # whole classes, so that there are queries to answer
+    METHODS[method](x[warmup], labels[warmup])
+    if method == "ours_cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    baseline = _rss_mb()
+    started = time.perf_counter()
+    metrics = METHODS[method](x, labels)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    result = {
+        "method": method,
+        "seconds": seconds,
+        "peak_rss_mb": peak,
+        "baseline_rss_mb": baseline,
+        "peak_above_baseline_mb": peak - baseline,
+        "metrics": metrics,
+    }
+    if method == "ours_cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    Path(out_file).write_text(json.dumps(result))
+
+
+def run_method(method: str, data_file: Path, timeout: float = 3600) -> dict[str, Any]:
+    """Runs one method in a fresh child process; returns its timing, memory and metrics (or the error)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out_file = Path(f.name)
+    try:
+        command = [sys.executable, "-m", "metricsearch.utils.benchmark_eval", method, str(data_file), str(out_file)]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+        if proc.returncode != 0:
+            return {"method": method, "error": proc.stderr[-2000:]}
+        return json.loads(out_file.read_text())
+    finally:
+        out_file.unlink(missing_ok=True)
+
+
+def compare_values(ours: dict[str, float], theirs: dict[str, float], pairs) -> dict[str, float]:
+    """Absolute differences of the metrics both computed."""
+    return {mine: abs(ours[mine] - theirs[other]) for mine, other in pairs if mine in ours and other in theirs}
+
+
+def benchmark_evaluation(
+    data: EvalData, workdir: Path, *, with_cuda: bool, torchmetrics_items: int = 3000, log=print
+) -> dict[str, Any]:
+    """Times and sizes the evaluation of ``data`` by each method; torchmetrics on a subset it can handle.
+
+    Returns:
+        A dict with the data description, one entry per method, value differences, and the ratios of the targets.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    x, labels = make_embeddings(data)
+    data_file = workdir / "eval_embeddings.npz"
+    np.savez(data_file, x=x, labels=labels)
+    log(f"evaluation data: {x.shape[0]:,} x {x.shape[1]} embeddings, {data.num_classes:,} classes "
+        f"({time.perf_counter() - started:.1f} s to generate)")  # fmt: skip
+    out: dict[str, Any] = {"data": asdict(data)}
+    methods = ["ours", "pml"] + (["ours_cuda"] if with_cuda else [])
+    for method in methods:
+        log(f"  {method} ...")
+        out[method] = run_method(method, data_file)
+        log(f"  {method}: {_summary(out[method])}")
+
+    # torchmetrics needs N^2 (score, target, query) entries: a subset whose classes are all whole and answerable.
+    subset_classes = np.unique(labels)[: max(2, data.num_classes * torchmetrics_items // data.num_items)]
+    subset = np.isin(labels, subset_classes)
+    small_file = workdir / "eval_embeddings_small.npz"
+    np.savez(small_file, x=x[subset], labels=labels[subset])
+    out["torchmetrics_subset"] = {"num_items": int(subset.sum()), "num_classes": len(subset_classes)}
+    for method in ("ours", "torchmetrics"):
+        out[f"{method}_small"] = run_method(method, small_file)
+        log(f"  {method} on {int(subset.sum()):,} items: {_summary(out[f'{method}_small'])}")
+    entries = x.shape[0] * (x.shape[0] - 1)
+    out["torchmetrics_full_size_note"] = (
+        f"not run at {x.shape[0]:,} items: it needs {entries:,} (score, target, query) entries, "
+        f"{entries * 13 / 1e9:.0f} GB before sorting"
+    )
+    data_file.unlink(missing_ok=True)
+    small_file.unlink(missing_ok=True)
+
+    ours, pml = out["ours"], out["pml"]
+    if "error" not in ours and "error" not in pml:
+        out["speedup_vs_pml"] = pml["seconds"] / ours["seconds"]
+        out["memory_ratio_vs_pml"] = ours["peak_rss_mb"] / pml["peak_rss_mb"]
+        out["memory_above_baseline_ratio_vs_pml"] = ours["peak_above_baseline_mb"] / pml["peak_above_baseline_mb"]
+        out["max_abs_diff_vs_pml"] = compare_values(ours["metrics"], pml["metrics"], PML_METRICS)
+    small_ours, small_tm = out["ours_small"], out["torchmetrics_small"]
+    if "error" not in small_ours and "error" not in small_tm:
+        pairs = [(k, k) for k in small_tm["metrics"]]
+        out["max_abs_diff_vs_torchmetrics"] = compare_values(small_ours["metrics"], small_tm["metrics"], pairs)
+    return out
+
+
+def _summary(result: dict[str, Any]) -> str:
+    if "error" in result:
+        return "FAILED: " + result["error"].strip().splitlines()[-1]
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items() if k != "num_queries")
+    return f"{result['seconds']:.1f} s, peak RSS {result['peak_rss_mb'] / 1024:.2f} GB; {metrics}"
+
+
+if __name__ == "__main__":
+    child_main(*sys.argv[1:4])
