@@ -549,7 +549,7 @@ def test_published_recipes_compose(experiment, loss, tmp_path):
 def test_sop_datamodule_batches_with_two_images_per_class(sop_copy, tmp_path):
     overrides = [
         "data=sop",
-        f"data.source.root={sop_copy[0]}",
+        f"data.root={sop_copy[0]}",
         "sampler.m=2",
         "data.batch_size=8",
         "data.image_size=16",
@@ -571,7 +571,7 @@ def _train(option: str, root: Path, run_dir: Path) -> dict:
         sys.executable,
         "train.py",
         f"data={option}",
-        f"data.source.root={root}",
+        f"data.root={root}",
         "backbone=resnet10t",
         "head.embedding_dim=16",
         "data.image_size=32",
