@@ -73,6 +73,8 @@ COMMON_OVERRIDES = (
     "trainer.enable_progress_bar=false",
     "callbacks.visualization.every_n_epochs=0",
     "callbacks.visualization.method=pca",
+    # Cells train a fixed number of epochs: the default run's wall-clock guard would make results machine-dependent.
+    "trainer.max_time=null",
 )
 
 
