@@ -213,22 +213,24 @@ def _count_with_numba(
     block_rows = min(block_size, num_items)
     # NOTE: thin blocks (a few rows) would make a kernel call per handful of scores; columns stay wide.
     block_cols = min(max(block_size, CPU_BLOCK_SIZE), num_items)
-    chunks = 4 * numba.get_num_threads()  # column chunks of the transposed pass, a few per thread
+    chunks = numba.get_num_threads()  # column chunks, one per thread
     buffer = np.empty(block_rows * block_cols, dtype=np.float32)  # reused: np.dot writes into it in place
+    row_counts = np.empty((chunks, block_rows, max_r), dtype=np.int64)  # each thread's counts of the row queries
     for rows, cols, first in _upper_triangle_blocks(num_items, block_rows, block_cols):
         shape = (rows.stop - rows.start, cols.stop - cols.start)
         scores = buffer[: shape[0] * shape[1]].reshape(shape)
         np.dot(x[rows], x[cols].T, out=scores)
-        live, threshold, tie_index = _thresholds(pos_scores, pos_index, last_live, rows)
-        _count_rows(scores, rows.start, cols.start, classes, pos_scores, pos_index, live, threshold, tie_index, counts)
+        # The block's columns from `first` on are queries too: their pairs with these rows are below the diagonal.
+        queries = slice(cols.start + first, cols.stop)
+        row_state = _thresholds(pos_scores, pos_index, last_live, rows)
+        col_state = _thresholds(pos_scores, pos_index, last_live, queries)
+        block_counts = row_counts[:, : shape[0]]
+        block_counts.fill(0)
+        _count_block(scores, rows.start, cols.start, first, classes, pos_scores, pos_index, *row_state, *col_state,
+                     counts, block_counts)  # fmt: skip
+        counts[rows] += block_counts.sum(axis=0)
         _update_liveness(counts, num_relevant, last_live, rows, max_k)
         if first < shape[1]:
-            queries = slice(cols.start + first, cols.stop)
-            live, threshold, tie_index = _thresholds(pos_scores, pos_index, last_live, queries)
-            _count_cols(
-                scores, rows.start, queries.start, first, classes, pos_scores, pos_index, live, threshold, tie_index,
-                counts, chunks,
-            )  # fmt: skip
             _update_liveness(counts, num_relevant, last_live, queries, max_k)
     return counts
 
@@ -281,61 +283,48 @@ if numba is not None:
         return low
 
     @numba.njit(cache=True, parallel=True, nogil=True)
-    def _count_rows(
-        scores, row0, col0, classes, pos_scores, pos_index, live, threshold, tie_index, counts
-    ):  # pragma: no cover - compiled
-        """Row queries of a block: every negative that beats the query's threshold positive is binned."""
-        num_rows, num_cols = scores.shape
-        for i in numba.prange(num_rows):
-            limit = threshold[i]
-            if live[i] < 0:
-                continue
-            query = row0 + i
-            tie = tie_index[i]
-            cls = classes[query]
-            for j in range(num_cols):
-                s = scores[i, j]
-                if s < limit:  # the common case: below every positive that matters
-                    continue
-                item = col0 + j
-                if (s == limit and item > tie) or classes[item] == cls:
-                    continue
-                counts[query, _first_beaten(s, item, pos_scores, pos_index, query, live[i])] += 1
+    def _count_block(
+        scores, row0, col0, first, classes, pos_scores, pos_index,
+        row_live, row_threshold, row_tie, col_live, col_threshold, col_tie, counts, row_counts,
+    ):  # pragma: no cover - compiled  # fmt: skip
+        """One pass over a block for its row queries and, from column ``first`` on, its column queries.
 
-    @numba.njit(cache=True, parallel=True, nogil=True)
-    def _count_cols(
-        scores, row0, query0, first, classes, pos_scores, pos_index, live, threshold, tie_index, counts, num_chunks
-    ):  # pragma: no cover - compiled
-        """Column queries of a block (its columns from ``first`` on, as rows of the transposed block).
-
-        Columns are split across threads and every thread streams through all rows, reading contiguous pieces.
+        Every score is read once, for both the row query and the column query it belongs to (a separate pass
+        over the block transposed costs twice as much: it reads across rows). The columns are split among the
+        threads: a thread owns the column queries of its chunk and updates their counts in place, and keeps its
+        own counts of the row queries (which every thread sees) in ``row_counts[chunk]``, summed by the caller.
+        Negatives scored below a query's threshold, the common case, cost one comparison.
         """
         num_rows, num_cols = scores.shape
-        num_queries = num_cols - first
-        num_chunks = min(num_queries, num_chunks)
-        width = (num_queries + num_chunks - 1) // num_chunks
+        num_chunks = row_counts.shape[0]
+        width = (num_cols + num_chunks - 1) // num_chunks
         for chunk in numba.prange(num_chunks):
             begin = chunk * width
-            end = min(begin + width, num_queries)
+            end = min(begin + width, num_cols)
             for i in range(num_rows):
-                item = row0 + i
-                cls = classes[item]
-                for q in range(begin, end):
-                    s = scores[i, first + q]
-                    limit = threshold[q]
-                    if s < limit:  # also skips finished queries, whose threshold is +inf
-                        continue
-                    query = query0 + q
-                    if (s == limit and item > tie_index[q]) or classes[query] == cls:
-                        continue
-                    counts[query, _first_beaten(s, item, pos_scores, pos_index, query, live[q])] += 1
+                row_limit = row_threshold[i]  # +inf for a finished query
+                row_item = row0 + i
+                row_class = classes[row_item]
+                for j in range(begin, end):
+                    s = scores[i, j]
+                    if s >= row_limit:
+                        item = col0 + j
+                        if not ((s == row_limit and item > row_tie[i]) or classes[item] == row_class):
+                            m = _first_beaten(s, item, pos_scores, pos_index, row_item, row_live[i])
+                            row_counts[chunk, i, m] += 1
+                    if j >= first:
+                        q = j - first
+                        col_limit = col_threshold[q]
+                        if s >= col_limit:
+                            query = col0 + j
+                            if not ((s == col_limit and row_item > col_tie[q]) or classes[query] == row_class):
+                                m = _first_beaten(s, row_item, pos_scores, pos_index, query, col_live[q])
+                                counts[query, m] += 1
 
 else:  # pragma: no cover
 
-    def _count_rows(*args):
+    def _count_block(*args):
         raise RuntimeError("numba is not installed")
-
-    _count_cols = _count_rows
 
 
 # ------------------------------------------------------------------------------------------------------------------

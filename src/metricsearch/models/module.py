@@ -89,7 +89,9 @@ class MetricLearningModule(L.LightningModule):
         # The loss and miner as called in training: wrapped to gather all processes' embeddings under DDP. A plain
         # dict, so the wrappers are not submodules and checkpoints keep the same keys with and without DDP.
         self._train_parts: dict[str, nn.Module | None] = {"loss": loss, "miner": miner}
-        self._world_size = 1
+        self._ranks_checked = False
+        # The factor by which the cross-rank loss wrapper scales the loss (the world size once wrapped).
+        self._loss_scale = 1
         self._compiled = False
 
     def setup(self, stage: str) -> None:
@@ -102,7 +104,7 @@ class MetricLearningModule(L.LightningModule):
             # checkpoint key with "_orig_mod.".
             self.model.compile(backend=backend)
             self._compiled = True
-        if dist.is_available() and dist.is_initialized() and self._world_size == 1:
+        if dist.is_available() and dist.is_initialized() and not self._ranks_checked:
             self._wrap_for_ranks(dist.get_world_size())
 
     def _wrap_for_ranks(self, world_size: int) -> None:
@@ -115,7 +117,7 @@ class MetricLearningModule(L.LightningModule):
         class weights) see the whole loss on every rank, so the multiplication would scale their averaged
         gradient by the world size: a hook divides it back.
         """
-        self._world_size = world_size
+        self._ranks_checked = True
         if world_size <= 1 or not self.hparams.gather_across_ranks:
             return
         if not isinstance(self.loss, BaseMetricLossFunction):
@@ -128,6 +130,7 @@ class MetricLearningModule(L.LightningModule):
         self._train_parts["loss"] = DistributedLossWrapper(self.loss, efficient=False)
         if self.miner is not None and isinstance(self.miner, BaseMiner):
             self._train_parts["miner"] = DistributedMinerWrapper(self.miner, efficient=False)
+        self._loss_scale = world_size
         for parameter in self.loss.parameters():
             if parameter.requires_grad:
                 parameter.register_hook(lambda grad: grad / world_size)
@@ -157,7 +160,7 @@ class MetricLearningModule(L.LightningModule):
             return self._skip_nonfinite(loss, batch_idx)
         self.nonfinite_in_a_row = 0
         # The cross-rank wrapper scales the loss by the world size (see _wrap_for_ranks); log the loss itself.
-        self.log("train/loss", loss.detach() / self._world_size, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", loss.detach() / self._loss_scale, prog_bar=True, batch_size=batch_size)
         if indices_tuple is not None:
             self.log("train/mined", float(len(indices_tuple[0])), batch_size=batch_size)
         return loss

@@ -77,7 +77,7 @@ def machine_info() -> dict[str, Any]:
 
 def default_settings(cuda: bool, quick: bool) -> dict[str, Any]:
     """The sizes of each section on this kind of machine; ``quick`` shrinks them for a first look."""
-    overhead = TrainSetting(backbone="resnet10t", image_size=64, batch_size=64, warmup_steps=4, steps=20)
+    overhead = TrainSetting(backbone="resnet10t", image_size=64, batch_size=64, warmup_steps=4, steps=20, threads=1)
     if cuda:
         train = TrainSetting(
             backbone="resnet50",
@@ -96,7 +96,9 @@ def default_settings(cuda: bool, quick: bool) -> dict[str, Any]:
             source_size=256,
         )
     else:
-        train = TrainSetting(backbone="resnet10t", image_size=64, batch_size=64, warmup_steps=3, steps=15)
+        # NOTE: one compute thread, so that the two data paths compete for the same resources whatever else
+        # runs on the machine; the data workers have the other core(s).
+        train = TrainSetting(backbone="resnet10t", image_size=64, batch_size=64, warmup_steps=3, steps=15, threads=1)
     data = EvalData()
     if quick:
         overhead = replace(overhead, steps=10, warmup_steps=3)
@@ -292,7 +294,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"## Lightning overhead: {s['backbone']} @{s['image_size']} px, batch {s['batch_size']}, "
-            f"triplet + semi-hard miner, AdamW, {s['steps']} steps after {s['warmup_steps']} warm-up, CPU",
+            f"triplet + semi-hard miner, AdamW, {s['steps']} steps after {s['warmup_steps']} warm-up, CPU, "
+            f"{overhead['threads']} torch thread(s)",
             "",
             f"Median step, process CPU time: plain loop {overhead['plain_step_cpu_ms']:.1f} ms, Lightning "
             f"{overhead['lightning_step_cpu_ms']:.1f} ms: ratio **{overhead['ratio']:.3f}**. Wall clock: "
@@ -309,7 +312,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             f"## Training throughput: {s['backbone']} @{s['image_size']} px, batch {s['batch_size']}, "
             f"{s['precision']}, channels_last={s['channels_last']}, compile={s['compile']}, "
-            f"{s['num_workers']} workers, {s['accelerator']}",
+            f"{s['num_workers']} workers, {s['accelerator']}"
+            + (f", {s['threads']} torch thread(s)" if s.get("threads") else ""),
             "",
             "| data path | images/s |",
             "|---|---|",

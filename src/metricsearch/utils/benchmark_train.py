@@ -7,6 +7,7 @@ are those of ``python train.py``, not of a stripped-down copy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import statistics
@@ -50,6 +51,10 @@ class TrainSetting:
     steps: int = 15
     num_workers: int = 2
     accelerator: str = "cpu"
+    # torch's intra-op threads in the training process (None: torch's default, one per core). On a shared machine
+    # one thread gives stable numbers: threads that wait for each other at every operation stall whenever another
+    # process takes a core.
+    threads: int | None = None
     # The synthetic data the throughput runs read: classes x images, stored at this size.
     num_classes: int = 200
     images_per_class: int = 20
@@ -58,6 +63,18 @@ class TrainSetting:
     @property
     def device(self) -> torch.device:
         return torch.device("cuda" if self.accelerator in ("gpu", "cuda") else "cpu")
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Runs the body with ``count`` intra-op threads (unchanged for None), restoring the previous number."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def build_parts(setting: TrainSetting, seed: int = 0) -> tuple[EmbeddingModel, nn.Module, nn.Module]:
@@ -175,7 +192,8 @@ def measure_data_path(setting: TrainSetting, data_root: Path, cache: str | None)
     prepare_seconds = time.perf_counter() - prepared
     module = build_module(setting, build_parts(setting))
     timer = StepTimer(setting.warmup_steps, total)
-    build_trainer(setting, [timer]).fit(module, datamodule=datamodule)
+    with torch_threads(setting.threads):
+        build_trainer(setting, [timer]).fit(module, datamodule=datamodule)
     return {
         "images_per_s": throughput(timer.ends, setting.warmup_steps, setting.batch_size),
         "steps": len(timer.ends) - setting.warmup_steps,
@@ -212,12 +230,12 @@ def make_batches(setting: TrainSetting, count: int, seed: int = 0) -> list[dict[
     return batches
 
 
-def _autocast(setting: TrainSetting):
+def _autocast(setting: TrainSetting) -> contextlib.AbstractContextManager:
     if setting.precision.startswith("bf16"):
         return torch.autocast(setting.device.type, dtype=torch.bfloat16)
     if setting.precision.startswith("16"):
         return torch.autocast(setting.device.type, dtype=torch.float16)
-    return torch.autocast(setting.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def plain_loop(setting: TrainSetting, parts, loader: DataLoader, augment: Callable | None = None) -> StepTimes:
@@ -231,7 +249,8 @@ def plain_loop(setting: TrainSetting, parts, loader: DataLoader, augment: Callab
     if setting.compile:
         model.compile()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    scaler = torch.amp.GradScaler(enabled=setting.precision.startswith("16"))
+    # NOTE: a loss scaler only where fp16 needs one; the float32 loop is the bare minimum anyone would write.
+    scaler = torch.amp.GradScaler(setting.device.type) if setting.precision.startswith("16") else None
     times = StepTimes()
     for step, batch in enumerate(_cycle(loader)):
         if step == setting.warmup_steps + setting.steps:
@@ -246,9 +265,13 @@ def plain_loop(setting: TrainSetting, parts, loader: DataLoader, augment: Callab
             embeddings = model(images)
             loss = loss_fn(embeddings, labels, miner(embeddings, labels))
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         if device.type == "cuda" and step + 1 in (setting.warmup_steps, setting.warmup_steps + setting.steps):
             torch.cuda.synchronize()
         times.mark()
@@ -277,8 +300,15 @@ def measure_lightning_overhead(setting: TrainSetting, rounds: int = 4, log=print
 
     Both the process CPU time and the wall-clock time of each step are measured. The CPU-time ratio is the
     framework's extra work and moves least with other processes, so it is the headline number; the wall-clock
-    ratio is what a user waits, and the two agree on an idle machine.
+    ratio is what a user waits, and the two agree on an idle machine. Run it with ``setting.threads=1``: threads
+    that wait for each other at the end of every parallel operation burn CPU time, and more of it the busier the
+    machine, which would make CPU time a measure of the load again.
     """
+    with torch_threads(setting.threads):
+        return {**_measure_lightning_overhead(setting, rounds, log), "threads": torch.get_num_threads()}
+
+
+def _measure_lightning_overhead(setting: TrainSetting, rounds: int, log) -> dict[str, Any]:
     total = setting.warmup_steps + setting.steps
     loader = DataLoader(InMemoryBatches(make_batches(setting, total)), batch_size=None, shuffle=False)
     initial = build_parts(setting)
@@ -328,7 +358,8 @@ def measure_model_only(setting: TrainSetting, count: int = 4) -> dict[str, Any]:
         pixels = torch.randint(0, 256, (setting.batch_size, side, side, 3), dtype=torch.uint8, generator=generator)
         batches.append({IMAGE: pixels.to(device), LABEL: batch[LABEL].to(device)})
     augment = BatchAugment(side, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).to(device)
-    times = plain_loop(setting, build_parts(setting), InMemoryBatchLoader(batches), augment.normalize_uint8)
+    with torch_threads(setting.threads):
+        times = plain_loop(setting, build_parts(setting), InMemoryBatchLoader(batches), augment.normalize_uint8)
     return {"images_per_s": throughput(times.wall, setting.warmup_steps, setting.batch_size)}
 
 
