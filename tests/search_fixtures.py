@@ -4,7 +4,8 @@ A checkpoint here is what training writes, minus the optimizer: the Lightning mo
 pipeline from the real (shrunk) config, saved with its ``state_dict`` and ``hyper_parameters``. Building it
 directly instead of training saves the seconds a fit costs; one slow test trains for real.
 
-Plain functions (cached per session folder), so every search test module can import them.
+Plain functions (cached per session folder), so every search test module can import them; the server tests
+share the app with small limits (:func:`build_limited_app`) and the upload helper (:func:`upload`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import functools
 import io
 import os
 import shutil
-import socket
 import struct
 import threading
 import time
@@ -21,12 +21,14 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 
 from metricsearch.pipelines.train import build_run
+from metricsearch.search.loadtest import free_port
 from tests.conftest import compose_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -154,13 +156,6 @@ def png_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class BackgroundServer:
     """Runs an ASGI app with uvicorn in a daemon thread on 127.0.0.1, for tests that need real HTTP."""
 
@@ -188,3 +183,23 @@ class BackgroundServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+# The server tests' limits: small enough that an upload over them costs a few hundred kilobytes.
+UPLOAD_LIMIT = 200 * 1024
+MAX_PIXELS = 4_000_000
+
+
+def build_limited_app(setup: TinySearchSetup, default_k: int = 5):
+    """The search app over the shared tiny index, with the server tests' upload and pixel limits."""
+    from metricsearch.search.pipeline import open_index
+    from metricsearch.search.server import ServerSettings, build_app
+
+    index, embedder = open_index(setup.index_dir)
+    settings = ServerSettings(default_k=default_k, max_upload_bytes=UPLOAD_LIMIT, max_pixels=MAX_PIXELS)
+    return build_app(index, embedder, settings)
+
+
+def upload(client: httpx.Client, data: bytes, name: str = "query.png", **form: str) -> httpx.Response:
+    """POSTs ``data`` as the search upload ``name`` (with the form fields ``form``), over a TestClient or real HTTP."""
+    return client.post("/api/search", files={"file": (name, data, "application/octet-stream")}, data=form)

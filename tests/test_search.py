@@ -324,7 +324,7 @@ def test_command_line_errors_are_one_clear_line(tiny, capsys):
 
 
 def test_scripts_are_wired_to_the_package():
-    for script in ("build_index", "search", "serve", "export", "bench_search", "demo"):
+    for script in ("build_index", "search", "serve", "export", "bench_search", "demo", "load_test"):
         result = subprocess.run(
             [sys.executable, f"scripts/{script}.py", "--help"],
             cwd=REPO_ROOT,

@@ -12,11 +12,16 @@ from PIL import Image
 
 from metricsearch.search.errors import IndexMismatchError
 from metricsearch.search.index import GalleryIndex
-from metricsearch.search.pipeline import open_index
-from metricsearch.search.server import ServerSettings, build_app, create_app
-from tests.search_fixtures import BackgroundServer, encode, png_bomb, tiny_search_setup
-
-UPLOAD_LIMIT = 200 * 1024
+from metricsearch.search.server import create_app
+from tests.search_fixtures import (
+    UPLOAD_LIMIT,
+    BackgroundServer,
+    build_limited_app,
+    encode,
+    png_bomb,
+    tiny_search_setup,
+    upload,
+)
 
 
 @pytest.fixture(scope="session")
@@ -26,18 +31,13 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(tiny):
-    index, embedder = open_index(tiny.index_dir)
-    return build_app(index, embedder, ServerSettings(default_k=5, max_upload_bytes=UPLOAD_LIMIT, max_pixels=4_000_000))
+    return build_limited_app(tiny)
 
 
 @pytest.fixture(scope="module")
 def client(app):
     with TestClient(app) as client:
         yield client
-
-
-def _upload(client, data: bytes, name: str = "query.png", **form) -> httpx.Response:
-    return client.post("/api/search", files={"file": (name, data, "application/octet-stream")}, data=form)
 
 
 def test_page_info_and_gallery_listing(client):
@@ -54,7 +54,7 @@ def test_page_info_and_gallery_listing(client):
 
 
 def test_search_by_upload_finds_the_uploaded_gallery_image_first(client, tiny):
-    response = _upload(client, (tiny.gallery / "007" / "003.jpg").read_bytes(), "007-003.jpg", k="4")
+    response = upload(client, (tiny.gallery / "007" / "003.jpg").read_bytes(), "007-003.jpg", k="4")
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["query"]["kind"] == "upload" and body["query"]["filename"] == "007-003.jpg"
@@ -77,33 +77,33 @@ def test_an_upload_over_the_size_limit_is_refused_before_decoding(client):
     noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
     data = encode(Image.fromarray(noise))
     assert len(data) > UPLOAD_LIMIT
-    response = _upload(client, data)
+    response = upload(client, data)
     assert response.status_code == 413 and "larger than the" in response.json()["detail"]
 
 
 def test_a_file_that_is_not_an_image_is_refused(client):
-    response = _upload(client, b"%PDF-1.7 not an image", "report.pdf")
+    response = upload(client, b"%PDF-1.7 not an image", "report.pdf")
     assert response.status_code == 415
     assert response.json()["detail"].startswith("the uploaded file is not an image")
-    assert _upload(client, b"", "empty.png").status_code == 400
+    assert upload(client, b"", "empty.png").status_code == 400
 
 
 def test_a_truncated_image_is_refused(client, tiny):
     data = (tiny.gallery / "000" / "000.jpg").read_bytes()
-    response = _upload(client, data[: len(data) // 2])
+    response = upload(client, data[: len(data) // 2])
     assert response.status_code == 400 and "corrupt or truncated" in response.json()["detail"]
 
 
 def test_a_decompression_bomb_is_refused_from_its_header(client):
     bomb = png_bomb()
     assert len(bomb) < 2000
-    response = _upload(client, bomb, "bomb.png")
+    response = upload(client, bomb, "bomb.png")
     assert response.status_code == 413
     assert "60000 x 60000" in response.json()["detail"] or "too many pixels" in response.json()["detail"]
 
 
 def test_an_image_over_the_pixel_limit_is_refused(client):
-    response = _upload(client, encode(Image.new("L", (2100, 2000))), "big.png")  # 4.2 MP > 4 MP, few bytes
+    response = upload(client, encode(Image.new("L", (2100, 2000))), "big.png")  # 4.2 MP > 4 MP, few bytes
     assert response.status_code == 413 and "over the limit of 4.0" in response.json()["detail"]
 
 
@@ -149,7 +149,7 @@ def test_concurrent_requests_get_their_own_answers(client, tiny):
     def ask(query):
         kind, path = query
         if kind == "upload":
-            response = _upload(client, (tiny.gallery / path).read_bytes(), k="6")
+            response = upload(client, (tiny.gallery / path).read_bytes(), k="6")
         else:
             response = client.post("/api/search", data={"path": path, "k": "6"})
         assert response.status_code == 200, response.text
@@ -197,6 +197,6 @@ def test_uploads_with_transparency_or_other_modes_are_searchable(client):
     for mode in ("RGBA", "L", "P", "CMYK"):
         image = Image.new("RGB", (40, 30), (200, 30, 30)).convert(mode)
         fmt = "JPEG" if mode == "CMYK" else "PNG"
-        response = _upload(client, encode(image, fmt), f"q.{fmt.lower()}")
+        response = upload(client, encode(image, fmt), f"q.{fmt.lower()}")
         assert response.status_code == 200, (mode, response.text)
         assert response.json()["query"]["size"] == [40, 30]

@@ -330,6 +330,66 @@ def main_serve(argv: Sequence[str]) -> int:
     return run_command(SERVE, argv, _serve_body)
 
 
+# --- load test ---
+
+LOAD_TEST = Command(
+    name="load_test",
+    summary=(
+        "A bounded load test of the search server on loopback: clients= concurrent clients send searches back to "
+        "back for duration= seconds (uploads of gallery images, gallery-path queries, or both alternating), every "
+        "answer checked against the one given alone. Prints requests, errors, throughput and p50/p99 latency. "
+        "With index= it starts scripts/serve.py itself (and stops it); with url= it tests a running server. "
+        "Exit status 1 when any request failed."
+    ),
+    options={
+        "index": (None, "the index folder to serve (the server is started on a free loopback port)"),
+        "url": (None, "or a running server, e.g. http://127.0.0.1:8000"),
+        "clients": (16, "concurrent clients (at most 256)"),
+        "duration": (20.0, "seconds during which new requests start (at most 600)"),
+        "mode": ("mixed", "upload (decode + embed + search), path (stored embedding, search only) or mixed"),
+        "k": (10, "results per search"),
+        "queries": (32, "distinct gallery images used as queries"),
+        "timeout": (30.0, "seconds before one request counts as failed"),
+        "out": (None, "also write the report as JSON to this file"),
+        **MODEL_OPTIONS,
+        "gallery": (None, "where the gallery images are now, if they moved since indexing (with index=)"),
+    },
+    flags={"--json": "print the report as JSON instead of text"},
+)
+
+
+def _load_test_body(values: dict[str, Any], flags: set[str], extra: dict[str, str]) -> int:
+    from metricsearch.search.loadtest import LoadTestSettings, format_report, run_load_test, start_server, write_report
+
+    if bool(values["index"]) == bool(values["url"]):
+        raise UsageError("load_test needs exactly one of index= (start a server) or url= (test a running one)")
+    settings = LoadTestSettings(
+        clients=values["clients"],
+        duration_s=values["duration"],
+        mode=values["mode"],
+        k=values["k"],
+        queries=values["queries"],
+        timeout_s=values["timeout"],
+    )
+    if values["url"]:
+        report = run_load_test(values["url"].rstrip("/"), settings)
+    else:
+        serve_args = [f"index={values['index']}"]
+        serve_args += [f"{key}={values[key]}" for key in (*MODEL_OPTIONS, "gallery") if values[key]]
+        print(f"starting the server for index={values['index']} ...", file=sys.stderr)
+        with start_server(serve_args) as url:
+            report = run_load_test(url, settings)
+    print(json.dumps(report, indent=2) if "--json" in flags else format_report(report))
+    if values["out"]:
+        print(f"report: {write_report(report, values['out'])}", file=sys.stderr)
+    return 0 if report["errors"] == 0 else 1
+
+
+def main_load_test(argv: Sequence[str]) -> int:
+    """``scripts/load_test.py``."""
+    return run_command(LOAD_TEST, argv, _load_test_body)
+
+
 # --- export ---
 
 EXPORT = Command(

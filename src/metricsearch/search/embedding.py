@@ -9,7 +9,9 @@ dropping the repeats the sampler pads with.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from metricsearch.data.io import ImageLoadError, atomic_path, load_rgb_image
 from metricsearch.search.embedder import Embedder, TorchEmbedder
 from metricsearch.search.errors import SearchError
+from metricsearch.search.index import SHARDS_NAME
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,10 @@ log = logging.getLogger(__name__)
 IMAGE = "image"
 INDEX = "index"
 OK = "ok"
+# Progress is logged after the first batch (the speed is known) and each time another tenth of the batches is
+# done: a progress bar shows nothing in a log file (rich only draws its final state when the output is not a
+# terminal), and hours-long builds run under nohup or a scheduler.
+PROGRESS_STEPS = 10
 
 
 class GalleryDataset(Dataset):
@@ -79,9 +86,11 @@ class GalleryEmbeddingModule(L.LightningModule):
         self._indices: list[torch.Tensor] = []
         self._embeddings: list[torch.Tensor] = []
         self._ok: list[torch.Tensor] = []
+        self._started, self._images_done, self._next_report = 0.0, 0, 1
 
     def on_predict_start(self) -> None:
         self._indices, self._embeddings, self._ok = [], [], []
+        self._started, self._images_done, self._next_report = time.perf_counter(), 0, 1
         if self.trainer.is_global_zero:
             # Shards of an interrupted earlier run must not be merged into this one.
             shutil.rmtree(self.shard_dir, ignore_errors=True)
@@ -95,6 +104,17 @@ class GalleryEmbeddingModule(L.LightningModule):
         self._ok.append(batch[OK].cpu())
         # Returned for prediction-writer callbacks; the shards are what the index is built from.
         return embeddings
+
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._images_done += len(batch[INDEX])
+        total = self.trainer.num_predict_batches[dataloader_idx]
+        if not self.trainer.is_global_zero or not math.isfinite(total) or total <= 0:
+            return
+        done = batch_idx + 1
+        if done == 1 or done * PROGRESS_STEPS >= self._next_report * total:
+            self._next_report = done * PROGRESS_STEPS // total + 1
+            rate = self._images_done / max(time.perf_counter() - self._started, 1e-9)
+            log.info("Embedded %d/%d batches (%d images, %.0f images/s)", done, total, self._images_done, rate)
 
     def on_predict_epoch_end(self) -> None:
         dim = self.embedder.embedding_dim
@@ -153,7 +173,7 @@ def embed_files(
     """
     if trainer is None:
         trainer = make_predict_trainer()
-    shard_dir = Path(work_dir) / ".embedding-shards"
+    shard_dir = Path(work_dir) / SHARDS_NAME
     module = GalleryEmbeddingModule(embedder, shard_dir)
     loader = DataLoader(
         GalleryDataset(paths, embedder),

@@ -11,8 +11,13 @@ Layout of an index folder::
 
 Saving is atomic without ever moving the folder: the data files get fresh names, each written atomically,
 and ``metadata.json`` (also written atomically) is the commit that switches to them; the files it no longer
-names are removed afterwards. A crash at any point leaves either the previous index or the new one, both
-complete, and a folder that never got a ``metadata.json`` is refused as unfinished.
+names are removed afterwards, and so are the temporary files of a writer that was killed mid-save. A crash at
+any point leaves either the previous index or the new one, both complete, and a folder that never got a
+``metadata.json`` is refused as unfinished.
+
+``metadata.json`` also records the size and SHA-256 of each data file, checked when the index is loaded: a
+data file truncated, replaced or corrupted after the index was saved is refused with a message that names it
+and gives the command that rebuilds the index, instead of faiss's or numpy's own error (or wrong results).
 
 Scores are inner products; the project's embeddings are L2-normalised, so they are cosine similarities.
 """
@@ -22,7 +27,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import re
 import secrets
+import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +40,7 @@ import faiss
 import numpy as np
 
 from metricsearch.data.io import atomic_path, atomic_write_text
-from metricsearch.search.embedder import Embedder
+from metricsearch.search.embedder import Embedder, file_sha256
 from metricsearch.search.errors import IndexLoadError, IndexMismatchError, SearchError
 
 log = logging.getLogger(__name__)
@@ -42,6 +51,12 @@ FORMAT_VERSION = 1
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 # faiss warns below ~39 training points per IVF list; fewer lists than that would train badly.
 MIN_POINTS_PER_LIST = 39
+# What a build leaves in the folder besides the index: the embedding shards (metricsearch.search.embedding) and
+# the temporary files of atomic writes (metricsearch.data.io.atomic_path), named ``.<stem>.tmp-<pid>-<hex><suffix>``.
+SHARDS_NAME = ".embedding-shards"
+TEMP_FILE = re.compile(r"^\.(vectors-.+|embeddings-.+|metadata)\.tmp-(\d+)-[0-9a-f]+\.(faiss|npy|json)$")
+# Which build_index option names each kind of model source.
+SOURCE_OPTIONS = {"checkpoint": "ckpt", "onnx": "model", "backbone": "backbone"}
 
 
 @dataclass(frozen=True)
@@ -138,6 +153,7 @@ class GalleryIndex:
         index_params: the faiss index's kind and effective parameters.
         gallery_root: absolute folder the paths are relative to.
         created: creation time (ISO 8601, UTC).
+        folder: the folder it was loaded from or last saved to; None for an index only in memory.
     """
 
     faiss_index: faiss.Index
@@ -148,6 +164,7 @@ class GalleryIndex:
     index_params: dict[str, Any]
     gallery_root: str
     created: str = field(default_factory=lambda: _now())
+    folder: str | None = None
     _positions: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -244,29 +261,39 @@ class GalleryIndex:
         """Refuses a model that would produce embeddings incomparable with the indexed ones.
 
         Raises:
-            IndexMismatchError: another embedding size, or other weights / preprocessing (fingerprint).
+            IndexMismatchError: another embedding size, or other weights / preprocessing (fingerprint). The message
+                names both models and gives the command that rebuilds the index with the new one.
         """
         built_with = self.model["source"]
+        where = f"index={self.folder}: " if self.folder else ""
+        folder = Path(self.folder) if self.folder else Path("INDEX_DIR")
+        rebuild = rebuild_command(folder, {"gallery_root": self.gallery_root}, source=embedder.source)
         if embedder.embedding_dim != self.embedding_dim:
             raise IndexMismatchError(
-                f"this index holds {self.embedding_dim}-d embeddings (built with {built_with['kind']} "
+                f"{where}this index holds {self.embedding_dim}-d embeddings (built with {built_with['kind']} "
                 f"{built_with['path']}) but {embedder.describe()} makes {embedder.embedding_dim}-d ones: "
-                "search it with the model that built it, or rebuild the index with this model"
+                f"search it with the model that built it, or {rebuild} (with this model)"
             )
         if embedder.fingerprint != self.model["fingerprint"]:
             raise IndexMismatchError(
-                f"this index was built by another model: fingerprint {self.model['fingerprint'][:12]} "
+                f"{where}this index was built by another model: fingerprint {self.model['fingerprint'][:12]} "
                 f"({built_with['kind']} {built_with['path']}), not {embedder.describe()}. Embeddings of different "
                 "models are not comparable: search with the model that built the index (or its ONNX export), "
-                "or rebuild the index with this one"
+                f"or {rebuild} (with this model)"
             )
 
     def resolve(self, path: str) -> Path:
         """Absolute file of an indexed relative path."""
         return Path(self.gallery_root) / path
 
-    def metadata(self, vectors_file: str, embeddings_file: str) -> dict[str, Any]:
-        """The JSON document that describes (and commits) a saved index."""
+    def metadata(self, vectors_file: str, embeddings_file: str, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The JSON document that describes (and commits) a saved index.
+
+        Args:
+            vectors_file: name of the faiss file.
+            embeddings_file: name of the embeddings file.
+            files: each data file's name mapped to its ``bytes`` and ``sha256``, checked by :meth:`load`.
+        """
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -279,6 +306,7 @@ class GalleryIndex:
             "gallery_root": self.gallery_root,
             "vectors_file": vectors_file,
             "embeddings_file": embeddings_file,
+            "files": files,
             "paths": self.paths,
             "labels": self.labels,
         }
@@ -290,54 +318,71 @@ class GalleryIndex:
         token = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
         vectors_file, embeddings_file = f"vectors-{token}.faiss", f"embeddings-{token}.npy"
         try:
-            with atomic_path(folder / vectors_file) as tmp:
-                faiss.write_index(self.faiss_index, str(tmp))
-            with atomic_path(folder / embeddings_file) as tmp:
-                np.save(tmp, self.embeddings)
+            files = {
+                vectors_file: _write_data_file(
+                    folder / vectors_file, lambda tmp: faiss.write_index(self.faiss_index, str(tmp))
+                ),
+                embeddings_file: _write_data_file(folder / embeddings_file, lambda tmp: np.save(tmp, self.embeddings)),
+            }
         except BaseException:
             # Nothing refers to these yet; leave the folder as it was.
             for name in (vectors_file, embeddings_file):
                 (folder / name).unlink(missing_ok=True)
             raise
-        metadata = self.metadata(vectors_file, embeddings_file)
-        atomic_write_text(folder / METADATA_NAME, json.dumps(metadata, indent=1) + "\n")
+        atomic_write_text(
+            folder / METADATA_NAME, json.dumps(self.metadata(vectors_file, embeddings_file, files), indent=1) + "\n"
+        )
         # Only now are the previous data files unreferenced.
         for stale in [*folder.glob("vectors-*.faiss"), *folder.glob("embeddings-*.npy")]:
-            if stale.name not in (vectors_file, embeddings_file):
+            if stale.name not in files:
                 stale.unlink(missing_ok=True)
+        remove_orphaned_temp_files(folder)
+        self.folder = str(folder)
         log.info("Saved an index of %d images to %s", len(self), folder)
         return folder
 
     @classmethod
     def load(cls, folder: str | Path, gallery_root: str | Path | None = None) -> GalleryIndex:
-        """Reads an index saved by :meth:`save`.
+        """Reads an index saved by :meth:`save`, after checking its data files against ``metadata.json``.
 
         Args:
             folder: the index folder.
             gallery_root: where the gallery images are now, if they moved since the index was built.
 
         Raises:
-            IndexLoadError: no finished index there, another format, or files that disagree.
+            IndexLoadError: no finished index there, another format, or data files that are missing, truncated,
+                corrupted or disagree with the metadata; the message names the file and how to rebuild.
         """
         folder = Path(folder).expanduser().resolve()
         meta_path = folder / METADATA_NAME
         if not meta_path.is_file():
-            state = "is not a folder" if not folder.is_dir() else f"has no {METADATA_NAME} (no finished index)"
-            raise IndexLoadError(f"index={folder} {state}; build one with scripts/build_index.py")
+            raise IndexLoadError(_no_index_message(folder))
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except ValueError as err:
-            raise IndexLoadError(f"index={folder}: {METADATA_NAME} is not valid JSON ({err})") from err
+            raise IndexLoadError(
+                f"index={folder}: {METADATA_NAME} is not valid JSON ({err}); rebuild the index with "
+                "scripts/build_index.py (overwrite=true)"
+            ) from err
         if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
             raise IndexLoadError(
                 f"index={folder} is not a MetricSearch index of version {FORMAT_VERSION} "
                 f"(format {meta.get('format')!r}, version {meta.get('version')!r}); rebuild it"
             )
+        vectors_path, embeddings_path = folder / meta["vectors_file"], folder / meta["embeddings_file"]
+        # Indexes saved before sizes and checksums were recorded have no "files" entry: nothing to check them with.
+        for path in (vectors_path, embeddings_path):
+            _check_data_file(path, meta.get("files", {}).get(path.name), folder, meta)
         try:
-            faiss_index = faiss.read_index(str(folder / meta["vectors_file"]))
-            embeddings = np.load(folder / meta["embeddings_file"], allow_pickle=False)
-        except (OSError, RuntimeError, ValueError) as err:
-            raise IndexLoadError(f"index={folder}: cannot read its data files ({err}); rebuild it") from err
+            faiss_index = faiss.read_index(str(vectors_path))
+        except RuntimeError as err:
+            raise IndexLoadError(_damaged_message(folder, meta, vectors_path, f"faiss cannot read it: {err}")) from err
+        try:
+            embeddings = np.load(embeddings_path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise IndexLoadError(
+                _damaged_message(folder, meta, embeddings_path, f"numpy cannot read it: {err}")
+            ) from err
         configure_search(faiss_index, meta["index"])
         index = cls(
             faiss_index=faiss_index,
@@ -348,10 +393,96 @@ class GalleryIndex:
             index_params=meta["index"],
             gallery_root=str(Path(gallery_root).expanduser().resolve()) if gallery_root else meta["gallery_root"],
             created=meta["created"],
+            folder=str(folder),
         )
         if embeddings.shape[1:] != (index.embedding_dim,) or meta["count"] != len(index):
-            raise IndexLoadError(f"index={folder}: metadata and data files disagree; rebuild it")
+            raise IndexLoadError(f"index={folder}: metadata and data files disagree; {rebuild_command(folder, meta)}")
         return index
+
+
+def _write_data_file(path: Path, write: Callable[[Path], None]) -> dict[str, Any]:
+    """Writes one data file atomically with ``write(tmp)``; returns the size and checksum that metadata records."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+        # Hashed from the temporary file: what gets renamed into place is exactly what was measured.
+        record = {"bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+    return record
+
+
+def _check_data_file(path: Path, recorded: dict[str, Any] | None, folder: Path, meta: dict[str, Any]) -> None:
+    """Refuses a data file that is missing or differs from the size and checksum recorded when it was saved."""
+    if not path.is_file():
+        raise IndexLoadError(_damaged_message(folder, meta, path, f"it is missing, although {METADATA_NAME} names it"))
+    if recorded is None:
+        return
+    size = path.stat().st_size
+    if size != recorded["bytes"]:
+        state = "truncated" if size < recorded["bytes"] else "longer than written"
+        reason = f"it is {size:,} bytes, but {recorded['bytes']:,} were written ({state})"
+        raise IndexLoadError(_damaged_message(folder, meta, path, reason))
+    if file_sha256(path) != recorded["sha256"]:
+        reason = "its content differs from what was written (SHA-256 mismatch: corrupted or replaced)"
+        raise IndexLoadError(_damaged_message(folder, meta, path, reason))
+
+
+def _damaged_message(folder: Path, meta: dict[str, Any], path: Path, reason: str) -> str:
+    return f"index={folder}: the data file {path.name} cannot be used: {reason}; {rebuild_command(folder, meta)}"
+
+
+def rebuild_command(folder: Path, meta: dict[str, Any], source: dict[str, Any] | None = None) -> str:
+    """The sentence that tells how to rebuild the index in ``folder`` (with ``source``, by default its own model)."""
+    source = source or meta.get("model", {}).get("source", {})
+    option = SOURCE_OPTIONS.get(source.get("kind"), "ckpt")
+    gallery = meta.get("gallery_root", "GALLERY")
+    args = [f"{option}={source.get('path', 'PATH')}", f"gallery={gallery}", f"out={folder}", "overwrite=true"]
+    return f"rebuild the index: python scripts/build_index.py {shlex.join(args)}"
+
+
+def _no_index_message(folder: Path) -> str:
+    """Why ``folder`` holds no index: it does not exist, holds something else, or holds an unfinished build."""
+    if not folder.is_dir():
+        state = "nothing is there" if not folder.exists() else "it is a file"
+        return f"index={folder} is not a folder ({state}); build an index with scripts/build_index.py"
+    leftovers = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name == SHARDS_NAME or TEMP_FILE.match(p.name) or p.match("vectors-*.faiss") or p.match("embeddings-*.npy")
+    )
+    if leftovers:
+        return (
+            f"index={folder} has no {METADATA_NAME} (no finished index): a build was interrupted and left "
+            f"{', '.join(leftovers[:3])}; run scripts/build_index.py with out={folder} again"
+        )
+    return f"index={folder} has no {METADATA_NAME} (no finished index); build one with scripts/build_index.py"
+
+
+def remove_orphaned_temp_files(folder: Path) -> list[str]:
+    """Deletes the temporary files that writers killed while saving into ``folder`` left behind.
+
+    A temporary file names the process that writes it; those of live processes (another save in progress) are
+    kept. Returns the names removed.
+    """
+    removed = []
+    for path in folder.iterdir():
+        match = TEMP_FILE.match(path.name)
+        if match and not _process_is_alive(int(match.group(2))):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    if removed:
+        log.info("Removed %d temporary files of interrupted saves from %s", len(removed), folder)
+    return removed
+
+
+def _process_is_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def model_identity(embedder: Embedder) -> dict[str, Any]:

@@ -1,0 +1,295 @@
+"""Index faults: an index searched with another model, damaged index files, and SIGKILL while an index is built.
+
+Each is refused with one line that names the index (and the file) and gives the command that fixes it; the index
+on disk is left as it was, and following the printed command works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metricsearch.search.cli import main_build_index, main_search
+from metricsearch.search.errors import IndexLoadError, IndexMismatchError
+from metricsearch.search.index import METADATA_NAME, SHARDS_NAME, GalleryIndex
+from metricsearch.search.server import create_app
+from tests.conftest import REPO_ROOT
+from tests.faults.snapshots import snapshot
+from tests.search_fixtures import TinySearchSetup, copy_index, tiny_search_setup
+
+QUERY = "005/001.jpg"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return tiny_search_setup(tmp_path_factory.getbasetemp() / "search")
+
+
+def error_line(capsys) -> str:
+    """What a command printed on stderr, checked to be one error line without a traceback."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def follow_rebuild_hint(message: str) -> int:
+    """Runs the ``python scripts/build_index.py ...`` command that an error message gives, in-process."""
+    match = re.search(r"python scripts/build_index\.py (\S+ gallery=\S+ out=\S+ overwrite=true)", message)
+    assert match, f"no rebuild command in: {message}"
+    return main_build_index([*shlex.split(match.group(1)), "num_workers=0"])
+
+
+def ranked(index: GalleryIndex) -> tuple[np.ndarray, np.ndarray]:
+    """Every gallery image's top 5 (positions and scores), the index's complete behaviour on its own images."""
+    hits = index.search(index.embeddings, k=5)
+    return np.array([[h.position for h in q] for q in hits]), np.array([[h.score for h in q] for q in hits])
+
+
+def search_top(index_dir: Path, setup: TinySearchSetup, capsys, *extra: str) -> str:
+    """The top result of searching ``QUERY`` with ``main_search`` (which must succeed)."""
+    capsys.readouterr()  # what earlier commands printed
+    assert (
+        main_search([f"index={index_dir}", f"query={setup.gallery / QUERY}", "k=3", "grid=none", "--json", *extra]) == 0
+    )
+    return json.loads(capsys.readouterr().out)["results"][0]["path"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An index from another model
+
+
+def test_an_index_searched_with_another_model_is_refused_and_the_fix_works(tiny, tmp_path, capsys):
+    folder = copy_index(tiny, tmp_path / "index")
+    before = snapshot(folder)
+    query = tiny.gallery / QUERY
+    assert main_search([f"index={folder}", f"query={query}", f"ckpt={tiny.other_ckpt}", "grid=none"]) == 2
+    err = error_line(capsys)
+    assert f"index={folder}: this index was built by another model" in err
+    assert str(tiny.ckpt) in err and str(tiny.other_ckpt) in err
+    assert f"python scripts/build_index.py ckpt={tiny.other_ckpt} gallery={tiny.gallery} out={folder}" in err
+    # Growing it with the other model is refused the same way, before anything is embedded or written.
+    assert main_build_index([f"out={folder}", "add=true", f"ckpt={tiny.other_ckpt}", "num_workers=0"]) == 2
+    assert "built by another model" in error_line(capsys)
+    with pytest.raises(IndexMismatchError, match="built by another model"):
+        create_app(folder, ckpt=tiny.other_ckpt)
+    assert snapshot(folder) == before
+    assert search_top(folder, tiny, capsys) == QUERY  # still searchable with its own model
+
+    assert follow_rebuild_hint(err) == 0
+    capsys.readouterr()
+    assert search_top(folder, tiny, capsys, f"ckpt={tiny.other_ckpt}") == QUERY
+    assert main_search([f"index={folder}", f"query={query}", f"ckpt={tiny.ckpt}", "grid=none"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Damaged index files
+
+
+def _data_file(folder: Path, kind: str) -> Path:
+    meta = json.loads((folder / METADATA_NAME).read_text())
+    return folder / meta[f"{kind}_file"]
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) * 3 // 4] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("kind", "damage", "reason"),
+    [
+        ("vectors", _truncate, r"it is [\d,]+ bytes, but [\d,]+ were written \(truncated\)"),
+        ("embeddings", _truncate, r"it is [\d,]+ bytes, but [\d,]+ were written \(truncated\)"),
+        ("embeddings", _flip_a_byte, r"its content differs from what was written \(SHA-256 mismatch"),
+        ("vectors", Path.unlink, r"it is missing, although metadata\.json names it"),
+    ],
+    ids=["vectors-truncated", "embeddings-truncated", "embeddings-corrupted", "vectors-missing"],
+)
+def test_a_damaged_index_file_is_named_with_the_command_that_rebuilds_it(kind, damage, reason, tiny, tmp_path, capsys):
+    folder = copy_index(tiny, tmp_path / "index")
+    damaged = _data_file(folder, kind)
+    damage(damaged)
+    before = snapshot(folder)
+    message = rf"index={re.escape(str(folder))}: the data file {re.escape(damaged.name)} cannot be used: {reason}"
+    with pytest.raises(IndexLoadError, match=message) as info:
+        GalleryIndex.load(folder)
+    rebuild = f"python scripts/build_index.py ckpt={tiny.ckpt} gallery={tiny.gallery} out={folder} overwrite=true"
+    assert rebuild in str(info.value)
+    # The same one line from every tool that opens an index.
+    assert main_search([f"index={folder}", f"query={tiny.gallery / QUERY}", "grid=none"]) == 2
+    assert re.search(message, error_line(capsys))
+    with pytest.raises(IndexLoadError, match=message):
+        create_app(folder)
+    assert snapshot(folder) == before, "opening a damaged index changed it"
+
+
+def test_a_truncated_index_file_of_an_index_without_checksums_is_still_named(tiny, tmp_path):
+    """Indexes saved before sizes and checksums were recorded: faiss's own error, wrapped with the file and the fix."""
+    folder = copy_index(tiny, tmp_path / "index")
+    meta = json.loads((folder / METADATA_NAME).read_text())
+    del meta["files"]
+    (folder / METADATA_NAME).write_text(json.dumps(meta))
+    _truncate(folder / meta["vectors_file"])
+    with pytest.raises(
+        IndexLoadError, match=rf"the data file {meta['vectors_file']} cannot be used: faiss cannot read"
+    ):
+        GalleryIndex.load(folder)
+
+
+def test_following_the_rebuild_command_repairs_a_truncated_index(tiny, tmp_path):
+    folder = copy_index(tiny, tmp_path / "index")
+    _truncate(_data_file(folder, "vectors"))
+    with pytest.raises(IndexLoadError) as info:
+        GalleryIndex.load(folder)
+    assert follow_rebuild_hint(str(info.value)) == 0
+    repaired, original = GalleryIndex.load(folder), GalleryIndex.load(tiny.index_dir)
+    assert repaired.paths == original.paths
+    np.testing.assert_allclose(repaired.embeddings, original.embeddings, atol=1e-6)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [METADATA_NAME, _data_file(folder, "vectors").name, _data_file(folder, "embeddings").name]
+    )
+
+
+def test_temp_files_of_a_save_killed_midway_are_never_read_and_are_cleared_by_the_next_save(tiny, tmp_path):
+    folder = copy_index(tiny, tmp_path / "index")
+    before = snapshot(folder)
+    # A real writer killed inside atomic_path, half-way through a data file: the temporary file stays behind.
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, sys\n"
+            "from metricsearch.data.io import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n"
+            "    tmp.write_bytes(b'half a faiss index')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n",
+            str(folder / "vectors-20990101T000000-deadbeef.faiss"),
+        ],
+        cwd=REPO_ROOT,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    (orphan,) = (p for p in folder.iterdir() if p.name not in before)
+    assert orphan.name.startswith(".vectors-") and ".tmp-" in orphan.name
+    index = GalleryIndex.load(folder)
+    assert len(index) == 96
+    index.save(folder)
+    assert not orphan.exists()
+    assert len(GalleryIndex.load(folder)) == 96
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SIGKILL while building an index
+
+
+def big_gallery(setup: TinySearchSetup, root: Path, copies: int = 10) -> Path:
+    """``copies`` hard-linked copies of the tiny gallery (960 images): seconds of embedding, no disk space."""
+    for copy in range(copies):
+        for image in setup.gallery.rglob("*.jpg"):
+            target = root / f"r{copy:02d}" / image.parent.name / image.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(image, target)
+    return root
+
+
+def build_then_kill_while_embedding(setup: TinySearchSetup, gallery: Path, out: Path, log: Path, *extra: str) -> str:
+    """Starts scripts/build_index.py, waits for its first progress line, SIGKILLs it; returns that line.
+
+    The first line comes after the first batch, and 960 images at 8 per batch leave 119 batches to go: even an idle
+    machine is still embedding when the signal lands (checked, not assumed).
+    """
+    command = [
+        sys.executable,
+        "scripts/build_index.py",
+        f"ckpt={setup.ckpt}",
+        f"gallery={gallery}",
+        f"out={out}",
+        "num_workers=0",
+        "batch_size=8",
+        *extra,
+    ]
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT)
+    progress = re.compile(r"Embedded (\d+)/(\d+) batches")
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            found = progress.search(log.read_text(errors="replace"))
+            if found:
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    text = log.read_text(errors="replace")
+    assert process.returncode == -signal.SIGKILL, f"the build ended by itself ({process.returncode}): {text[-2000:]}"
+    assert found and int(found.group(1)) < int(found.group(2)), "killed after the embedding had finished"
+    assert not re.search(r"index .*: \d+ images \(", text), "the build finished before the kill"
+    return found.group(0)
+
+
+def test_sigkill_while_rebuilding_keeps_the_previous_index(tiny, tmp_path, capsys):
+    folder = copy_index(tiny, tmp_path / "index")
+    before = snapshot(folder)
+    previous = GalleryIndex.load(folder)
+    positions, scores = ranked(previous)
+
+    gallery = big_gallery(tiny, tmp_path / "big")
+    build_then_kill_while_embedding(tiny, gallery, folder, tmp_path / "build.log", "overwrite=true")
+
+    left = snapshot(folder)
+    assert {name: digest for name, digest in left.items() if name in before} == before, "the previous index changed"
+    assert set(left) - set(before) <= {SHARDS_NAME}, f"partial files were left: {set(left) - set(before)}"
+    survivor = GalleryIndex.load(folder)
+    assert survivor.paths == previous.paths
+    survivor_positions, survivor_scores = ranked(survivor)
+    np.testing.assert_array_equal(survivor_positions, positions)
+    np.testing.assert_array_equal(survivor_scores, scores)
+    assert search_top(folder, tiny, capsys) == QUERY
+
+    # Building again afterwards works and leaves nothing of the killed build behind.
+    assert (
+        main_build_index(
+            [f"ckpt={tiny.ckpt}", f"gallery={tiny.gallery}", f"out={folder}", "overwrite=true", "num_workers=0"]
+        )
+        == 0
+    )
+    rebuilt = GalleryIndex.load(folder)
+    np.testing.assert_allclose(rebuilt.embeddings, previous.embeddings, atol=1e-6)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [METADATA_NAME, _data_file(folder, "vectors").name, _data_file(folder, "embeddings").name]
+    )
+
+
+def test_sigkill_during_the_first_build_leaves_a_folder_that_says_it_is_unfinished(tiny, tmp_path, capsys):
+    folder = tmp_path / "index"
+    gallery = big_gallery(tiny, tmp_path / "big")
+    build_then_kill_while_embedding(tiny, gallery, folder, tmp_path / "build.log")
+
+    unfinished = rf"index={re.escape(str(folder))} has no metadata\.json \(no finished index\): a build was interrupted"
+    with pytest.raises(IndexLoadError, match=unfinished):
+        GalleryIndex.load(folder)
+    assert main_search([f"index={folder}", f"query={tiny.gallery / QUERY}", "grid=none"]) == 2
+    assert re.search(unfinished, error_line(capsys))
+    # Building into it again works: the remains neither block the build nor leak into the new index.
+    assert main_build_index([f"ckpt={tiny.ckpt}", f"gallery={tiny.gallery}", f"out={folder}", "num_workers=0"]) == 0
+    index = GalleryIndex.load(folder)
+    assert len(index) == 96 and not (folder / SHARDS_NAME).exists()
+    assert search_top(folder, tiny, capsys) == QUERY

@@ -1,0 +1,99 @@
+"""Server faults: bad uploads over real HTTP are refused with a message and cost nothing, and a short load test
+(many concurrent clients for a fixed time) gets only correct answers.
+
+The app, its limits and the upload helper are the HTTP tests' own (``tests/search_fixtures.py``); here they run
+behind a real uvicorn server, and each refusal is followed by a search that must get the answer it got before.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from metricsearch.search.cli import main_load_test
+from metricsearch.search.loadtest import LoadTestError, LoadTestSettings
+from tests.faults.snapshots import snapshot
+from tests.search_fixtures import UPLOAD_LIMIT, BackgroundServer, build_limited_app, encode, tiny_search_setup, upload
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return tiny_search_setup(tmp_path_factory.getbasetemp() / "search")
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    with BackgroundServer(build_limited_app(tiny)) as server:
+        yield server
+
+
+def _noise_png(side: int) -> bytes:
+    """A PNG of random pixels: incompressible, so its size is about 3 * side**2 bytes."""
+    return encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)))
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "status", "message"),
+    [
+        ("report.pdf", lambda _: b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n", 415, "is not an image"),
+        ("photo.jpg", lambda _: b"plain text saved with a .jpg name\n" * 20, 415, "is not an image"),
+        ("garbage.jpg", lambda _: b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8, 415, "is not an image"),
+        ("half.jpg", lambda image: image[: len(image) // 2], 400, "corrupt or truncated"),
+        ("huge.png", lambda _: _noise_png(400), 413, "larger than the"),
+    ],
+    ids=["pdf", "text-named-jpg", "garbage-jpeg", "truncated-jpeg", "oversized"],
+)
+def test_a_bad_upload_is_refused_and_the_server_answers_as_before(name, make, status, message, tiny, server):
+    before = snapshot(tiny.index_dir)
+    image = (tiny.gallery / "004" / "004.jpg").read_bytes()
+    data = make(image)
+    if status == 413:
+        assert len(data) > UPLOAD_LIMIT
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        expected = upload(http, image, k="5").json()["results"]
+        refused = upload(http, data, name, k="5")
+        assert refused.status_code == status, refused.text
+        assert message in refused.json()["detail"]
+        # The same connection, then a new one: the server is unharmed and answers exactly as before.
+        assert upload(http, image, k="5").json()["results"] == expected
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert upload(http, image, k="5").json()["results"] == expected
+    assert snapshot(tiny.index_dir) == before
+
+
+def test_a_short_load_test_gets_only_correct_answers(server, tmp_path, capsys):
+    out = tmp_path / "load.json"
+    assert main_load_test([f"url={server.url}", "clients=3", "duration=2", "queries=8", f"out={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"load test: 3 clients x 2 s against {server.url} (96 images, flat index)")
+    for field in ("requests", "errors 0", "req/s", "p50", "p99"):
+        assert field in printed
+    report = json.loads(out.read_text())
+    assert report["requests"] > 0 and report["errors"] == 0 and report["error_kinds"] == {}
+    assert set(report["by_kind"]) == {"upload", "path"}
+    assert sum(part["requests"] for part in report["by_kind"].values()) == report["requests"]
+    assert set(report["latency_ms"]) == {"p50", "p90", "p99", "max", "mean"}
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"clients": 1000}, "clients=1000 must be between 1 and 256"),
+        ({"duration_s": 3600}, "at most 600 s"),
+        ({"duration_s": 0}, "must be more than 0"),
+        ({"mode": "both"}, "mode='both' is not one of upload, path, mixed"),
+    ],
+)
+def test_the_load_test_is_bounded(settings, message):
+    with pytest.raises(LoadTestError, match=message):
+        LoadTestSettings(**settings)
+
+
+def test_the_load_test_needs_one_target(capsys):
+    assert main_load_test(["clients=2"]) == 2
+    assert "exactly one of index= (start a server) or url=" in capsys.readouterr().err
