@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 SUDO := $(shell test "$$(id -u)" -eq 0 || echo sudo)
 
-.PHONY: help install train test test-all check-data prepare-data chromium demo serve bench-search lint format clean reproduce
+.PHONY: help install train test test-all check-data prepare-data chromium demo serve load-test bench-search lint format clean reproduce
 
 # `make reproduce`: DATASETS adds real datasets (cub,cars196,sop; only those on disk) to the built-in synthetic
 # data; LOSSES, SEEDS and EPOCHS replace the grid's defaults; EXTRA is passed to every run as Hydra overrides.
@@ -51,6 +51,9 @@ demo: install ## Train (or reuse) a short default run, index its unseen test cla
 
 serve: install ## Serve the demo index's search page at http://127.0.0.1:8000/
 	$(PY) scripts/serve.py index=outputs/demo/index $(ARGS)
+
+load-test: install ## Load-test the demo index's search server on loopback (16 clients x 20 s; ARGS="clients=64 duration=60")
+	$(PY) scripts/load_test.py index=outputs/demo/index $(ARGS)
 
 bench-search: install ## Benchmark exact vs IVF vs HNSW search on a 100k synthetic gallery
 	$(PY) scripts/bench_search.py $(ARGS)
