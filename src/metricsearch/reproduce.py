@@ -60,8 +60,8 @@ DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_DATASETS = ("synthetic",)
 # Datasets that need nothing on disk: generated (synthetic) or shipped with a package (digits).
 BUILTIN_DATASETS = ("synthetic", "digits")
-# A little shorter than `python train.py` (10 epochs): 8 epochs keep a cell near 2.5 minutes on two idle cores,
-# so the default 7 losses x 3 seeds finish in about an hour.
+# A little shorter than `python train.py` (10 epochs): 8 epochs keep a cell near 2.5-3 minutes on two idle cores,
+# so the default 7 losses x 3 seeds finish in about an hour (79 minutes measured, partly under load).
 DEFAULT_SYNTHETIC_EPOCHS = 8
 # Settings every cell of a dataset needs, whatever the grid (the data configs explain why).
 DATASET_OVERRIDES: dict[str, list[str]] = {"sop": ["sampler.m=2"]}
