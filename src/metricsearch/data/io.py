@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import warnings
@@ -88,6 +89,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).convert("RGB")
     # CMYK, YCbCr, 1-bit and palette images; a mode PIL cannot convert raises ValueError, reported by the caller.
     return img.convert("RGB")
+
+
+# The temporary name atomic_path writes under: ".<stem>.tmp-<pid>-<hex><suffix>" beside the final file.
+_TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+(?P<suffix>(\.[^.]+)?)$")
+
+
+def temp_file_target(path: str | os.PathLike[str]) -> tuple[str, int] | None:
+    """For a temporary file of :func:`atomic_path`: the name of the file it would replace and the writer's pid.
+
+    None for any other file. Lets a folder's owner recognise (and clean up) what a killed writer left behind.
+    """
+    match = _TEMP_NAME.match(Path(path).name)
+    if match is None:
+        return None
+    return match["stem"] + match["suffix"], int(match["pid"])
 
 
 @contextlib.contextmanager

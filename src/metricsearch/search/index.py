@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import secrets
 import shlex
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from metricsearch.data.io import atomic_path, atomic_write_text
+from metricsearch.data.io import atomic_path, atomic_write_text, temp_file_target
 from metricsearch.search.embedder import Embedder, file_sha256
 from metricsearch.search.errors import IndexLoadError, IndexMismatchError, SearchError
 
@@ -52,9 +51,8 @@ INDEX_KINDS = ("flat", "ivf", "hnsw")
 # faiss warns below ~39 training points per IVF list; fewer lists than that would train badly.
 MIN_POINTS_PER_LIST = 39
 # What a build leaves in the folder besides the index: the embedding shards (metricsearch.search.embedding) and
-# the temporary files of atomic writes (metricsearch.data.io.atomic_path), named ``.<stem>.tmp-<pid>-<hex><suffix>``.
+# the temporary files of atomic writes (metricsearch.data.io.atomic_path) of the data files and the metadata.
 SHARDS_NAME = ".embedding-shards"
-TEMP_FILE = re.compile(r"^\.(vectors-.+|embeddings-.+|metadata)\.tmp-(\d+)-[0-9a-f]+\.(faiss|npy|json)$")
 # Which build_index option names each kind of model source.
 SOURCE_OPTIONS = {"checkpoint": "ckpt", "onnx": "model", "backbone": "backbone"}
 
@@ -446,7 +444,7 @@ def _no_index_message(folder: Path) -> str:
     leftovers = sorted(
         p.name
         for p in folder.iterdir()
-        if p.name == SHARDS_NAME or TEMP_FILE.match(p.name) or p.match("vectors-*.faiss") or p.match("embeddings-*.npy")
+        if p.name == SHARDS_NAME or _temp_file_writer(p) is not None or _is_data_file_name(p.name)
     )
     if leftovers:
         return (
@@ -464,13 +462,27 @@ def remove_orphaned_temp_files(folder: Path) -> list[str]:
     """
     removed = []
     for path in folder.iterdir():
-        match = TEMP_FILE.match(path.name)
-        if match and not _process_is_alive(int(match.group(2))):
+        writer = _temp_file_writer(path)
+        if writer is not None and not _process_is_alive(writer):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     if removed:
         log.info("Removed %d temporary files of interrupted saves from %s", len(removed), folder)
     return removed
+
+
+def _is_data_file_name(name: str) -> bool:
+    return (name.startswith("vectors-") and name.endswith(".faiss")) or (
+        name.startswith("embeddings-") and name.endswith(".npy")
+    )
+
+
+def _temp_file_writer(path: Path) -> int | None:
+    """The pid of the writer of ``path`` if it is a temporary file of this index's data files or metadata."""
+    target = temp_file_target(path)
+    if target is None or not (target[0] == METADATA_NAME or _is_data_file_name(target[0])):
+        return None
+    return target[1]
 
 
 def _process_is_alive(pid: int) -> bool:
