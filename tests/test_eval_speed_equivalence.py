@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from metricsearch.metrics import calc_retrieval_metrics
-from metricsearch.metrics.positive_ranks import numba_available, rank_positives
+from metricsearch.metrics.positive_ranks import numba_available, rank_positives, screen_keys, screen_margin
 from tests.test_metrics import assert_metrics_equal, make_clustered_data, normalize, reference_metrics
 
 KS = (1, 2, 4, 8, 16, 1000)
-PATHS = [None, "cpu"]  # None: the numba kernel; "cpu": the torch implementation that runs on GPUs
+# The numba kernel with each screen, and the torch implementation that runs on GPUs (here on the CPU).
+PATHS = [{"screen": "float32"}, {"screen": "bfloat16"}, {"device": "cpu"}]
+PATH_IDS = ["kernel-float32", "kernel-bfloat16", "torch"]
 
 
 def reference_first_hit_and_ranks(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
@@ -34,21 +36,21 @@ def reference_first_hit_and_ranks(x: np.ndarray, labels: np.ndarray) -> tuple[np
     return np.array(first), ranks
 
 
-@pytest.mark.parametrize("device", PATHS)
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_the_reference(seed, device):
+def test_matches_the_reference(seed, path):
     x, labels = make_clustered_data(seed, num_classes=80)
-    actual = calc_retrieval_metrics(x, labels, recall_at_k=KS, compute_nmi=False, device=device)
+    actual = calc_retrieval_metrics(x, labels, recall_at_k=KS, compute_nmi=False, **path)
     assert_metrics_equal(actual, reference_metrics(x, labels, KS))
 
 
-@pytest.mark.parametrize("device", PATHS)
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("block_size", [1, 5, 64, None])
-def test_block_size_does_not_change_the_counts(block_size, device):
+def test_block_size_does_not_change_the_counts(block_size, path):
     x, labels = make_clustered_data(7, num_classes=50)
     expected_first, expected_ranks = reference_first_hit_and_ranks(x, labels)
-    ranks = rank_positives(x, labels, max_k=len(x), block_size=block_size, device=device)
-    assert_ranks_match(ranks, expected_first, expected_ranks, every_rank=device is not None)
+    ranks = rank_positives(x, labels, max_k=len(x), block_size=block_size, **path)
+    assert_ranks_match(ranks, expected_first, expected_ranks, every_rank="device" in path)
 
 
 def assert_ranks_match(ranks, expected_first, expected_ranks, every_rank: bool) -> None:
@@ -66,14 +68,15 @@ def assert_ranks_match(ranks, expected_first, expected_ranks, every_rank: bool) 
             np.testing.assert_array_equal(positive_ranks[query, :r][expected <= r], expected[expected <= r])
 
 
-def test_pruning_keeps_every_deciding_count_exact():
+@pytest.mark.parametrize("screen", ["float32", "bfloat16"])
+def test_pruning_keeps_every_deciding_count_exact(screen):
     # Untrained-like embeddings (random): first hits far down the list, so pruning removes most of the work.
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 150, size=600)
     x = normalize(rng.normal(size=(600, 8)))
     exact = rank_positives(x, labels, max_k=len(x), device="cpu")
     for max_k in (1, 4, 50):
-        pruned = rank_positives(x, labels, max_k=max_k, block_size=37)
+        pruned = rank_positives(x, labels, max_k=max_k, block_size=37, screen=screen)
         first = exact.first_hit_rank
         np.testing.assert_array_equal(np.minimum(pruned.first_hit_rank, max_k), np.minimum(first, max_k))
         inside, ranks = pruned.positives_within_r()
@@ -82,8 +85,8 @@ def test_pruning_keeps_every_deciding_count_exact():
         np.testing.assert_array_equal(ranks[inside], ranks_exact[inside_exact])
 
 
-@pytest.mark.parametrize("device", PATHS)
-def test_exact_ties_between_positives_and_negatives_follow_the_index(device):
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_exact_ties_between_positives_and_negatives_follow_the_index(path):
     # Items 3 and 4 are exact copies of query 0's classmates 1 and 2 filed under other classes, and item 5 is a
     # copy of query 0 itself. Equal scores are ordered by index, so here each positive comes before its copy.
     e = np.eye(4, dtype=np.float32)
@@ -92,25 +95,103 @@ def test_exact_ties_between_positives_and_negatives_follow_the_index(device):
     x = np.stack([e[0], a, b, a, b, e[0], e[3], e[3]])
     labels = np.array([0, 0, 0, 1, 2, 3, 4, 4])
     expected_first, expected_ranks = reference_first_hit_and_ranks(x, labels)
-    ranks = rank_positives(x, labels, max_k=len(x), device=device)
-    assert_ranks_match(ranks, expected_first, expected_ranks, every_rank=device is not None)
+    ranks = rank_positives(x, labels, max_k=len(x), **path)
+    assert_ranks_match(ranks, expected_first, expected_ranks, every_rank="device" in path)
     # Moving the duplicates in front of their classmates in index order turns the ties the other way.
     permutation = [3, 4, 5, 0, 1, 2, 6, 7]
     xp, lp = x[permutation], labels[permutation]
     expected_first, expected_ranks = reference_first_hit_and_ranks(xp, lp)
-    ranks = rank_positives(xp, lp, max_k=len(x), device=device)
-    assert_ranks_match(ranks, expected_first, expected_ranks, every_rank=device is not None)
+    ranks = rank_positives(xp, lp, max_k=len(x), **path)
+    assert_ranks_match(ranks, expected_first, expected_ranks, every_rank="device" in path)
 
 
-def test_kernel_and_torch_paths_agree_on_many_duplicates():
+@pytest.mark.parametrize("screen", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dim", [6, 96])  # 96: the vectorised body of the exact score, not only its remainder
+def test_kernel_and_torch_paths_agree_on_many_duplicates(screen, dim):
     rng = np.random.default_rng(0)
-    base = normalize(rng.normal(size=(40, 6)))
+    base = normalize(rng.normal(size=(40, dim)))
     x = np.concatenate([base, base, base[:20]])
     labels = rng.integers(0, 25, size=len(x))
-    kernel = calc_retrieval_metrics(x, labels, recall_at_k=(1, 3, 10), compute_nmi=False, chunk_size=16)
-    torch_path = calc_retrieval_metrics(x, labels, recall_at_k=(1, 3, 10), compute_nmi=False, device="cpu")
+    ks = (1, 3, 10)
+    kernel = calc_retrieval_metrics(x, labels, recall_at_k=ks, compute_nmi=False, chunk_size=16, screen=screen)
+    torch_path = calc_retrieval_metrics(x, labels, recall_at_k=ks, compute_nmi=False, device="cpu")
     assert kernel == torch_path
-    assert_metrics_equal(kernel, reference_metrics(x, labels, (1, 3, 10)))
+    assert_metrics_equal(kernel, reference_metrics(x, labels, ks))
+
+
+def test_bfloat16_screen_ranks_scores_finer_than_bfloat16_can_tell_apart():
+    # Query 0 sees all the others at cosines spread over [0.5, 0.51], 2e-5 apart: bfloat16 (steps of 2^-8 near
+    # 0.5) cannot order them, so every deciding pair must be rescored exactly.
+    rng = np.random.default_rng(5)
+    num_items, dim = 500, 64
+    cosines = rng.permutation(np.linspace(0.5, 0.51, num_items - 1))
+    directions = rng.normal(size=(num_items - 1, dim - 1))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    others = np.concatenate([cosines[:, None], np.sqrt(1 - cosines[:, None] ** 2) * directions], axis=1)
+    x = normalize(np.concatenate([np.eye(1, dim), others]))
+    labels = np.concatenate([[0], rng.integers(0, 60, size=num_items - 1)])
+    expected_first, expected_ranks = reference_first_hit_and_ranks(x, labels)
+    for max_k in (len(x), 5):
+        screened = rank_positives(x, labels, max_k=max_k, screen="bfloat16", block_size=128)
+        plain = rank_positives(x, labels, max_k=max_k, screen="float32", block_size=128)
+        if max_k == len(x):
+            assert_ranks_match(screened, expected_first, expected_ranks, every_rank=False)
+        first_screened, first_plain = screened.first_hit_rank, plain.first_hit_rank
+        np.testing.assert_array_equal(np.minimum(first_screened, max_k), np.minimum(first_plain, max_k))
+        inside, ranks = screened.positives_within_r()
+        inside_plain, ranks_plain = plain.positives_within_r()
+        np.testing.assert_array_equal(inside, inside_plain)
+        np.testing.assert_array_equal(ranks[inside], ranks_plain[inside_plain])
+
+
+@pytest.mark.parametrize("norm", [1.0, 3.0])
+def test_screen_margin_bounds_the_bfloat16_product_error(norm):
+    # Random directions, and coordinates that all round the same way (the worst case of the bound's derivation).
+    rng = np.random.default_rng(0)
+    dim = 512
+    random_rows = normalize(rng.normal(size=(300, dim)))
+    worst = np.full((2, dim), 1 + 2.0**-9, dtype=np.float32)  # rounds down to 1.0 in bfloat16: relative 2^-9
+    worst[1, ::2] = 1 + 3 * 2.0**-9  # rounds up to 1 + 2^-7
+    x = norm * np.concatenate([random_rows, normalize(worst)]).astype(np.float32)
+    margin = screen_margin("bfloat16", x)
+    xb = torch.from_numpy(x).to(torch.bfloat16)
+    approx = (xb @ xb.T).float().numpy().astype(np.float64)
+    exact = x.astype(np.float64) @ x.astype(np.float64).T
+    error = np.abs(approx - exact)
+    assert error.max() <= margin
+    assert error.max() > margin / 20  # the bound is not vacuous: a worst-case pair comes near it
+    assert screen_margin("float32", x) < 1e-4 * norm**2
+
+
+def test_screen_keys_admit_every_bfloat16_score_that_may_reach_the_limit():
+    # Every finite bfloat16 value, against limits of both signs, zero and infinity (a finished query).
+    bits = np.arange(-(2**15), 2**15, dtype=np.int32).astype(np.int16)
+    values = torch.from_numpy(bits).view(torch.bfloat16).float().numpy()
+    finite = np.isfinite(values)
+    bits, values = bits[finite], values[finite]
+    keys = bits.astype(np.int32) ^ ((bits.astype(np.int32) >> 15) & 0x7FFF)
+    limits = np.array([0.5, 0.123456, 1e-3, 0.0, -0.0, -1e-3, -0.3, -0.987, 2.5, np.inf], dtype=np.float32)
+    margin = 0.01
+    limit_keys = screen_keys(limits, margin, "bfloat16")
+    for limit, limit_key in zip(limits, limit_keys, strict=True):
+        admitted = keys >= limit_key
+        low = np.float64(limit) - margin
+        assert admitted[values >= low].all(), limit
+        if np.isfinite(limit):  # and no more than two bfloat16 steps (2^-7 relative) below the lowered limit
+            assert not admitted[values < low - 2 * 2.0**-7 * abs(low)].any(), limit
+        else:
+            assert not admitted.any()  # a finished query
+    # The float32 screen compares scores as they are.
+    float_keys = screen_keys(limits, 0.0, "float32")
+    finite = np.isfinite(limits)
+    assert (float_keys[finite] < limits[finite]).all() and (float_keys[finite] > limits[finite] - 1e-6).all()
+    assert np.isposinf(float_keys[~finite]).all()
+
+
+def test_unknown_screen_is_refused():
+    x, labels = make_clustered_data(0, num_classes=5)
+    with pytest.raises(ValueError, match="screen must be one of"):
+        rank_positives(x, labels, max_k=4, screen="int8")
 
 
 def test_the_cpu_kernel_is_used():

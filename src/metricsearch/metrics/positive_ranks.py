@@ -20,20 +20,30 @@ Memory is O(N * R_max) for the state plus one block of scores, instead of the O(
 search or the O(N^2) matrix (phase 1 also holds the Gram matrix of the largest class: a dataset with a class of
 n images needs n^2 floats there, as a k-NN search would need k >= n - 1 neighbours per query).
 
+On the CPU the block product only *screens* the pairs: a negative matters to a query only if it scores above the
+lowest of the query's positives that can still change a metric, and almost none do. The product runs in bfloat16
+where the CPU has native support (4-5x the float32 speed on AVX512-BF16), else in float32; every pair that may
+lie within the product's worst-case rounding error (:func:`screen_margin`) of a query's threshold is rescored by
+:func:`exact_score`, a fixed float32 inner product that phase 1 uses as well. Only the exact scores decide, so
+the result does not depend on the screen, and exact copies of an item tie exactly (BLAS may round the same
+product differently at different places of a matrix).
+
 Neighbours of exactly equal score are ordered by increasing index (the rule of
 :func:`metricsearch.metrics.retrieval.find_neighbors`), so duplicates of the query's classmates in other classes
 are ranked reproducibly.
 
-Two implementations of phase 2 give the same counts: a numba kernel for the CPU, which skips every negative
-scored below the lowest positive that can still matter (the common case, and a row is skipped entirely once its
-first hit is beyond every K and no positive can enter its top R), and a vectorised torch version for GPUs, where
-brute force is faster than branching.
+Two implementations of phase 2 give the same counts: the numba kernel for the CPU, which skips every negative
+scored below the lowest positive that can still matter (a row is skipped entirely once its first hit is beyond
+every K and no positive can enter its top R), and a vectorised torch version for GPUs, where brute force in
+float32 is faster than branching.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +54,7 @@ try:  # numba ships with umap-learn; without it the torch implementation runs on
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ["PositiveRanks", "rank_positives", "numba_available"]
+__all__ = ["PositiveRanks", "SCREENS", "numba_available", "rank_positives"]
 
 # Rows (and at least the columns) of a block of the similarity matrix: 4096^2 float32 scores take 64 MB on the CPU;
 # on a GPU 8192^2 scores and their int64 keys take ~2 GB, and larger blocks keep it busy.
@@ -52,6 +62,9 @@ CPU_BLOCK_SIZE = 4096
 CUDA_BLOCK_SIZE = 8192
 # Upper bound of the batched per-class Gram matrices of phase 1 (number of float32 scores held at once).
 GRAM_BUDGET = 1 << 24
+# Precisions of the CPU's screening product; "auto" takes bfloat16 where it is measured faster than float32.
+SCREENS = ("auto", "bfloat16", "float32")
+SCREEN_ROUNDOFF = {"bfloat16": 2.0**-8, "float32": 0.0}  # unit roundoff of the screen's inputs
 
 
 def numba_available() -> bool:
@@ -102,6 +115,7 @@ def rank_positives(
     *,
     block_size: int | None = None,
     device: str | torch.device | None = None,
+    screen: str = "auto",
 ) -> PositiveRanks:
     """Counts, for every query of a query = gallery set, the negatives ranked before each of its positives.
 
@@ -114,21 +128,30 @@ def rank_positives(
             CPU, blocks span at least 4096 columns, so that thin blocks do not cost a kernel call per few scores.
         device: None for the CPU (numba kernel); a torch device (e.g. ``"cuda"``) to run phase 2 with torch
             there, which also works on ``"cpu"`` (it is what the tests check the GPU code with).
+        screen: Precision of the CPU kernel's screening product (one of :data:`SCREENS`). Only which pairs get an
+            exact score depends on it, never the result.
 
     Returns:
         The per-query counts; see :class:`PositiveRanks`.
     """
+    if screen not in SCREENS:
+        raise ValueError(f"screen must be one of {SCREENS}, got {screen!r}")
     classes = np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
-    num_relevant, pos_scores, pos_index = _sorted_positive_scores(embeddings, classes)
-    num_items, max_r = pos_scores.shape
-    if max_r == 0:
-        return PositiveRanks(num_relevant, np.zeros((num_items, 0), dtype=np.int64))
     use_numba = device is None and numba is not None
     if device is None and not use_numba:
         device = "cpu"
+    # NOTE: the scores that decide must all come from one computation, so that exact copies of an item tie
+    # exactly: BLAS gives copies different roundings in different places of a product (edge tiles), so the kernel
+    # rescores with exact_score, which phase 1 uses too.
+    gram = _group_gram if use_numba else _matmul_group_gram
+    num_relevant, pos_scores, pos_index = _sorted_positive_scores(embeddings, classes, gram)
+    num_items, max_r = pos_scores.shape
+    if max_r == 0:
+        return PositiveRanks(num_relevant, np.zeros((num_items, 0), dtype=np.int64))
     if use_numba:
         size = block_size or CPU_BLOCK_SIZE
-        counts = _count_with_numba(embeddings, classes, num_relevant, pos_scores, pos_index, max_k, size)
+        precision = _resolve_screen(screen, embeddings.shape[1])
+        counts = _count_with_numba(embeddings, classes, num_relevant, pos_scores, pos_index, max_k, size, precision)
     else:
         device = torch.device(device)
         size = block_size or (CUDA_BLOCK_SIZE if device.type == "cuda" else CPU_BLOCK_SIZE)
@@ -140,8 +163,22 @@ def rank_positives(
 # Phase 1: each query's positives, from its class's own Gram matrix
 
 
-def _sorted_positive_scores(x: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _matmul_group_gram(x: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Scores among the members of each group, shape (C, n, n), by BLAS; the diagonal (the query) is -inf."""
+    vectors = x[members]  # (C, n, D)
+    gram = np.matmul(vectors, vectors.transpose(0, 2, 1))
+    size = members.shape[1]
+    # The query itself is excluded by position (not by score, which duplicates share).
+    gram[:, np.arange(size), np.arange(size)] = -np.inf
+    return gram
+
+
+def _sorted_positive_scores(
+    x: np.ndarray, classes: np.ndarray, gram_of: Callable[[np.ndarray, np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each query's positive scores, best first (ties: lower index first), padded to the largest class.
+
+    ``gram_of(x, members)`` gives the scores among the members of each of a batch of equal-size classes.
 
     Returns:
         ``(num_relevant, scores, indices)``: R per query, and arrays of shape (N, R_max) holding the positives'
@@ -164,10 +201,7 @@ def _sorted_positive_scores(x: np.ndarray, classes: np.ndarray) -> tuple[np.ndar
         for begin in range(0, len(group), per_batch):
             members = starts[group[begin : begin + per_batch], None] + np.arange(size)  # (C, n) positions in order
             members = order[members]
-            vectors = x[members]  # (C, n, D)
-            gram = np.matmul(vectors, vectors.transpose(0, 2, 1))
-            # The query itself is excluded by position (not by score, which duplicates share).
-            gram[:, np.arange(size), np.arange(size)] = -np.inf
+            gram = gram_of(x, members)
             member_index = np.broadcast_to(members[:, None, :], gram.shape)
             # np.lexsort sorts by its last key first: decreasing score, then increasing index.
             rank = np.lexsort((member_index, -gram), axis=-1)[..., : size - 1]
@@ -177,7 +211,7 @@ def _sorted_positive_scores(x: np.ndarray, classes: np.ndarray) -> tuple[np.ndar
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Phase 2 on the CPU: numba kernels over blocks of the upper triangle
+# Phase 2 on the CPU: a screening matrix product over blocks of the upper triangle, exact scores for the survivors
 
 
 def _upper_triangle_blocks(num_items: int, block_rows: int, block_cols: int) -> Iterator[tuple[slice, slice, int]]:
@@ -196,6 +230,71 @@ def _upper_triangle_blocks(num_items: int, block_rows: int, block_cols: int) -> 
             yield rows, cols, max(rows.stop - col0, 0)
 
 
+def screen_margin(precision: str, x: np.ndarray) -> float:
+    """How far a screening score can lie from the exact score of the same pair, at most.
+
+    For rows of norm at most nu and unit roundoff u of the screen's inputs (2^-8 for bfloat16, 0 for float32),
+    rounding the inputs moves each product x_k y_k by at most (2u + u^2)|x_k y_k|, and sum_k |x_k y_k| <= nu^2
+    (Cauchy-Schwarz). Summing D products in float32, in any order, adds at most gamma = D 2^-24 / (1 - D 2^-24)
+    times the same sum; a bfloat16 result is rounded once more (u |s|). The exact score is itself a float32 sum
+    (another gamma nu^2). The bound is widened by 1% and applies whatever the order or blocking of the product.
+    """
+    dim = x.shape[1]
+    nu_sq = float(np.max(np.einsum("ij,ij->i", x, x, dtype=np.float64))) if len(x) else 0.0
+    gamma = dim * 2.0**-24 / (1.0 - dim * 2.0**-24)
+    u = SCREEN_ROUNDOFF[precision]
+    bound = (2 * u + u * u) + gamma * (1 + u) ** 2 + u * (1 + u) ** 2 * (1 + gamma) + gamma
+    return 1.01 * bound * max(nu_sq, 1e-30)
+
+
+def screen_keys(limits: np.ndarray, margin: float, precision: str) -> np.ndarray:
+    """Keys such that every pair whose exact score reaches ``limits`` has a screening key at least as large.
+
+    A float32 screen is compared as it is, against the limit lowered by the margin. bfloat16 scores are compared
+    as order-preserving integers (their bits, with the magnitude bits of negative numbers flipped): the lowered
+    limit is truncated to bfloat16 (toward zero) and lowered by one more step. Both can only admit more pairs. An
+    infinite limit (a finished query) admits nothing.
+    """
+    low = np.nextafter((limits.astype(np.float64) - margin).astype(np.float32), np.float32(-np.inf))
+    finished = np.isposinf(limits)
+    if precision == "float32":
+        return np.where(finished, np.float32(np.inf), low)
+    bits = low.view(np.int32) >> 16  # the bfloat16 with the upper half of the float32's bits
+    keys = (bits ^ ((bits >> 15) & 0x7FFF)) - 1
+    return np.where(finished, np.iinfo(np.int32).max, keys).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def bfloat16_is_faster(dim: int) -> bool:
+    """Whether a bfloat16 matrix product beats float32 here by at least 1.5x (e.g. CPUs with AVX512-BF16 or AMX).
+
+    Measured once per process and dimension on a block of the size the screen uses; elsewhere (AVX2-only CPUs)
+    bfloat16 is emulated and slower, and the float32 screen is used.
+    """
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(1024, dim, generator=generator)
+    b = torch.randn(2048, dim, generator=generator)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        left, right = a.to(dtype), b.to(dtype).T
+        torch.mm(left, right)  # first call: kernel selection, JIT
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            torch.mm(left, right)
+            best = min(best, time.perf_counter() - started)
+        timings[dtype] = best
+    return timings[torch.float32] > 1.5 * timings[torch.bfloat16]
+
+
+def _resolve_screen(screen: str, dim: int) -> str:
+    if screen not in SCREENS:
+        raise ValueError(f"screen must be one of {SCREENS}, got {screen!r}")
+    if screen == "auto":
+        return "bfloat16" if bfloat16_is_faster(dim) else "float32"
+    return screen
+
+
 def _count_with_numba(
     x: np.ndarray,
     classes: np.ndarray,
@@ -204,9 +303,15 @@ def _count_with_numba(
     pos_index: np.ndarray,
     max_k: int,
     block_size: int,
+    precision: str,
 ) -> np.ndarray:
-    """Histogram (N, R_max): bin m counts the negatives whose first beaten positive is the (m+1)-th."""
+    """Histogram (N, R_max): bin m counts the negatives whose first beaten positive is the (m+1)-th.
+
+    The block product (bfloat16 or float32) screens the pairs: every pair that may lie within
+    :func:`screen_margin` of a query's threshold is rescored with :func:`exact_score`.
+    """
     num_items, max_r = pos_scores.shape
+    margin = screen_margin(precision, x)
     counts = np.zeros((num_items, max_r), dtype=np.int64)
     # The lowest positive (0-based) whose count still matters; -1 once nothing about the query can change.
     last_live = num_relevant - 1
@@ -214,20 +319,35 @@ def _count_with_numba(
     # NOTE: thin blocks (a few rows) would make a kernel call per handful of scores; columns stay wide.
     block_cols = min(max(block_size, CPU_BLOCK_SIZE), num_items)
     chunks = numba.get_num_threads()  # column chunks, one per thread
-    buffer = np.empty(block_rows * block_cols, dtype=np.float32)  # reused: np.dot writes into it in place
     row_counts = np.empty((chunks, block_rows, max_r), dtype=np.int64)  # each thread's counts of the row queries
+    if precision == "bfloat16":
+        xs = torch.from_numpy(x).to(torch.bfloat16)
+        buffer = torch.empty(block_rows * block_cols, dtype=torch.bfloat16)
+        col_keys, never = np.empty(block_cols, dtype=np.int32), np.iinfo(np.int32).max
+    else:
+        buffer = np.empty(block_rows * block_cols, dtype=np.float32)  # reused: np.dot writes into it in place
+        col_keys, never = np.empty(block_cols, dtype=np.float32), np.float32(np.inf)
     for rows, cols, first in _upper_triangle_blocks(num_items, block_rows, block_cols):
         shape = (rows.stop - rows.start, cols.stop - cols.start)
-        scores = buffer[: shape[0] * shape[1]].reshape(shape)
-        np.dot(x[rows], x[cols].T, out=scores)
+        if precision == "bfloat16":
+            block = buffer[: shape[0] * shape[1]].view(shape)
+            torch.mm(xs[rows], xs[cols].T, out=block)
+            block = block.view(torch.int16).numpy()
+        else:
+            block = buffer[: shape[0] * shape[1]].reshape(shape)
+            np.dot(x[rows], x[cols].T, out=block)
         # The block's columns from `first` on are queries too: their pairs with these rows are below the diagonal.
         queries = slice(cols.start + first, cols.stop)
         row_state = _thresholds(pos_scores, pos_index, last_live, rows)
         col_state = _thresholds(pos_scores, pos_index, last_live, queries)
+        row_keys = screen_keys(row_state[1], margin, precision)
+        block_col_keys = col_keys[: shape[1]]
+        block_col_keys[:first] = never  # not queries of this block
+        block_col_keys[first:] = screen_keys(col_state[1], margin, precision)
         block_counts = row_counts[:, : shape[0]]
         block_counts.fill(0)
-        _count_block(scores, rows.start, cols.start, first, classes, pos_scores, pos_index, *row_state, *col_state,
-                     counts, block_counts)  # fmt: skip
+        _count_block(block, row_keys, block_col_keys, x, rows.start, cols.start, first, classes,
+                     pos_scores, pos_index, *row_state, *col_state, counts, block_counts)  # fmt: skip
         counts[rows] += block_counts.sum(axis=0)
         _update_liveness(counts, num_relevant, last_live, rows, max_k)
         if first < shape[1]:
@@ -264,7 +384,48 @@ def _update_liveness(
     last_live[queries] = np.where(needed_for_recall, np.maximum(last, 0), last)
 
 
+def _screen_key(value):  # pragma: no cover - replaced by the compiled overloads below
+    raise NotImplementedError
+
+
 if numba is not None:
+
+    @numba.extending.overload(_screen_key, inline="always")
+    def _screen_key_overload(value):
+        """The comparable key of a screening score: a float32 as it is, bfloat16 bits (int16) made order-preserving."""
+        if isinstance(value, numba.types.Float):
+            return lambda value: value
+        if isinstance(value, numba.types.Integer) and value.bitwidth == 16:
+            # Negative numbers have their magnitude bits flipped: larger magnitude, smaller key.
+            return lambda value: np.int32(value) ^ ((np.int32(value) >> np.int32(15)) & np.int32(0x7FFF))
+        return None
+
+    # NOTE: reassociation lets LLVM vectorise the sum (4x faster). The order it picks depends only on the loop and
+    # the CPU, so a pair gets the same score wherever it is computed (phase 1, either direction of phase 2), and
+    # exact copies of an item tie exactly.
+    @numba.njit(cache=True, fastmath={"reassoc"}, nogil=True)
+    def exact_score(x, a, b):  # pragma: no cover - compiled
+        """The float32 inner product of rows ``a`` and ``b``: the score every decision of this module uses."""
+        p = x[a]
+        q = x[b]
+        total = np.float32(0.0)
+        for k in range(p.shape[0]):
+            total += p[k] * q[k]
+        return total
+
+    @numba.njit(cache=True, parallel=True, nogil=True)
+    def _group_gram(x, members):  # pragma: no cover - compiled
+        """Exact scores among the members of each group, shape (C, n, n); the diagonal (the query) is -inf."""
+        num_groups, size = members.shape
+        gram = np.empty((num_groups, size, size), dtype=np.float32)
+        for g in numba.prange(num_groups):
+            for a in range(size):
+                gram[g, a, a] = -np.inf
+                for b in range(a + 1, size):
+                    s = exact_score(x, members[g, a], members[g, b])
+                    gram[g, a, b] = s
+                    gram[g, b, a] = s
+        return gram
 
     @numba.njit(cache=True, inline="always")
     def _first_beaten(score, item, pos_scores, pos_index, query, last):  # pragma: no cover - compiled
@@ -284,42 +445,55 @@ if numba is not None:
 
     @numba.njit(cache=True, parallel=True, nogil=True)
     def _count_block(
-        scores, row0, col0, first, classes, pos_scores, pos_index,
+        screen, row_keys, col_keys, x, row0, col0, first, classes, pos_scores, pos_index,
         row_live, row_threshold, row_tie, col_live, col_threshold, col_tie, counts, row_counts,
     ):  # pragma: no cover - compiled  # fmt: skip
-        """One pass over a block for its row queries and, from column ``first`` on, its column queries.
+        """One pass over a screened block for its row queries and, from column ``first`` on, its column queries.
 
-        Every score is read once, for both the row query and the column query it belongs to (a separate pass
-        over the block transposed costs twice as much: it reads across rows). The columns are split among the
-        threads: a thread owns the column queries of its chunk and updates their counts in place, and keeps its
-        own counts of the row queries (which every thread sees) in ``row_counts[chunk]``, summed by the caller.
-        Negatives scored below a query's threshold, the common case, cost one comparison.
+        ``screen`` holds approximate scores (float32, or the int16 bits of bfloat16), compared through
+        :func:`_screen_key` with the keys of :func:`screen_keys`. A score below the row query's key and the column
+        query's key, the common case, costs two comparisons; a pair that passes either gets its exact score, which
+        alone decides whether and where it counts (a pair can pass for one query and count for the other only
+        if its exact score beats that query's threshold, which implies it passed for it: the check is safe).
+
+        The columns are split among the threads: a thread owns the column queries of its chunk and updates their
+        counts in place, and keeps its own counts of the row queries (which every thread sees) in
+        ``row_counts[chunk]``, summed by the caller.
         """
-        num_rows, num_cols = scores.shape
+        num_rows, num_cols = screen.shape
         num_chunks = row_counts.shape[0]
         width = (num_cols + num_chunks - 1) // num_chunks
         for chunk in numba.prange(num_chunks):
             begin = chunk * width
             end = min(begin + width, num_cols)
+            split = min(max(first, begin), end)  # columns before it are not queries of this block
             for i in range(num_rows):
-                row_limit = row_threshold[i]  # +inf for a finished query
+                row_key = row_keys[i]
                 row_item = row0 + i
                 row_class = classes[row_item]
-                for j in range(begin, end):
-                    s = scores[i, j]
-                    if s >= row_limit:
+                for j in range(begin, split):
+                    if _screen_key(screen[i, j]) >= row_key:
                         item = col0 + j
-                        if not ((s == row_limit and item > row_tie[i]) or classes[item] == row_class):
+                        if classes[item] != row_class:
+                            s = exact_score(x, row_item, item)
+                            if s > row_threshold[i] or (s == row_threshold[i] and item < row_tie[i]):
+                                m = _first_beaten(s, item, pos_scores, pos_index, row_item, row_live[i])
+                                row_counts[chunk, i, m] += 1
+                for j in range(split, end):
+                    key = _screen_key(screen[i, j])
+                    for_row = key >= row_key
+                    if for_row or key >= col_keys[j]:
+                        item = col0 + j
+                        if classes[item] == row_class:
+                            continue
+                        s = exact_score(x, row_item, item)
+                        if for_row and (s > row_threshold[i] or (s == row_threshold[i] and item < row_tie[i])):
                             m = _first_beaten(s, item, pos_scores, pos_index, row_item, row_live[i])
                             row_counts[chunk, i, m] += 1
-                    if j >= first:
                         q = j - first
-                        col_limit = col_threshold[q]
-                        if s >= col_limit:
-                            query = col0 + j
-                            if not ((s == col_limit and row_item > col_tie[q]) or classes[query] == row_class):
-                                m = _first_beaten(s, row_item, pos_scores, pos_index, query, col_live[q])
-                                counts[query, m] += 1
+                        if s > col_threshold[q] or (s == col_threshold[q] and row_item < col_tie[q]):
+                            m = _first_beaten(s, row_item, pos_scores, pos_index, item, col_live[q])
+                            counts[item, m] += 1
 
 else:  # pragma: no cover
 
