@@ -138,7 +138,10 @@ def test_isolated_nonfinite_step_is_skipped_and_counted(tmp_path, data_dir):
 
 def test_sigkill_during_training_then_resume(tmp_path, data_dir):
     run_dir = tmp_path / "run"
-    args = ["trainer.max_epochs=4", "trainer.limit_train_batches=3", "trainer.deterministic=true"]
+    # NOTE: enough epochs that the run cannot finish between the first checkpoint and the kill (a tiny epoch takes
+    # a fraction of a second).
+    epochs = 8
+    args = [f"trainer.max_epochs={epochs}", "trainer.limit_train_batches=3", "trainer.deterministic=true"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     from tests.conftest import TINY
 
@@ -149,7 +152,7 @@ def test_sigkill_during_training_then_resume(tmp_path, data_dir):
     while time.time() < deadline and not last.exists():
         time.sleep(0.2)
     assert last.exists(), "no checkpoint appeared"
-    time.sleep(1.0)  # let it get into the next epoch
+    time.sleep(0.2)  # into the next epoch
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "metrics.json").exists()
@@ -159,13 +162,13 @@ def test_sigkill_during_training_then_resume(tmp_path, data_dir):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume=auto: continuing" in resumed.stdout + resumed.stderr
     summary = json.loads((run_dir / "metrics.json").read_text())
-    assert summary["epochs_trained"] == 4
+    assert summary["epochs_trained"] == epochs
 
     reference_dir = tmp_path / "uninterrupted"
     assert run_train(args, reference_dir, data_dir).returncode == 0
     reference = json.loads((reference_dir / "metrics.json").read_text())
     # Same number of optimizer steps as the uninterrupted run: the resumed run neither skipped nor repeated work.
-    assert summary["global_step"] == reference["global_step"] == 4 * 2  # 4 epochs x 2 batches of the tiny split
+    assert summary["global_step"] == reference["global_step"] == epochs * 2  # 2 batches per epoch of the tiny split
     assert summary["metrics"]["test"] == pytest.approx(reference["metrics"]["test"], abs=1e-6)
 
 

@@ -551,7 +551,7 @@ def _count_with_torch(
 
     def add(scores: torch.Tensor, queries: slice, items: slice) -> None:
         """Bins every (query, item) pair of ``scores``, whose rows are the queries."""
-        negative_keys = _sortable_keys(scores, item_ids[items][None, :])
+        negative_keys = _sortable_keys(scores, item_ids[items][None, :]).contiguous()  # rows of a transposed block
         # The number of positive keys above the negative's key is the index of the first positive it beats.
         first_beaten = max_r - torch.searchsorted(ascending[queries], negative_keys, right=True)
         unused = (first_beaten >= relevant[queries, None]) | (cls[queries, None] == cls[None, items])

@@ -259,7 +259,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             EVAL_HEADER,
             EVAL_RULE,
         ]
-        for key, name in (("ours", "ours (CPU)"), ("ours_cuda", "ours (GPU)"), ("pml", "pml AccuracyCalculator")):
+        screen = evaluation.get("ours", {}).get("screen", "auto")
+        rows = (
+            ("ours", f"ours (CPU, default: {screen} screen)"),
+            ("ours_float32", "ours (CPU, float32 screen)"),
+            ("ours_cuda", "ours (GPU)"),
+            ("pml", "pml AccuracyCalculator"),
+        )
+        for key, name in rows:
             if key in evaluation:
                 lines.append(_eval_row(name, evaluation[key]))
         if "speedup_vs_pml" in evaluation:
@@ -270,6 +277,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"**{evaluation['memory_ratio_vs_pml']:.3f}** (above baseline: "
                 f"{evaluation['memory_above_baseline_ratio_vs_pml']:.3f}). Largest value difference: "
                 f"{max(diffs.values()):.2e} ({', '.join(diffs)}). AccuracyCalculator computes no Recall@K for K > 1.",
+            ]
+        if "speedup_float32_vs_pml" in evaluation:
+            lines += [
+                "",
+                f"With the float32 screen (what a CPU without fast bfloat16 runs): "
+                f"**{evaluation['speedup_float32_vs_pml']:.2f}x**. The screen only chooses which pairs are rescored "
+                f"exactly; largest difference between the two: {max(evaluation['max_abs_diff_screens'].values()):.1e}.",
             ]
         subset = evaluation.get("torchmetrics_subset")
         if subset:

@@ -92,10 +92,10 @@ def make_embeddings(data: EvalData) -> tuple[np.ndarray, np.ndarray]:
 # The methods, run inside the child process
 
 
-def _run_ours(x: np.ndarray, labels: np.ndarray, device: str | None = None) -> dict[str, float]:
+def _run_ours(x: np.ndarray, labels: np.ndarray, device: str | None = None, screen: str = "auto") -> dict[str, float]:
     from metricsearch.metrics import calc_retrieval_metrics
 
-    return calc_retrieval_metrics(x, labels, SOP_KS, compute_nmi=False, device=device)
+    return calc_retrieval_metrics(x, labels, SOP_KS, compute_nmi=False, device=device, screen=screen)
 
 
 def _run_pml(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -135,7 +135,8 @@ def _run_torchmetrics(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 METHODS = {
-    "ours": _run_ours,
+    "ours": _run_ours,  # the default: a bfloat16 screen where this CPU multiplies bfloat16 fast, else float32
+    "ours_float32": lambda x, labels: _run_ours(x, labels, screen="float32"),
     "ours_cuda": lambda x, labels: _run_ours(x, labels, device="cuda"),
     "pml": _run_pml,
     "torchmetrics": _run_torchmetrics,
@@ -181,6 +182,10 @@ def child_main(method: str, data_file: str, out_file: str) -> None:
     }
     if method == "ours_cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if method == "ours":
+        from metricsearch.metrics.positive_ranks import bfloat16_is_faster
+
+        result["screen"] = "bfloat16" if bfloat16_is_faster(x.shape[1]) else "float32"
     Path(out_file).write_text(json.dumps(result))
 
 
@@ -219,7 +224,7 @@ def benchmark_evaluation(
     log(f"evaluation data: {x.shape[0]:,} x {x.shape[1]} embeddings, {data.num_classes:,} classes "
         f"({time.perf_counter() - started:.1f} s to generate)")  # fmt: skip
     out: dict[str, Any] = {"data": asdict(data)}
-    methods = ["ours", "pml"] + (["ours_cuda"] if with_cuda else [])
+    methods = ["ours", "ours_float32", "pml"] + (["ours_cuda"] if with_cuda else [])
     for method in methods:
         log(f"  {method} ...")
         out[method] = run_method(method, data_file)
@@ -248,6 +253,12 @@ def benchmark_evaluation(
         out["memory_ratio_vs_pml"] = ours["peak_rss_mb"] / pml["peak_rss_mb"]
         out["memory_above_baseline_ratio_vs_pml"] = ours["peak_above_baseline_mb"] / pml["peak_above_baseline_mb"]
         out["max_abs_diff_vs_pml"] = compare_values(ours["metrics"], pml["metrics"], PML_METRICS)
+    plain = out["ours_float32"]
+    if "error" not in plain and "error" not in pml:
+        out["speedup_float32_vs_pml"] = pml["seconds"] / plain["seconds"]
+    if "error" not in plain and "error" not in ours:
+        pairs = [(k, k) for k in ours["metrics"]]
+        out["max_abs_diff_screens"] = compare_values(ours["metrics"], plain["metrics"], pairs)
     small_ours, small_tm = out["ours_small"], out["torchmetrics_small"]
     if "error" not in small_ours and "error" not in small_tm:
         pairs = [(k, k) for k in small_tm["metrics"]]
