@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 SUDO := $(shell test "$$(id -u)" -eq 0 || echo sudo)
 
-.PHONY: help install train test test-all check-data prepare-data chromium demo serve load-test bench-search lint format clean reproduce
+.PHONY: help install train test test-all check-data prepare-data chromium demo serve load-test bench-search benchmark device-wheels lint format clean reproduce
 
 # `make reproduce`: DATASETS adds real datasets (cub,cars196,sop; only those on disk) to the built-in synthetic
 # data; LOSSES, SEEDS and EPOCHS replace the grid's defaults; EXTRA is passed to every run as Hydra overrides.
@@ -57,6 +57,17 @@ load-test: install ## Load-test the demo index's search server on loopback (16 c
 
 bench-search: install ## Benchmark exact vs IVF vs HNSW search on a 100k synthetic gallery
 	$(PY) scripts/bench_search.py $(ARGS)
+
+benchmark: install ## Speed and scale report into results/benchmark/ (training, Lightning overhead, evaluation; GPU parts with CUDA)
+	$(PY) scripts/benchmark.py $(ARGS)
+
+# The GPU machine has PyTorch, Lightning, timm, torchmetrics and numba but no internet: these wheels travel with
+# the working tree (see scripts/device_benchmark.sh).
+DEVICE_WHEELS = faiss-cpu==1.15.1 pytorch-metric-learning==2.9.0
+device-wheels: install ## Download the Python 3.12 wheels the GPU machine lacks into .whl/ (for scripts/device_benchmark.sh)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(DEVICE_WHEELS)
 
 check-data: install ## Check a dataset copy: make check-data ARGS="data=cub data.root=PATH"
 	$(PY) scripts/check_data.py $(ARGS)
