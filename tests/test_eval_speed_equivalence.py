@@ -7,11 +7,13 @@ they get cases of their own.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
-from metricsearch.metrics import calc_retrieval_metrics
+from metricsearch.metrics import calc_retrieval_metrics, positive_ranks
 from metricsearch.metrics.positive_ranks import numba_available, rank_positives, screen_keys, screen_margin
 from tests.test_metrics import assert_metrics_equal, make_clustered_data, normalize, reference_metrics
 
@@ -205,3 +207,23 @@ def test_cuda_path_matches_the_cpu():
     x, labels = make_clustered_data(4, num_classes=200, dim=64)
     cpu = calc_retrieval_metrics(x, labels, recall_at_k=KS, compute_nmi=False)
     assert calc_retrieval_metrics(x, labels, recall_at_k=KS, compute_nmi=False, device="cuda") == cpu
+
+
+@pytest.mark.parametrize("offset, usable", [(0.0, True), (0.05, False)])
+def test_a_fast_bfloat16_product_is_used_only_when_it_stays_within_the_margin(monkeypatch, offset, usable):
+    # Stand-in products: float32 made slow, bfloat16 instant and, with an offset, wrong by more than the margin
+    # (as an implementation that accumulated in bfloat16 would be).
+    real_mm = torch.mm
+
+    def product(left, right):
+        if left.dtype == torch.float32:
+            time.sleep(0.02)
+            return real_mm(left, right)
+        return (real_mm(left.float(), right.float()) + offset).to(torch.bfloat16)
+
+    positive_ranks.bfloat16_is_faster.cache_clear()
+    monkeypatch.setattr(torch, "mm", product)
+    try:
+        assert positive_ranks.bfloat16_is_faster(64) is usable
+    finally:
+        positive_ranks.bfloat16_is_faster.cache_clear()

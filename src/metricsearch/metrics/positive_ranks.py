@@ -266,25 +266,29 @@ def screen_keys(limits: np.ndarray, margin: float, precision: str) -> np.ndarray
 
 @functools.lru_cache(maxsize=8)
 def bfloat16_is_faster(dim: int) -> bool:
-    """Whether a bfloat16 matrix product beats float32 here by at least 1.5x (e.g. CPUs with AVX512-BF16 or AMX).
+    """Whether this CPU's bfloat16 matrix product is at least 1.5x faster than float32, and within the margin.
 
-    Measured once per process and dimension on a block of the size the screen uses; elsewhere (AVX2-only CPUs)
-    bfloat16 is emulated and slower, and the float32 screen is used.
+    Measured once per process and dimension on a block of 1024 x 2048 unit vectors. Where bfloat16 is emulated
+    (AVX2-only CPUs) it is slower and the float32 screen is used. A product whose error exceeds
+    :func:`screen_margin` on these vectors (an implementation that does not accumulate in float32) is not used.
     """
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(1024, dim, generator=generator)
-    b = torch.randn(2048, dim, generator=generator)
-    timings = {}
+    a = torch.nn.functional.normalize(torch.randn(1024, dim, generator=generator), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(2048, dim, generator=generator), dim=1)
+    timings, products = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
         left, right = a.to(dtype), b.to(dtype).T
-        torch.mm(left, right)  # first call: kernel selection, JIT
+        products[dtype] = torch.mm(left, right)  # the first call also selects kernels and compiles them
         best = float("inf")
         for _ in range(3):
             started = time.perf_counter()
             torch.mm(left, right)
             best = min(best, time.perf_counter() - started)
         timings[dtype] = best
-    return timings[torch.float32] > 1.5 * timings[torch.bfloat16]
+    exact = a.double() @ b.double().T
+    error = float((products[torch.bfloat16].double() - exact).abs().max())
+    margin = screen_margin("bfloat16", torch.cat([a, b]).numpy())
+    return timings[torch.float32] > 1.5 * timings[torch.bfloat16] and error <= margin
 
 
 def _resolve_screen(screen: str, dim: int) -> str:
