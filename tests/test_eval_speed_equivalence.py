@@ -19,8 +19,9 @@ from tests.test_metrics import assert_metrics_equal, make_clustered_data, normal
 
 KS = (1, 2, 4, 8, 16, 1000)
 # The numba kernel with each screen, and the torch implementation that runs on GPUs (here on the CPU).
-PATHS = [{"screen": "float32"}, {"screen": "bfloat16"}, {"device": "cpu"}]
-PATH_IDS = ["kernel-float32", "kernel-bfloat16", "torch"]
+PATHS = [{"screen": "float32"}, {"screen": "bfloat16"}, {"screen": "int8"}, {"device": "cpu"}]
+PATH_IDS = ["kernel-float32", "kernel-bfloat16", "kernel-int8", "torch"]
+SCREENS = ["float32", "bfloat16", "int8"]
 
 
 def reference_first_hit_and_ranks(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
@@ -70,7 +71,7 @@ def assert_ranks_match(ranks, expected_first, expected_ranks, every_rank: bool) 
             np.testing.assert_array_equal(positive_ranks[query, :r][expected <= r], expected[expected <= r])
 
 
-@pytest.mark.parametrize("screen", ["float32", "bfloat16"])
+@pytest.mark.parametrize("screen", SCREENS)
 def test_pruning_keeps_every_deciding_count_exact(screen):
     # Untrained-like embeddings (random): first hits far down the list, so pruning removes most of the work.
     rng = np.random.default_rng(3)
@@ -107,7 +108,7 @@ def test_exact_ties_between_positives_and_negatives_follow_the_index(path):
     assert_ranks_match(ranks, expected_first, expected_ranks, every_rank="device" in path)
 
 
-@pytest.mark.parametrize("screen", ["float32", "bfloat16"])
+@pytest.mark.parametrize("screen", SCREENS)
 @pytest.mark.parametrize("dim", [6, 96])  # 96: the vectorised body of the exact score, not only its remainder
 def test_kernel_and_torch_paths_agree_on_many_duplicates(screen, dim):
     rng = np.random.default_rng(0)
@@ -121,9 +122,10 @@ def test_kernel_and_torch_paths_agree_on_many_duplicates(screen, dim):
     assert_metrics_equal(kernel, reference_metrics(x, labels, ks))
 
 
-def test_bfloat16_screen_ranks_scores_finer_than_bfloat16_can_tell_apart():
+@pytest.mark.parametrize("screen", ["bfloat16", "int8"])
+def test_coarse_screens_rank_scores_finer_than_they_can_tell_apart(screen):
     # Query 0 sees all the others at cosines spread over [0.5, 0.51], 2e-5 apart: bfloat16 (steps of 2^-8 near
-    # 0.5) cannot order them, so every deciding pair must be rescored exactly.
+    # 0.5) and int8 codes cannot order them, so every deciding pair must be rescored exactly.
     rng = np.random.default_rng(5)
     num_items, dim = 500, 64
     cosines = rng.permutation(np.linspace(0.5, 0.51, num_items - 1))
@@ -134,7 +136,7 @@ def test_bfloat16_screen_ranks_scores_finer_than_bfloat16_can_tell_apart():
     labels = np.concatenate([[0], rng.integers(0, 60, size=num_items - 1)])
     expected_first, expected_ranks = reference_first_hit_and_ranks(x, labels)
     for max_k in (len(x), 5):
-        screened = rank_positives(x, labels, max_k=max_k, screen="bfloat16", block_size=128)
+        screened = rank_positives(x, labels, max_k=max_k, screen=screen, block_size=128)
         plain = rank_positives(x, labels, max_k=max_k, screen="float32", block_size=128)
         if max_k == len(x):
             assert_ranks_match(screened, expected_first, expected_ranks, every_rank=False)
@@ -193,7 +195,7 @@ def test_screen_keys_admit_every_bfloat16_score_that_may_reach_the_limit():
 def test_unknown_screen_is_refused():
     x, labels = make_clustered_data(0, num_classes=5)
     with pytest.raises(ValueError, match="screen must be one of"):
-        rank_positives(x, labels, max_k=4, screen="int8")
+        rank_positives(x, labels, max_k=4, screen="int4")
 
 
 def test_the_cpu_kernel_is_used():
@@ -209,21 +211,65 @@ def test_cuda_path_matches_the_cpu():
     assert calc_retrieval_metrics(x, labels, recall_at_k=KS, compute_nmi=False, device="cuda") == cpu
 
 
-@pytest.mark.parametrize("offset, usable", [(0.0, True), (0.05, False)])
-def test_a_fast_bfloat16_product_is_used_only_when_it_stays_within_the_margin(monkeypatch, offset, usable):
-    # Stand-in products: float32 made slow, bfloat16 instant and, with an offset, wrong by more than the margin
-    # (as an implementation that accumulated in bfloat16 would be).
-    real_mm = torch.mm
+@pytest.mark.parametrize("norm", [1.0, 3.0])
+def test_screen_margin_bounds_the_int8_product_error(norm):
+    # Random directions, a spike (one large coordinate sets the scale for all) and codes that all round by half a step.
+    rng = np.random.default_rng(1)
+    dim = 512
+    rows = normalize(rng.normal(size=(300, dim)))
+    spike = np.zeros((1, dim), dtype=np.float32)
+    spike[0, 0] = 1.0
+    x = np.concatenate([rows, spike]).astype(np.float32)
+    scale = positive_ranks.int8_scale(x)
+    half = np.full((2, dim), 0.5 * scale, dtype=np.float32) + np.float32(1e-9)  # every code rounds from 0.5 steps
+    x = norm * np.concatenate([x, half]).astype(np.float32)
+    margin = screen_margin("int8", x)
+    scale = positive_ranks.int8_scale(x)
+    codes = positive_ranks.int8_codes(x, scale).numpy().astype(np.int64)
+    approx = (codes @ codes.T).astype(np.float64) * scale * scale
+    exact = x.astype(np.float64) @ x.astype(np.float64).T
+    error = np.abs(approx - exact)
+    assert error.max() <= margin
+    assert error.max() > margin / 100  # not vacuous
 
-    def product(left, right):
-        if left.dtype == torch.float32:
-            time.sleep(0.02)
-            return real_mm(left, right)
-        return (real_mm(left.float(), right.float()) + offset).to(torch.bfloat16)
 
-    positive_ranks.bfloat16_is_faster.cache_clear()
-    monkeypatch.setattr(torch, "mm", product)
+def test_int8_screen_keys_admit_every_product_that_may_reach_the_limit():
+    scale, margin = 0.002, 0.03
+    limits = np.array([0.5, 0.1234, 0.0, -0.25, np.inf], dtype=np.float32)
+    keys = screen_keys(limits, margin, "int8", scale)
+    products = np.arange(-200_000, 200_000, dtype=np.int64)  # integer products of the codes
+    for limit, key in zip(limits, keys, strict=True):
+        admitted = products >= key
+        if np.isfinite(limit):
+            reaches = products * scale * scale >= np.float64(limit) - margin
+            assert admitted[reaches].all() and admitted.sum() <= reaches.sum() + 2, limit
+        else:
+            assert not admitted.any()
+
+
+@pytest.mark.parametrize(
+    "fast, accurate, expected",
+    [
+        (("bfloat16",), True, "bfloat16"),
+        (("bfloat16", "int8"), True, "int8"),  # both fast: int8, the quicker stand-in, wins
+        (("bfloat16", "int8"), False, "float32"),  # fast but outside the margin: never used
+        ((), True, "float32"),
+    ],
+)
+def test_the_screen_is_the_fastest_product_that_stays_within_the_margin(monkeypatch, fast, accurate, expected):
+    # Stand-in products: float32 slow; the screens named in `fast` quick (int8 quickest), the others slow; an
+    # inaccurate one off by more than the margin (as an implementation that rounded its sums would be).
+    real_product = positive_ranks._screen_product
+
+    def product(precision, left, right, out):
+        real_product(precision, left, right, out)
+        if precision != "float32" and not accurate:
+            out += 10**6 if precision == "int8" else 0.05  # int8 products are in units of scale^2
+        time.sleep({"int8": 0.0, "bfloat16": 0.002}[precision] if precision in fast else 0.02)
+
+    positive_ranks.choose_screen.cache_clear()
+    monkeypatch.setattr(positive_ranks, "_screen_product", product)
     try:
-        assert positive_ranks.bfloat16_is_faster(64) is usable
+        assert positive_ranks.choose_screen(64) == expected
     finally:
-        positive_ranks.bfloat16_is_faster.cache_clear()
+        positive_ranks.choose_screen.cache_clear()

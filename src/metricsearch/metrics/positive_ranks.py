@@ -21,12 +21,12 @@ search or the O(N^2) matrix (phase 1 also holds the Gram matrix of the largest c
 n images needs n^2 floats there, as a k-NN search would need k >= n - 1 neighbours per query).
 
 On the CPU the block product only *screens* the pairs: a negative matters to a query only if it scores above the
-lowest of the query's positives that can still change a metric, and almost none do. The product runs in bfloat16
-where the CPU has native support (4-5x the float32 speed on AVX512-BF16), else in float32; every pair that may
-lie within the product's worst-case rounding error (:func:`screen_margin`) of a query's threshold is rescored by
-:func:`exact_score`, a fixed float32 inner product that phase 1 uses as well. Only the exact scores decide, so
-the result does not depend on the screen, and exact copies of an item tie exactly (BLAS may round the same
-product differently at different places of a matrix).
+lowest of the query's positives that can still change a metric, and almost none do. The product runs in int8
+(exact int32 sums of codes on one scale) or bfloat16 where the CPU multiplies them fast (VNNI, AVX512-BF16, AMX;
+chosen by :func:`choose_screen`), else in float32; every pair that may lie within the product's worst-case error
+(:func:`screen_margin`) of a query's threshold is rescored by :func:`exact_score`, a fixed float32 inner product
+that phase 1 uses as well. Only the exact scores decide, so the result does not depend on the screen, and exact
+copies of an item tie exactly (BLAS may round the same product differently at different places of a matrix).
 
 Neighbours of exactly equal score are ordered by increasing index (the rule of
 :func:`metricsearch.metrics.retrieval.find_neighbors`), so duplicates of the query's classmates in other classes
@@ -62,8 +62,8 @@ CPU_BLOCK_SIZE = 4096
 CUDA_BLOCK_SIZE = 8192
 # Upper bound of the batched per-class Gram matrices of phase 1 (number of float32 scores held at once).
 GRAM_BUDGET = 1 << 24
-# Precisions of the CPU's screening product; "auto" takes bfloat16 where it is measured faster than float32.
-SCREENS = ("auto", "bfloat16", "float32")
+# Arithmetic of the CPU's screening product; "auto" takes the fastest that is measured to stay within its margin.
+SCREENS = ("auto", "int8", "bfloat16", "float32")
 SCREEN_ROUNDOFF = {"bfloat16": 2.0**-8, "float32": 0.0}  # unit roundoff of the screen's inputs
 
 
@@ -238,25 +238,44 @@ def screen_margin(precision: str, x: np.ndarray) -> float:
     (Cauchy-Schwarz). Summing D products in float32, in any order, adds at most gamma = D 2^-24 / (1 - D 2^-24)
     times the same sum; a bfloat16 result is rounded once more (u |s|). The exact score is itself a float32 sum
     (another gamma nu^2). The bound is widened by 1% and applies whatever the order or blocking of the product.
+
+    int8 codes ``q = round(x / s)`` share one scale ``s`` (:func:`int8_scale`) and are multiplied exactly in int32:
+    with ``x = s q + e``, ``|e_k| <= s / 2``, the product ``s^2 q_x . q_y`` differs from ``x . y`` by at most
+    ``(s / 2)(|x|_1 + |y|_1) + (3/4) D s^2``, bounded with the largest L1 norm of the rows.
     """
     dim = x.shape[1]
     nu_sq = float(np.max(np.einsum("ij,ij->i", x, x, dtype=np.float64))) if len(x) else 0.0
     gamma = dim * 2.0**-24 / (1.0 - dim * 2.0**-24)
+    if precision == "int8":
+        scale = int8_scale(x)
+        l1 = float(np.abs(x).sum(axis=1, dtype=np.float64).max()) if len(x) else 0.0
+        return 1.01 * (scale * l1 + 0.75 * dim * scale * scale + gamma * nu_sq) + 1e-30
     u = SCREEN_ROUNDOFF[precision]
     bound = (2 * u + u * u) + gamma * (1 + u) ** 2 + u * (1 + u) ** 2 * (1 + gamma) + gamma
     return 1.01 * bound * max(nu_sq, 1e-30)
 
 
-def screen_keys(limits: np.ndarray, margin: float, precision: str) -> np.ndarray:
+def int8_scale(x: np.ndarray) -> float:
+    """The scale of the int8 screen's codes: the largest magnitude maps to 127."""
+    largest = float(np.abs(x).max()) if x.size else 0.0
+    return largest / 127.0 if largest > 0 else 1.0
+
+
+def screen_keys(limits: np.ndarray, margin: float, precision: str, scale: float = 1.0) -> np.ndarray:
     """Keys such that every pair whose exact score reaches ``limits`` has a screening key at least as large.
 
     A float32 screen is compared as it is, against the limit lowered by the margin. bfloat16 scores are compared
     as order-preserving integers (their bits, with the magnitude bits of negative numbers flipped): the lowered
-    limit is truncated to bfloat16 (toward zero) and lowered by one more step. Both can only admit more pairs. An
-    infinite limit (a finished query) admits nothing.
+    limit is truncated to bfloat16 (toward zero) and lowered by one more step. int8 products are integers on the
+    scale ``scale^2``: the lowered limit is divided by it and rounded down, minus one. All can only admit more pairs.
+    An infinite limit (a finished query) admits nothing.
     """
-    low = np.nextafter((limits.astype(np.float64) - margin).astype(np.float32), np.float32(-np.inf))
     finished = np.isposinf(limits)
+    if precision == "int8":
+        low = np.floor((limits.astype(np.float64) - margin) / (scale * scale)) - 1
+        never = np.iinfo(np.int32).max
+        return np.where(finished, never, np.clip(np.nan_to_num(low, posinf=never), -never, never)).astype(np.int32)
+    low = np.nextafter((limits.astype(np.float64) - margin).astype(np.float32), np.float32(-np.inf))
     if precision == "float32":
         return np.where(finished, np.float32(np.inf), low)
     bits = low.view(np.int32) >> 16  # the bfloat16 with the upper half of the float32's bits
@@ -264,38 +283,64 @@ def screen_keys(limits: np.ndarray, margin: float, precision: str) -> np.ndarray
     return np.where(finished, np.iinfo(np.int32).max, keys).astype(np.int32)
 
 
-@functools.lru_cache(maxsize=8)
-def bfloat16_is_faster(dim: int) -> bool:
-    """Whether this CPU's bfloat16 matrix product is at least 1.5x faster than float32, and within the margin.
+def int8_codes(x: np.ndarray, scale: float) -> torch.Tensor:
+    """The int8 codes of the rows: ``round(x / scale)``, within [-127, 127] by the choice of the scale."""
+    return torch.from_numpy(np.clip(np.rint(x / scale), -127, 127).astype(np.int8))
 
-    Measured once per process and dimension on a block of 1024 x 2048 unit vectors. Where bfloat16 is emulated
-    (AVX2-only CPUs) it is slower and the float32 screen is used. A product whose error exceeds
-    :func:`screen_margin` on these vectors (an implementation that does not accumulate in float32) is not used.
+
+def _screen_product(precision: str, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
+    """``left @ right.T`` into ``out`` in the screen's arithmetic (operands already in its dtype)."""
+    if precision == "int8":
+        torch._int_mm(left, right.T, out=out)  # exact int32 sums; the transposed view is its fast layout
+    else:
+        torch.mm(left, right.T, out=out)
+
+
+@functools.lru_cache(maxsize=8)
+def choose_screen(dim: int) -> str:
+    """The fastest screen on this CPU for rows of ``dim`` values: int8, bfloat16 or float32.
+
+    Measured once per process and dimension on blocks of 1024 x 2048 unit vectors. int8 (VNNI) or bfloat16
+    (AVX512-BF16, AMX) is chosen only when it is at least 1.5x faster than float32 and its error on these vectors
+    stays within :func:`screen_margin` (an implementation that does not accumulate exactly, or in float32, is not
+    used); where they are emulated (AVX2-only CPUs) float32 wins.
     """
     generator = torch.Generator().manual_seed(0)
     a = torch.nn.functional.normalize(torch.randn(1024, dim, generator=generator), dim=1)
     b = torch.nn.functional.normalize(torch.randn(2048, dim, generator=generator), dim=1)
-    timings, products = {}, {}
-    for dtype in (torch.float32, torch.bfloat16):
-        left, right = a.to(dtype), b.to(dtype).T
-        products[dtype] = torch.mm(left, right)  # the first call also selects kernels and compiles them
+    both = torch.cat([a, b]).numpy()
+    exact = a.double() @ b.double().T
+    timings = {}
+    for precision in ("float32", "bfloat16", "int8"):
+        if precision == "int8":
+            scale = int8_scale(both)
+            left, right = int8_codes(a.numpy(), scale), int8_codes(b.numpy(), scale)
+            out, factor = torch.empty(1024, 2048, dtype=torch.int32), scale * scale
+        else:
+            dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+            left, right = a.to(dtype), b.to(dtype)
+            out, factor = torch.empty(1024, 2048, dtype=dtype), 1.0
+        try:
+            _screen_product(precision, left, right, out)  # the first call also selects kernels and compiles them
+        except RuntimeError:  # an operation this build of torch lacks on the CPU
+            continue
+        if float((out.double() * factor - exact).abs().max()) > screen_margin(precision, both):
+            continue
         best = float("inf")
         for _ in range(3):
             started = time.perf_counter()
-            torch.mm(left, right)
+            _screen_product(precision, left, right, out)
             best = min(best, time.perf_counter() - started)
-        timings[dtype] = best
-    exact = a.double() @ b.double().T
-    error = float((products[torch.bfloat16].double() - exact).abs().max())
-    margin = screen_margin("bfloat16", torch.cat([a, b]).numpy())
-    return timings[torch.float32] > 1.5 * timings[torch.bfloat16] and error <= margin
+        timings[precision] = best
+    fastest = min(timings, key=timings.get)
+    return fastest if timings[fastest] * 1.5 < timings["float32"] else "float32"
 
 
 def _resolve_screen(screen: str, dim: int) -> str:
     if screen not in SCREENS:
         raise ValueError(f"screen must be one of {SCREENS}, got {screen!r}")
     if screen == "auto":
-        return "bfloat16" if bfloat16_is_faster(dim) else "float32"
+        return choose_screen(dim)
     return screen
 
 
@@ -311,11 +356,12 @@ def _count_with_numba(
 ) -> np.ndarray:
     """Histogram (N, R_max): bin m counts the negatives whose first beaten positive is the (m+1)-th.
 
-    The block product (bfloat16 or float32) screens the pairs: every pair that may lie within
+    The block product (int8, bfloat16 or float32) screens the pairs: every pair that may lie within
     :func:`screen_margin` of a query's threshold is rescored with :func:`exact_score`.
     """
     num_items, max_r = pos_scores.shape
     margin = screen_margin(precision, x)
+    scale = int8_scale(x) if precision == "int8" else 1.0
     counts = np.zeros((num_items, max_r), dtype=np.int64)
     # The lowest positive (0-based) whose count still matters; -1 once nothing about the query can change.
     last_live = num_relevant - 1
@@ -324,30 +370,27 @@ def _count_with_numba(
     block_cols = min(max(block_size, CPU_BLOCK_SIZE), num_items)
     chunks = numba.get_num_threads()  # column chunks, one per thread
     row_counts = np.empty((chunks, block_rows, max_r), dtype=np.int64)  # each thread's counts of the row queries
-    if precision == "bfloat16":
-        xs = torch.from_numpy(x).to(torch.bfloat16)
-        buffer = torch.empty(block_rows * block_cols, dtype=torch.bfloat16)
-        col_keys, never = np.empty(block_cols, dtype=np.int32), np.iinfo(np.int32).max
-    else:
-        buffer = np.empty(block_rows * block_cols, dtype=np.float32)  # reused: np.dot writes into it in place
+    if precision == "float32":
+        operands = torch.from_numpy(x)
+        buffer = torch.empty(block_rows * block_cols, dtype=torch.float32)
         col_keys, never = np.empty(block_cols, dtype=np.float32), np.float32(np.inf)
+    else:
+        operands = int8_codes(x, scale) if precision == "int8" else torch.from_numpy(x).to(torch.bfloat16)
+        buffer = torch.empty(block_rows * block_cols, dtype=torch.int32 if precision == "int8" else torch.bfloat16)
+        col_keys, never = np.empty(block_cols, dtype=np.int32), np.iinfo(np.int32).max
     for rows, cols, first in _upper_triangle_blocks(num_items, block_rows, block_cols):
         shape = (rows.stop - rows.start, cols.stop - cols.start)
-        if precision == "bfloat16":
-            block = buffer[: shape[0] * shape[1]].view(shape)
-            torch.mm(xs[rows], xs[cols].T, out=block)
-            block = block.view(torch.int16).numpy()
-        else:
-            block = buffer[: shape[0] * shape[1]].reshape(shape)
-            np.dot(x[rows], x[cols].T, out=block)
+        block = buffer[: shape[0] * shape[1]].view(shape)
+        _screen_product(precision, operands[rows], operands[cols], block)
+        block = block.view(torch.int16).numpy() if precision == "bfloat16" else block.numpy()
         # The block's columns from `first` on are queries too: their pairs with these rows are below the diagonal.
         queries = slice(cols.start + first, cols.stop)
         row_state = _thresholds(pos_scores, pos_index, last_live, rows)
         col_state = _thresholds(pos_scores, pos_index, last_live, queries)
-        row_keys = screen_keys(row_state[1], margin, precision)
+        row_keys = screen_keys(row_state[1], margin, precision, scale)
         block_col_keys = col_keys[: shape[1]]
         block_col_keys[:first] = never  # not queries of this block
-        block_col_keys[first:] = screen_keys(col_state[1], margin, precision)
+        block_col_keys[first:] = screen_keys(col_state[1], margin, precision, scale)
         block_counts = row_counts[:, : shape[0]]
         block_counts.fill(0)
         _count_block(block, row_keys, block_col_keys, x, rows.start, cols.start, first, classes,
@@ -396,8 +439,10 @@ if numba is not None:
 
     @numba.extending.overload(_screen_key, inline="always")
     def _screen_key_overload(value):
-        """The comparable key of a screening score: a float32 as it is, bfloat16 bits (int16) made order-preserving."""
+        """The comparable key of a screening score: float32 and int32 as they are, bfloat16 bits made ordered."""
         if isinstance(value, numba.types.Float):
+            return lambda value: value
+        if isinstance(value, numba.types.Integer) and value.bitwidth == 32:  # int8 products: already integers
             return lambda value: value
         if isinstance(value, numba.types.Integer) and value.bitwidth == 16:
             # Negative numbers have their magnitude bits flipped: larger magnitude, smaller key.
@@ -454,7 +499,8 @@ if numba is not None:
     ):  # pragma: no cover - compiled  # fmt: skip
         """One pass over a screened block for its row queries and, from column ``first`` on, its column queries.
 
-        ``screen`` holds approximate scores (float32, or the int16 bits of bfloat16), compared through
+        ``screen`` holds approximate scores (float32, the int16 bits of bfloat16, or int32 products of int8
+        codes), compared through
         :func:`_screen_key` with the keys of :func:`screen_keys`. A score below the row query's key and the column
         query's key, the common case, costs two comparisons; a pair that passes either gets its exact score, which
         alone decides whether and where it counts (a pair can pass for one query and count for the other only

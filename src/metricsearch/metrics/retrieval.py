@@ -267,9 +267,10 @@ def calc_retrieval_metrics(
         seed: Seed of the k-means clustering.
         device: None to compute on the CPU; a torch device such as ``"cuda"`` to compute the similarity blocks
             there (the embeddings are copied to it).
-        screen: On the CPU, the precision of the product that screens the pairs: ``"bfloat16"`` (every pair near
-            a decision is rescored exactly in float32), ``"float32"``, or ``"auto"``: bfloat16 where this CPU
-            multiplies it at least 1.5x faster (AVX512-BF16, AMX). It changes the speed, not the metrics.
+        screen: On the CPU, the arithmetic of the product that screens the pairs (every pair near a decision is
+            rescored exactly in float32): ``"int8"``, ``"bfloat16"``, ``"float32"``, or ``"auto"``: the fastest on
+            this CPU among those at least 1.5x faster than float32 (VNNI, AVX512-BF16, AMX). It changes the speed,
+            not the metrics.
 
     Returns:
         A dict with keys ``recall@{K}`` for each K, ``precision@1``, ``r_precision``, ``map@r``, ``nmi`` (when
