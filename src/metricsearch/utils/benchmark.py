@@ -263,6 +263,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows = (
             ("ours", f"ours (CPU, default: {screen} screen)"),
             ("ours_bfloat16", "ours (CPU, bfloat16 screen)"),
+            ("ours_int8", "ours (CPU, int8 screen)"),
             ("ours_float32", "ours (CPU, float32 screen)"),
             ("ours_cuda", "ours (GPU)"),
             ("pml", "pml AccuracyCalculator"),

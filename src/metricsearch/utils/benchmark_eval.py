@@ -135,8 +135,9 @@ def _run_torchmetrics(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 METHODS = {
-    "ours": _run_ours,  # the default: the fastest screen on this CPU (int8, bfloat16 or float32)
+    "ours": _run_ours,  # the default: the screen choose_screen picks on this CPU
     "ours_bfloat16": lambda x, labels: _run_ours(x, labels, screen="bfloat16"),
+    "ours_int8": lambda x, labels: _run_ours(x, labels, screen="int8"),
     "ours_float32": lambda x, labels: _run_ours(x, labels, screen="float32"),
     "ours_cuda": lambda x, labels: _run_ours(x, labels, device="cuda"),
     "pml": _run_pml,
@@ -225,7 +226,7 @@ def benchmark_evaluation(
     log(f"evaluation data: {x.shape[0]:,} x {x.shape[1]} embeddings, {data.num_classes:,} classes "
         f"({time.perf_counter() - started:.1f} s to generate)")  # fmt: skip
     out: dict[str, Any] = {"data": asdict(data)}
-    methods = ["ours", "ours_bfloat16", "ours_float32", "pml"] + (["ours_cuda"] if with_cuda else [])
+    methods = ["ours", "ours_bfloat16", "ours_int8", "ours_float32", "pml"] + (["ours_cuda"] if with_cuda else [])
     for method in methods:
         log(f"  {method} ...")
         out[method] = run_method(method, data_file)
@@ -259,7 +260,7 @@ def benchmark_evaluation(
         out["speedup_float32_vs_pml"] = pml["seconds"] / plain["seconds"]
     if "error" not in ours:
         pairs = [(k, k) for k in ours["metrics"]]
-        others = [out[m] for m in ("ours_bfloat16", "ours_float32") if "error" not in out[m]]
+        others = [out[m] for m in ("ours_bfloat16", "ours_int8", "ours_float32") if "error" not in out[m]]
         out["max_abs_diff_screens"] = {
             k: max((abs(ours["metrics"][k] - o["metrics"][k]) for o in others), default=0.0) for k, _ in pairs
         }
