@@ -80,12 +80,16 @@ def test_pruning_keeps_every_deciding_count_exact(screen):
     exact = rank_positives(x, labels, max_k=len(x), device="cpu")
     for max_k in (1, 4, 50):
         pruned = rank_positives(x, labels, max_k=max_k, block_size=37, screen=screen)
-        first = exact.first_hit_rank
-        np.testing.assert_array_equal(np.minimum(pruned.first_hit_rank, max_k), np.minimum(first, max_k))
-        inside, ranks = pruned.positives_within_r()
-        inside_exact, ranks_exact = exact.positives_within_r()
-        np.testing.assert_array_equal(inside, inside_exact)
-        np.testing.assert_array_equal(ranks[inside], ranks_exact[inside_exact])
+        assert_deciding_ranks_equal(pruned, exact, max_k)
+
+
+def assert_deciding_ranks_equal(actual, expected, max_k: int) -> None:
+    """First hits equal up to ``max_k`` (beyond it no Recall@K can tell), and the ranks of positives within R."""
+    np.testing.assert_array_equal(np.minimum(actual.first_hit_rank, max_k), np.minimum(expected.first_hit_rank, max_k))
+    inside, ranks = actual.positives_within_r()
+    inside_expected, ranks_expected = expected.positives_within_r()
+    np.testing.assert_array_equal(inside, inside_expected)
+    np.testing.assert_array_equal(ranks[inside], ranks_expected[inside_expected])
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
@@ -140,12 +144,7 @@ def test_coarse_screens_rank_scores_finer_than_they_can_tell_apart(screen):
         plain = rank_positives(x, labels, max_k=max_k, screen="float32", block_size=128)
         if max_k == len(x):
             assert_ranks_match(screened, expected_first, expected_ranks, every_rank=False)
-        first_screened, first_plain = screened.first_hit_rank, plain.first_hit_rank
-        np.testing.assert_array_equal(np.minimum(first_screened, max_k), np.minimum(first_plain, max_k))
-        inside, ranks = screened.positives_within_r()
-        inside_plain, ranks_plain = plain.positives_within_r()
-        np.testing.assert_array_equal(inside, inside_plain)
-        np.testing.assert_array_equal(ranks[inside], ranks_plain[inside_plain])
+        assert_deciding_ranks_equal(screened, plain, max_k)
 
 
 @pytest.mark.parametrize("norm", [1.0, 3.0])

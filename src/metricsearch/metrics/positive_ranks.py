@@ -270,11 +270,11 @@ def screen_keys(limits: np.ndarray, margin: float, precision: str, scale: float 
     scale ``scale^2``: the lowered limit is divided by it and rounded down, minus one. All can only admit more pairs.
     An infinite limit (a finished query) admits nothing.
     """
-    finished = np.isposinf(limits)
     if precision == "int8":
         low = np.floor((limits.astype(np.float64) - margin) / (scale * scale)) - 1
         never = np.iinfo(np.int32).max
-        return np.where(finished, never, np.clip(np.nan_to_num(low, posinf=never), -never, never)).astype(np.int32)
+        return np.clip(low, -never, never).astype(np.int32)  # an infinite limit clips to `never`
+    finished = np.isposinf(limits)
     low = np.nextafter((limits.astype(np.float64) - margin).astype(np.float32), np.float32(-np.inf))
     if precision == "float32":
         return np.where(finished, np.float32(np.inf), low)
@@ -293,6 +293,15 @@ def int8_codes(x: np.ndarray, scale: float) -> torch.Tensor:
         part = np.rint(x[start : start + CPU_BLOCK_SIZE] / np.float32(scale))
         codes[start : start + CPU_BLOCK_SIZE] = np.clip(part, -127, 127, out=part)
     return torch.from_numpy(codes)
+
+
+def _screen_operands(precision: str, x: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.dtype]:
+    """The rows in the screen's arithmetic, and the dtype of its products."""
+    if precision == "int8":
+        return int8_codes(x, scale), torch.int32
+    if precision == "bfloat16":
+        return torch.from_numpy(x).to(torch.bfloat16), torch.bfloat16
+    return torch.from_numpy(x), torch.float32
 
 
 def _screen_product(precision: str, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
@@ -319,14 +328,10 @@ def choose_screen(dim: int) -> str:
     exact = a.double() @ b.double().T
     timings = {}
     for precision in ("float32", "bfloat16", "int8"):
-        if precision == "int8":
-            scale = int8_scale(both)
-            left, right = int8_codes(a.numpy(), scale), int8_codes(b.numpy(), scale)
-            out, factor = torch.empty(1024, 2048, dtype=torch.int32), scale * scale
-        else:
-            dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
-            left, right = a.to(dtype), b.to(dtype)
-            out, factor = torch.empty(1024, 2048, dtype=dtype), 1.0
+        scale = int8_scale(both) if precision == "int8" else 1.0
+        operands, out_dtype = _screen_operands(precision, both, scale)
+        left, right = operands[:1024], operands[1024:]
+        out, factor = torch.empty(1024, 2048, dtype=out_dtype), scale * scale
         try:
             _screen_product(precision, left, right, out)  # the first call also selects kernels and compiles them
         except RuntimeError:  # an operation this build of torch lacks on the CPU
@@ -348,11 +353,8 @@ def choose_screen(dim: int) -> str:
 
 
 def _resolve_screen(screen: str, dim: int) -> str:
-    if screen not in SCREENS:
-        raise ValueError(f"screen must be one of {SCREENS}, got {screen!r}")
-    if screen == "auto":
-        return choose_screen(dim)
-    return screen
+    """The screen to run: ``screen`` itself, or for ``"auto"`` the one :func:`choose_screen` measures."""
+    return choose_screen(dim) if screen == "auto" else screen
 
 
 def _count_with_numba(
@@ -381,13 +383,11 @@ def _count_with_numba(
     block_cols = min(max(block_size, CPU_BLOCK_SIZE), num_items)
     chunks = numba.get_num_threads()  # column chunks, one per thread
     row_counts = np.empty((chunks, block_rows, max_r), dtype=np.int64)  # each thread's counts of the row queries
+    operands, out_dtype = _screen_operands(precision, x, scale)
+    buffer = torch.empty(block_rows * block_cols, dtype=out_dtype)
     if precision == "float32":
-        operands = torch.from_numpy(x)
-        buffer = torch.empty(block_rows * block_cols, dtype=torch.float32)
         col_keys, never = np.empty(block_cols, dtype=np.float32), np.float32(np.inf)
     else:
-        operands = int8_codes(x, scale) if precision == "int8" else torch.from_numpy(x).to(torch.bfloat16)
-        buffer = torch.empty(block_rows * block_cols, dtype=torch.int32 if precision == "int8" else torch.bfloat16)
         col_keys, never = np.empty(block_cols, dtype=np.int32), np.iinfo(np.int32).max
     for rows, cols, first in _upper_triangle_blocks(num_items, block_rows, block_cols):
         shape = (rows.stop - rows.start, cols.stop - cols.start)
