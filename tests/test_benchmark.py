@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from metricsearch.utils.benchmark import run_benchmark
-from metricsearch.utils.benchmark_eval import EvalData, make_embeddings, sop_like_class_sizes
+from metricsearch.metrics.positive_ranks import ScreenProbe
+from metricsearch.utils.benchmark import render_markdown, run_benchmark
+from metricsearch.utils.benchmark_eval import EvalData, emulated_screens, make_embeddings, sop_like_class_sizes
 from metricsearch.utils.benchmark_train import TrainSetting, measure_gpu_evaluation
 
 
@@ -20,6 +21,44 @@ def test_sop_like_data_has_the_requested_shape():
     x, labels = make_embeddings(data)
     assert x.shape == (6_050, 16) and x.dtype == np.float32 and len(np.unique(labels)) == 1_131
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+
+
+def test_forced_screens_that_are_emulated_are_skipped():
+    def probes(**seconds):
+        return {name: ScreenProbe(seconds=value, error=0.001, margin=0.01) for name, value in seconds.items()}
+
+    # AVX2 only: both emulated (the times an AVX2 EPYC gave for a 1024 x 2048 x 512 block, in seconds).
+    avx2 = emulated_screens(probes(float32=0.011, bfloat16=0.052, int8=0.12))
+    assert set(avx2) == {"ours_bfloat16", "ours_int8"} and "emulated" in avx2["ours_int8"]
+    # AVX512-BF16 + VNNI: both are forced, even though the default picks only one of them.
+    assert emulated_screens(probes(float32=0.012, bfloat16=0.0025, int8=0.002)) == {}
+    # VNNI only, and no bfloat16 product in this build of torch.
+    assert set(emulated_screens(probes(float32=0.012, int8=0.004))) == {"ours_bfloat16"}
+    inaccurate = {**probes(float32=0.012, int8=0.004), "bfloat16": ScreenProbe(0.001, error=0.5, margin=0.01)}
+    assert "outside its error margin" in emulated_screens(inaccurate)["ours_bfloat16"]
+
+
+def test_the_report_shows_skipped_screens_and_the_nmi_cost():
+    skipped = {"method": "ours_int8", "skipped": "skipped: emulated on this CPU (int8 product 120.0 ms vs ...)"}
+    evaluation = {
+        "data": {"num_items": 60_502, "dim": 512, "num_classes": 11_316},
+        "ours_int8": skipped,
+        "nmi": {
+            "macs_per_iteration": 3.5e11,
+            "full_schedule": {"niter": 20, "nredo": 5},
+            "cpu_budget_macs": 2e11,
+            "cpu_schedule": None,
+            "cpu_one_iteration": {"seconds": 14.0},
+            "cpu_full_schedule_seconds_estimate": 1400.0,
+        },
+    }
+    machine = {"cpu": "AMD EPYC", "cpu_cores": 2, "memory_gb": 25, "torch": "2.14", "cpu_features": ["avx2", "fma"],
+               "isa_limits": {"ATEN_CPU_CAPABILITY": "avx2"}}  # fmt: skip
+    report = {"machine": machine, "targets": [], "evaluation": evaluation, "seconds": 60.0}
+    markdown = render_markdown(report)
+    assert "(avx2, fma), limited by ATEN_CPU_CAPABILITY=avx2" in markdown
+    assert "| ours (CPU, int8 screen) | skipped: emulated on this CPU" in markdown
+    assert "14.0 s per iteration" in markdown and "~23 min" in markdown and "left out on the CPU" in markdown
 
 
 @pytest.mark.slow
@@ -38,6 +77,7 @@ def test_benchmark_runs_every_cpu_section_at_toy_size(tmp_path, data_dir):
     assert max(evaluation["max_abs_diff_screens"].values()) == 0.0  # the screen changes the speed only
     assert evaluation["ours"]["screen"] in ("int8", "bfloat16", "float32") and "float32 screen" in markdown
     assert max(evaluation["max_abs_diff_vs_torchmetrics"].values()) < 1e-6
+    assert evaluation["nmi"]["cpu_one_iteration"]["seconds"] > 0 and "NMI (k-means" in markdown
     assert report["lightning_overhead"]["ratio"] > 0
     assert report["training"]["pil"]["images_per_s"] > 0 and report["training"]["fast"]["images_per_s"] > 0
     met = {t["target"]: t for t in report["targets"]}

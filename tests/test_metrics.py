@@ -22,6 +22,7 @@ from metricsearch.metrics import (
     count_relevant,
     find_neighbors,
 )
+from metricsearch.metrics.kmeans import KMeansSchedule, kmeans_cost, nmi_schedule, torch_kmeans
 
 SEEDS = [0, 1, 2, 3, 4]
 KS = (1, 2, 4, 8, 16)
@@ -329,6 +330,82 @@ def test_nmi_is_seeded():
     metrics = calc_retrieval_metrics(x, labels, seed=1)
     assert metrics["nmi"] == calc_nmi(x, labels, seed=1)
     assert 0.0 <= metrics["nmi"] <= 1.0
+
+
+def plain_lloyd(x: np.ndarray, init: np.ndarray, niter: int) -> np.ndarray:
+    """k-means by the textbook: nearest centroid by explicit squared distances, centroids as member means."""
+    centroids = x[init].astype(np.float64)
+    for _ in range(niter):
+        assignment = np.array([np.argmin([np.sum((p - c) ** 2) for c in centroids]) for p in x])
+        for k in range(len(centroids)):
+            if np.any(assignment == k):
+                centroids[k] = x[assignment == k].mean(axis=0)
+    return np.array([np.argmin([np.sum((p - c) ** 2) for c in centroids]) for p in x])
+
+
+def separated_blobs(seed: int, noise: float, num_classes: int = 10, per_class: int = 40, dim: int = 16):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(num_classes), per_class)
+    centres = normalize(rng.normal(size=(num_classes, dim)))
+    return normalize(centres[labels] + noise * rng.normal(size=(len(labels), dim))).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_torch_kmeans_matches_a_plain_lloyd_loop(seed):
+    # The GPU's k-means (run here on the CPU) from the same starting rows as the textbook loop.
+    x, _ = separated_blobs(seed, noise=0.35, per_class=12)
+    init = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:10].numpy()
+    ours = torch_kmeans(torch.from_numpy(x), 10, KMeansSchedule(niter=8, nredo=1), seed=seed).numpy()
+    np.testing.assert_array_equal(ours, plain_lloyd(x, init, niter=8))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_torch_kmeans_nmi_agrees_with_faiss_and_scikit_learn(seed):
+    # Different k-means implementations end in different local optima; on these clusters they stay close.
+    x, labels = separated_blobs(seed, noise=0.25)
+    ours, faiss_nmi, reference = calc_nmi(x, labels, device="cpu"), calc_nmi(x, labels), sklearn_nmi(x, labels)
+    assert 0.8 < reference < 0.99  # neither trivial nor hopeless, so that a broken k-means would show
+    assert ours == pytest.approx(faiss_nmi, abs=0.06)
+    assert ours == pytest.approx(reference, abs=0.06)
+
+
+def test_torch_kmeans_separates_clusters_and_fills_empty_ones():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8), 25)
+    x = normalize(np.eye(16)[labels] + 0.05 * rng.normal(size=(len(labels), 16)))
+    assert calc_nmi(x, labels, device="cpu") == pytest.approx(1.0)
+    # More clusters than distinct points: the empty clusters take over far points instead of staying empty.
+    points = torch.tensor([[0.0, 0.0], [0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    assignment = torch_kmeans(points, 4, KMeansSchedule(niter=10, nredo=1))
+    assert len(torch.unique(assignment)) == 4
+
+
+@pytest.mark.parametrize(
+    "num_items, num_clusters, budget, expected",
+    [
+        (8_131, 98, 2e11, KMeansSchedule(20, 5)),  # Cars196 test set: the full schedule
+        (60_502, 11_316, None, KMeansSchedule(20, 5)),  # no budget (on a GPU)
+        (60_502, 11_316, 2e11, None),  # SOP test set on a CPU: not even one iteration fits
+        (10_000, 1_000, 2e11, KMeansSchedule(20, 3)),  # 5.1e10 per run of 20 iterations: 3 runs fit
+        (10_000, 5_000, 2e11, KMeansSchedule(15, 1)),  # 1.28e10 per iteration: one run of 15 iterations
+        (10_000, 20_000, 2e11, None),  # fewer than MIN_ITERATIONS would fit
+    ],
+)
+def test_nmi_schedule_fits_the_budget(num_items, num_clusters, budget, expected):
+    schedule = nmi_schedule(num_items, num_clusters, 256, KMeansSchedule(20, 5), budget)
+    assert schedule == expected
+    if schedule is not None and budget is not None:
+        assert kmeans_cost(num_items, num_clusters, 256, schedule) <= budget
+
+
+def test_nmi_over_budget_is_left_out_with_a_warning():
+    x, labels = make_clustered_data(3)
+    cost = kmeans_cost(len(x), len(np.unique(labels)), x.shape[1], KMeansSchedule(20, 5))
+    with pytest.warns(RuntimeWarning, match="NMI left out"):
+        metrics = calc_retrieval_metrics(x, labels, nmi_max_macs=cost / 100)
+    assert "nmi" not in metrics and "map@r" in metrics
+    within = calc_retrieval_metrics(x, labels, nmi_max_macs=cost)
+    assert within["nmi"] == calc_nmi(x, labels)
 
 
 # ----------------------------------------------------------------------------------------------------------------

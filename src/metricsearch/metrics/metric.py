@@ -35,6 +35,7 @@ class RetrievalMetric(Metric):
     Args:
         recall_at_k: The values of K for Recall@K.
         compute_nmi: Whether to also cluster the embeddings for NMI.
+        nmi_max_macs: NMI's k-means budget on the CPU in multiply-adds (see ``calc_retrieval_metrics``).
         seed: Seed of the k-means clustering for NMI.
         **kwargs: Passed on to ``torchmetrics.Metric`` (e.g. ``compute_on_cpu``).
 
@@ -55,11 +56,17 @@ class RetrievalMetric(Metric):
     indices: list[torch.Tensor] | torch.Tensor
 
     def __init__(
-        self, recall_at_k: Sequence[int] = (1, 2, 4, 8), compute_nmi: bool = True, seed: int = 0, **kwargs: Any
+        self,
+        recall_at_k: Sequence[int] = (1, 2, 4, 8),
+        compute_nmi: bool = True,
+        seed: int = 0,
+        nmi_max_macs: float | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.recall_at_k = [int(k) for k in recall_at_k]
         self.compute_nmi = compute_nmi
+        self.nmi_max_macs = nmi_max_macs
         self.seed = seed
         self.add_state("embeddings", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
@@ -96,6 +103,7 @@ class RetrievalMetric(Metric):
             collected.labels,
             self.recall_at_k,
             compute_nmi=self.compute_nmi,
+            nmi_max_macs=self.nmi_max_macs,
             seed=self.seed,
             device=self.device if self.device.type == "cuda" else None,
         )

@@ -54,7 +54,17 @@ try:  # numba ships with umap-learn; without it the torch implementation runs on
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ["PositiveRanks", "SCREENS", "numba_available", "rank_positives"]
+__all__ = [
+    "PositiveRanks",
+    "SCREENS",
+    "ScreenProbe",
+    "choose_screen",
+    "measure_screens",
+    "numba_available",
+    "pick_screen",
+    "rank_positives",
+    "screen_is_fast",
+]
 
 # Rows (and at least the columns) of a block of the similarity matrix: 4096^2 float32 scores take 64 MB on the CPU;
 # on a GPU 8192^2 scores and their int64 keys take ~2 GB, and larger blocks keep it busy.
@@ -308,48 +318,97 @@ def _screen_product(precision: str, left: torch.Tensor, right: torch.Tensor, out
     """``left @ right.T`` into ``out`` in the screen's arithmetic (operands already in its dtype)."""
     if precision == "int8":
         torch._int_mm(left, right.T, out=out)  # exact int32 sums; the transposed view is its fast layout
+    elif precision == "float32":
+        # NOTE: numpy's OpenBLAS, not torch's MKL: on AMD CPUs MKL's sgemm ran at 85-130 GFLOP/s on two cores
+        # against OpenBLAS's 105-220 (AVX2 / AVX-512), and float32 is the screen of AVX2-only CPUs.
+        np.matmul(left.numpy(), right.numpy().T, out=out.numpy())
     else:
         torch.mm(left, right.T, out=out)
 
 
-@functools.lru_cache(maxsize=8)
-def choose_screen(dim: int) -> str:
-    """The screen for rows of ``dim`` values on this CPU: bfloat16, else int8, where fast; else float32.
+@dataclass(frozen=True)
+class ScreenProbe:
+    """One screen's product measured on probe vectors: its time, its largest error, and the margin it must meet.
 
-    Measured once per process and dimension on blocks of 1024 x 2048 unit vectors. bfloat16 (AVX512-BF16, AMX) or
-    int8 (VNNI) is chosen only when it is at least 1.5x faster than float32 and its error on these vectors
-    stays within :func:`screen_margin` (an implementation that does not accumulate exactly, or in float32, is not
-    used); where they are emulated (AVX2-only CPUs) float32 wins.
+    Attributes:
+        seconds: Best of three products of a 1024 x 2048 block (``inf`` where this build of torch lacks it).
+        error: Largest distance of a product from the exact (float64) score, in score units.
+        margin: :func:`screen_margin` for the probe vectors: the error the screen's keys assume.
+    """
+
+    seconds: float
+    error: float
+    margin: float
+
+    @property
+    def accurate(self) -> bool:
+        return self.error <= self.margin
+
+
+# A screen other than float32 is used only when it multiplies at least this much faster: an emulated bfloat16 or
+# int8 product (AVX2-only CPUs) is slower than float32, and a screen with a wider margin rescores more pairs.
+SCREEN_MIN_SPEEDUP = 1.5
+
+
+def pick_screen(probes: dict[str, ScreenProbe]) -> str:
+    """The screen to use given each one's measurement: bfloat16, else int8, where fast and accurate; else float32.
+
+    A decision on given numbers (what :func:`measure_screens` returns), so that it can be checked on any machine.
+    """
+    # NOTE: bfloat16 first: its margin is about a third of int8's, so fewer pairs are rescored. At SOP size on a CPU
+    # with both (AVX512-BF16 + VNNI) the two took 4.2-6.4 s each over three runs, although int8 multiplies 2x faster.
+    for precision in ("bfloat16", "int8"):
+        if screen_is_fast(probes, precision):
+            return precision
+    return "float32"
+
+
+def screen_is_fast(probes: dict[str, ScreenProbe], precision: str) -> bool:
+    """Whether ``precision`` was measured, stays within its margin, and beats float32 by :data:`SCREEN_MIN_SPEEDUP`.
+
+    False means the CPU emulates it (or this build of torch lacks it): forcing it would only be slower.
+    """
+    if precision == "float32":
+        return True
+    probe = probes.get(precision)
+    return probe is not None and probe.accurate and probe.seconds * SCREEN_MIN_SPEEDUP < probes["float32"].seconds
+
+
+def measure_screens(dim: int) -> dict[str, ScreenProbe]:
+    """Times each screen's product on blocks of 1024 x 2048 unit vectors of ``dim`` values, and measures its error.
+
+    bfloat16 (AVX512-BF16, AMX) and int8 (VNNI) are fast only where the CPU has them; elsewhere torch emulates them.
+    A screen whose product this build of torch lacks on the CPU is left out.
     """
     generator = torch.Generator().manual_seed(0)
     a = torch.nn.functional.normalize(torch.randn(1024, dim, generator=generator), dim=1)
     b = torch.nn.functional.normalize(torch.randn(2048, dim, generator=generator), dim=1)
     both = torch.cat([a, b]).numpy()
     exact = a.double() @ b.double().T
-    timings = {}
+    probes = {}
     for precision in ("float32", "bfloat16", "int8"):
         scale = int8_scale(both) if precision == "int8" else 1.0
         operands, out_dtype = _screen_operands(precision, both, scale)
         left, right = operands[:1024], operands[1024:]
-        out, factor = torch.empty(1024, 2048, dtype=out_dtype), scale * scale
+        out = torch.empty(1024, 2048, dtype=out_dtype)
         try:
             _screen_product(precision, left, right, out)  # the first call also selects kernels and compiles them
         except RuntimeError:  # an operation this build of torch lacks on the CPU
             continue
-        if float((out.double() * factor - exact).abs().max()) > screen_margin(precision, both):
-            continue
+        error = float((out.double() * (scale * scale) - exact).abs().max())
         best = float("inf")
         for _ in range(3):
             started = time.perf_counter()
             _screen_product(precision, left, right, out)
             best = min(best, time.perf_counter() - started)
-        timings[precision] = best
-    # NOTE: bfloat16 first: its margin is about a third of int8's, so fewer pairs are rescored. At SOP size on a CPU
-    # with both (AVX512-BF16 + VNNI) the two took 4.2-6.4 s each over three runs, although int8 multiplies 2x faster.
-    for precision in ("bfloat16", "int8"):
-        if precision in timings and timings[precision] * 1.5 < timings["float32"]:
-            return precision
-    return "float32"
+        probes[precision] = ScreenProbe(seconds=best, error=error, margin=screen_margin(precision, both))
+    return probes
+
+
+@functools.lru_cache(maxsize=8)
+def choose_screen(dim: int) -> str:
+    """The screen for rows of ``dim`` values on this CPU (measured once per process and dimension)."""
+    return pick_screen(measure_screens(dim))
 
 
 def _resolve_screen(screen: str, dim: int) -> str:

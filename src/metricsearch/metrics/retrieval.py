@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
+from metricsearch.metrics.kmeans import KMeansSchedule, faiss_kmeans, nmi_schedule, torch_kmeans
 from metricsearch.metrics.positive_ranks import PositiveRanks, rank_positives
 
 __all__ = [
@@ -198,7 +199,15 @@ def calc_map_at_r(neighbor_labels: np.ndarray, labels: np.ndarray, num_relevant:
     return float(np.mean(average_precision))
 
 
-def calc_nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0, *, niter: int = 20, nredo: int = 5) -> float:
+def calc_nmi(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    seed: int = 0,
+    *,
+    niter: int = 20,
+    nredo: int = 5,
+    device: str | torch.device | None = None,
+) -> float:
     """Computes the NMI between the labels and a k-means clustering with one cluster per class.
 
     All items take part, singleton classes included: clustering has no queries to leave out (this matches
@@ -207,12 +216,14 @@ def calc_nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0, *, niter
     Args:
         embeddings: Array of shape (N, D).
         labels: Array of shape (N,).
-        seed: Seed of faiss' k-means initialisation.
+        seed: Seed of the k-means initialisation.
         niter: Number of k-means iterations per run.
         nredo: Number of k-means runs from different random initialisations; the run with the lowest k-means
-            objective is kept. faiss initialises from randomly drawn points, and a single run often merges two
+            objective is kept. k-means initialises from randomly drawn points, and a single run often merges two
             well-separated classes (pytorch-metric-learning uses one run of 20 iterations, so its NMI can be
             a little lower).
+        device: None for faiss on the CPU; a torch device (``"cuda"``) to run the iterations there with
+            :func:`~metricsearch.metrics.kmeans.torch_kmeans` (faiss-cpu has no GPU k-means).
 
     Returns:
         Normalized mutual information (arithmetic normalisation, scikit-learn's default).
@@ -228,14 +239,12 @@ def calc_nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0, *, niter
     if num_classes == 1:
         # Both partitions are a single block: scikit-learn calls that a perfect match.
         return 1.0
-    # NOTE: min_points_per_centroid=1 silences faiss' warning about few points per cluster, which is the normal
-    # case here (a CUB class has ~60 images).
-    kmeans = faiss.Kmeans(
-        x.shape[1], num_classes, niter=niter, nredo=nredo, seed=seed, min_points_per_centroid=1, verbose=False
-    )
-    kmeans.train(x)
-    _, assignment = kmeans.index.search(x, 1)
-    return float(normalized_mutual_info_score(labels, assignment[:, 0]))
+    schedule = KMeansSchedule(niter=niter, nredo=nredo)
+    if device is None:
+        assignment = faiss_kmeans(x, num_classes, schedule, seed=seed)
+    else:
+        assignment = torch_kmeans(torch.from_numpy(x).to(device), num_classes, schedule, seed=seed).cpu().numpy()
+    return float(normalized_mutual_info_score(labels, assignment))
 
 
 def calc_retrieval_metrics(
@@ -248,6 +257,7 @@ def calc_retrieval_metrics(
     seed: int = 0,
     device: str | torch.device | None = None,
     screen: str = "auto",
+    nmi_max_macs: float | None = None,
 ) -> dict[str, float]:
     """Computes all the retrieval metrics of a query = gallery set in one pass over the similarity matrix.
 
@@ -262,6 +272,9 @@ def calc_retrieval_metrics(
         labels: Array of shape (N,), the class of every item.
         recall_at_k: The values of K for Recall@K.
         compute_nmi: Whether to run k-means for NMI (the slowest part on large sets).
+        nmi_max_macs: Budget of NMI's k-means in multiply-adds (None: unlimited); see
+            :func:`~metricsearch.metrics.kmeans.nmi_schedule`. Over it, fewer runs and then fewer iterations are
+            spent, and NMI is left out (with a warning) when even one short run does not fit.
         chunk_size: Rows of each block of the similarity matrix computed at once (default: 4096 on the CPU, 8192
             on a GPU); memory grows with it, results do not change.
         seed: Seed of the k-means clustering.
@@ -274,7 +287,8 @@ def calc_retrieval_metrics(
 
     Returns:
         A dict with keys ``recall@{K}`` for each K, ``precision@1``, ``r_precision``, ``map@r``, ``nmi`` (when
-        computed) and ``num_queries``. When no query can be answered the metrics are 0.0, with a warning.
+        computed: asked for and within its budget) and ``num_queries``. When no query can be answered the
+        metrics are 0.0, with a warning.
 
     Raises:
         ValueError: On embeddings that are not a finite 2D array with at least two rows, labels that are not a
@@ -311,7 +325,20 @@ def calc_retrieval_metrics(
         ranks = rank_positives(x, labels, max_k=max(ks), block_size=chunk_size, device=device, screen=screen)
         metrics.update(calc_metrics_from_positive_ranks(ranks, ks, answerable))
     if compute_nmi:
-        metrics["nmi"] = calc_nmi(x, labels, seed=seed)
+        num_classes = len(np.unique(labels))
+        on_gpu = device is not None and torch.device(device).type != "cpu"
+        budget = None if on_gpu else nmi_max_macs
+        schedule = nmi_schedule(len(x), num_classes, x.shape[1], KMeansSchedule(20, 5), budget)
+        if schedule is None:
+            warnings.warn(
+                f"NMI left out: k-means with {num_classes:,} clusters over {len(x):,} x {x.shape[1]} embeddings "
+                f"costs more than the budget of {nmi_max_macs:.1e} multiply-adds even for one short run "
+                "(raise module.nmi_max_macs, or evaluate on a GPU, where the budget does not apply)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            metrics["nmi"] = calc_nmi(x, labels, seed=seed, niter=schedule.niter, nredo=schedule.nredo, device=device)
     metrics["num_queries"] = float(num_queries)
     return metrics
 

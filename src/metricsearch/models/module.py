@@ -40,6 +40,8 @@ class MetricLearningModule(L.LightningModule):
             methods use ~100x).
         recall_at_k: the K of Recall@K.
         compute_nmi: also compute NMI (a k-means per evaluation).
+        nmi_max_macs: budget of NMI's k-means on the CPU, in multiply-adds (None: unlimited); over it NMI uses
+            fewer runs, then fewer iterations, then is left out (see ``metricsearch.metrics.kmeans``).
         model_config: plain dict describing how to rebuild the model and its preprocessing; stored in the
             checkpoint so search and export can load it without the training config.
         max_nonfinite_steps: training stops after this many non-finite losses in a row; isolated ones are
@@ -63,6 +65,7 @@ class MetricLearningModule(L.LightningModule):
         loss_lr_multiplier: float = 1.0,
         recall_at_k: Sequence[int] = (1, 2, 4, 8),
         compute_nmi: bool = True,
+        nmi_max_macs: float | None = None,
         model_config: dict | None = None,
         max_nonfinite_steps: int = 10,
         channels_last: bool = False,
@@ -76,8 +79,9 @@ class MetricLearningModule(L.LightningModule):
         self.miner = miner
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.val_metric = RetrievalMetric(recall_at_k=list(recall_at_k), compute_nmi=compute_nmi)
-        self.test_metric = RetrievalMetric(recall_at_k=list(recall_at_k), compute_nmi=compute_nmi)
+        metric_options = {"recall_at_k": list(recall_at_k), "compute_nmi": compute_nmi, "nmi_max_macs": nmi_max_macs}
+        self.val_metric = RetrievalMetric(**metric_options)
+        self.test_metric = RetrievalMetric(**metric_options)
         # The prefix under which test metrics are logged; the pipeline tests the untrained model as "untrained".
         self.test_prefix = "test"
         # The embeddings of the latest evaluation per prefix (all ranks gathered), for callbacks that draw

@@ -50,15 +50,28 @@ TARGETS = (
 )
 
 
+CPU_FEATURES = {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8"}
+ISA_LIMITS = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "OPENBLAS_CORETYPE",
+    "NUMBA_CPU_NAME",
+)
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers came from, including the load: this benchmark is often run on shared machines."""
     import psutil
 
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
@@ -70,6 +83,9 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # What the screens depend on; the ISA limits say whether this run emulated a smaller CPU.
+        "cpu_features": sorted(flags & CPU_FEATURES),
+        "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     return info
@@ -228,6 +244,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# MetricSearch benchmark",
         "",
         f"Machine: {machine['cpu']}, {machine['cpu_cores']} cores, {machine['memory_gb']} GB"
+        + (f" ({', '.join(machine['cpu_features'])})" if machine.get("cpu_features") else "")
+        + (f", limited by {_isa_limits(machine['isa_limits'])}" if machine.get("isa_limits") else "")
         + (f", GPU {machine['cuda']}" if machine.get("cuda") else ", no GPU")
         + f"; torch {machine['torch']}. Load average at start {_load(machine.get('load_average_at_start'))}, "
         f"at end {_load(machine.get('load_average_at_end'))}. Total {report['seconds'] / 60:.1f} min"
@@ -287,6 +305,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"**{evaluation['speedup_float32_vs_pml']:.2f}x**. The screen only chooses which pairs are rescored "
                 f"exactly; largest difference between screens: {max(evaluation['max_abs_diff_screens'].values()):.1e}.",
             ]
+        lines += _nmi_lines(evaluation.get("nmi"))
         subset = evaluation.get("torchmetrics_subset")
         if subset:
             lines += [
@@ -354,6 +373,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def _eval_row(name: str, result: dict[str, Any]) -> str:
+    if "skipped" in result:
+        return f"| {name} | {result['skipped']} | | | | | | |"
     if "error" in result:
         return f"| {name} | failed: {result['error'].strip().splitlines()[-1]} | | | | | | |"
     m = result["metrics"]
@@ -363,6 +384,36 @@ def _eval_row(name: str, result: dict[str, Any]) -> str:
         f"{result['peak_above_baseline_mb'] / 1024:.2f} | {_fmt(recall1, 4)} | {_fmt(m.get('recall@1000'), 4)} | "
         f"{_fmt(m.get('r_precision'), 4)} | {_fmt(m.get('map@r', m.get('mean_average_precision_at_r')), 4)} |"
     )
+
+
+def _nmi_lines(nmi: dict[str, Any] | None) -> list[str]:
+    """The NMI paragraph: its k-means cost here, and what the CPU budget makes of it."""
+    if not nmi:
+        return []
+    full = nmi["full_schedule"]
+    lines = ["", f"NMI (k-means, one cluster per class, {full['niter']} iterations x {full['nredo']} runs): "
+             f"{nmi['macs_per_iteration']:.2e} multiply-adds per iteration."]  # fmt: skip
+    one = nmi.get("cpu_one_iteration", {})
+    if "seconds" in one:
+        schedule = nmi["cpu_schedule"]
+        decision = (
+            "left out on the CPU (over the budget even for one short run)"
+            if schedule is None
+            else f"{schedule['niter']} iterations x {schedule['nredo']} runs on the CPU"
+        )
+        lines[-1] += (
+            f" faiss on the CPU: {one['seconds']:.1f} s per iteration, so the full schedule would take "
+            f"~{nmi['cpu_full_schedule_seconds_estimate'] / 60:.0f} min; with the default budget of "
+            f"{nmi['cpu_budget_macs']:.0e} multiply-adds (module.nmi_max_macs) it is {decision}."
+        )
+    cuda = nmi.get("cuda_full_schedule")
+    if cuda and "seconds" in cuda:
+        lines[-1] += f" GPU (torch k-means), full schedule: **{cuda['seconds']:.2f} s**."
+    return lines
+
+
+def _isa_limits(limits: dict[str, str]) -> str:
+    return " ".join(f"{name}={value}" for name, value in limits.items())
 
 
 def _load(values: list[float] | None) -> str:

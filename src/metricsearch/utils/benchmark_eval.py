@@ -27,10 +27,16 @@ from typing import Any
 
 import numpy as np
 
+from metricsearch.metrics.kmeans import DEFAULT_NMI_MAX_MACS, KMeansSchedule, kmeans_cost, nmi_schedule
+from metricsearch.metrics.positive_ranks import ScreenProbe, measure_screens, screen_is_fast
+
 SOP_TEST_ITEMS = 60_502
 SOP_TEST_CLASSES = 11_316
 SOP_DIM = 512
 SOP_KS = (1, 10, 100, 1000)
+# NMI's k-means: the full schedule, and the part of it timed on the CPU (the full one takes ~20 minutes there).
+NMI_FULL = KMeansSchedule(niter=20, nredo=5)
+NMI_PROBE = KMeansSchedule(niter=1, nredo=1)
 # Metrics AccuracyCalculator computes that match ours, by name (ours, theirs).
 PML_METRICS = (
     ("precision@1", "precision_at_1"),
@@ -98,6 +104,20 @@ def _run_ours(x: np.ndarray, labels: np.ndarray, device: str | None = None, scre
     return calc_retrieval_metrics(x, labels, SOP_KS, compute_nmi=False, device=device, screen=screen)
 
 
+def _run_nmi_cpu(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """One k-means iteration of one run with faiss, as NMI runs it on the CPU (the full schedule is 20 x 5)."""
+    from metricsearch.metrics import calc_nmi
+
+    return {"nmi": calc_nmi(x, labels, niter=NMI_PROBE.niter, nredo=NMI_PROBE.nredo)}
+
+
+def _run_nmi_cuda(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The whole NMI (20 iterations x 5 runs) with the torch k-means on the GPU."""
+    from metricsearch.metrics import calc_nmi
+
+    return {"nmi": calc_nmi(x, labels, niter=NMI_FULL.niter, nredo=NMI_FULL.nredo, device="cuda")}
+
+
 def _run_pml(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     import torch
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -140,6 +160,8 @@ METHODS = {
     "ours_int8": lambda x, labels: _run_ours(x, labels, screen="int8"),
     "ours_float32": lambda x, labels: _run_ours(x, labels, screen="float32"),
     "ours_cuda": lambda x, labels: _run_ours(x, labels, device="cuda"),
+    "nmi_cpu": _run_nmi_cpu,
+    "nmi_cuda": _run_nmi_cuda,
     "pml": _run_pml,
     "torchmetrics": _run_torchmetrics,
 }
@@ -166,7 +188,7 @@ def child_main(method: str, data_file: str, out_file: str) -> None:
     # and BLAS thread pools started.
     warmup = np.argsort(labels, kind="stable")[:512]  # whole classes, so that there are queries to answer
     METHODS[method](x[warmup], labels[warmup])
-    if method == "ours_cuda":
+    if method.endswith("_cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     baseline = _rss_mb()
@@ -182,7 +204,7 @@ def child_main(method: str, data_file: str, out_file: str) -> None:
         "peak_above_baseline_mb": peak - baseline,
         "metrics": metrics,
     }
-    if method == "ours_cuda":
+    if method.endswith("_cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if method == "ours":
         from metricsearch.metrics.positive_ranks import choose_screen
@@ -226,11 +248,18 @@ def benchmark_evaluation(
     log(f"evaluation data: {x.shape[0]:,} x {x.shape[1]} embeddings, {data.num_classes:,} classes "
         f"({time.perf_counter() - started:.1f} s to generate)")  # fmt: skip
     out: dict[str, Any] = {"data": asdict(data)}
+    probes = measure_screens(data.dim)
+    out["screen_probes"] = {name: asdict(probe) for name, probe in probes.items()}
     methods = ["ours", "ours_bfloat16", "ours_int8", "ours_float32", "pml"] + (["ours_cuda"] if with_cuda else [])
+    skips = emulated_screens(probes)
     for method in methods:
-        log(f"  {method} ...")
-        out[method] = run_method(method, data_file)
+        if method in skips:
+            out[method] = {"method": method, "skipped": skips[method]}
+        else:
+            log(f"  {method} ...")
+            out[method] = run_method(method, data_file)
         log(f"  {method}: {_summary(out[method])}")
+    out["nmi"] = _benchmark_nmi(data, data_file, with_cuda=with_cuda, log=log)
 
     # torchmetrics needs N^2 (score, target, query) entries: a subset whose classes are all whole and answerable.
     subset_classes = np.unique(labels)[: max(2, data.num_classes * torchmetrics_items // data.num_items)]
@@ -250,16 +279,16 @@ def benchmark_evaluation(
     small_file.unlink(missing_ok=True)
 
     ours, pml = out["ours"], out["pml"]
-    if "error" not in ours and "error" not in pml:
+    if _ran(ours) and _ran(pml):
         out["speedup_vs_pml"] = pml["seconds"] / ours["seconds"]
         out["memory_ratio_vs_pml"] = ours["peak_rss_mb"] / pml["peak_rss_mb"]
         out["memory_above_baseline_ratio_vs_pml"] = ours["peak_above_baseline_mb"] / pml["peak_above_baseline_mb"]
         out["max_abs_diff_vs_pml"] = compare_values(ours["metrics"], pml["metrics"], PML_METRICS)
     plain = out["ours_float32"]
-    if "error" not in plain and "error" not in pml:
+    if _ran(plain) and _ran(pml):
         out["speedup_float32_vs_pml"] = pml["seconds"] / plain["seconds"]
-    if "error" not in ours:
-        others = [out[m] for m in ("ours_bfloat16", "ours_int8", "ours_float32") if "error" not in out[m]]
+    if _ran(ours):
+        others = [out[m] for m in ("ours_bfloat16", "ours_int8", "ours_float32") if _ran(out[m])]
         out["max_abs_diff_screens"] = {
             k: max((abs(value - o["metrics"][k]) for o in others), default=0.0) for k, value in ours["metrics"].items()
         }
@@ -270,7 +299,61 @@ def benchmark_evaluation(
     return out
 
 
+def _benchmark_nmi(data: EvalData, data_file: Path, *, with_cuda: bool, log=print) -> dict[str, Any]:
+    """What NMI costs at this size: one faiss iteration timed on the CPU, the full schedule on a GPU."""
+    cost_per_iteration = kmeans_cost(data.num_items, data.num_classes, data.dim, KMeansSchedule(1, 1))
+    budget = DEFAULT_NMI_MAX_MACS
+    schedule = nmi_schedule(data.num_items, data.num_classes, data.dim, NMI_FULL, budget)
+    result: dict[str, Any] = {
+        "macs_per_iteration": cost_per_iteration,
+        "full_schedule": asdict(NMI_FULL),
+        "cpu_budget_macs": budget,
+        "cpu_schedule": asdict(schedule) if schedule else None,
+    }
+    log("  nmi_cpu (one k-means iteration) ...")
+    result["cpu_one_iteration"] = run_method("nmi_cpu", data_file)
+    if _ran(result["cpu_one_iteration"]):
+        seconds = result["cpu_one_iteration"]["seconds"]
+        result["cpu_full_schedule_seconds_estimate"] = seconds * NMI_FULL.niter * NMI_FULL.nredo
+        log(f"  nmi_cpu: {seconds:.1f} s per iteration; the full {NMI_FULL.niter} x {NMI_FULL.nredo} schedule "
+            f"~{seconds * NMI_FULL.niter * NMI_FULL.nredo / 60:.0f} min; within the CPU budget: "
+            f"{'skipped' if schedule is None else schedule}")  # fmt: skip
+    if with_cuda:
+        log("  nmi_cuda (full schedule) ...")
+        result["cuda_full_schedule"] = run_method("nmi_cuda", data_file)
+        log(f"  nmi_cuda: {_summary(result['cuda_full_schedule'])}")
+    return result
+
+
+def emulated_screens(probes: dict[str, ScreenProbe]) -> dict[str, str]:
+    """The forced-screen methods to skip, each with the reason: the screens ``choose_screen`` found slow here.
+
+    On an AVX2-only CPU torch emulates bfloat16 and int8 products: forcing them took 142 s and 491 s at SOP size,
+    which measures the emulation, not the method.
+    """
+    skips = {}
+    baseline = probes["float32"]
+    for precision in ("bfloat16", "int8"):
+        probe = probes.get(precision)
+        if probe is None:
+            skips[f"ours_{precision}"] = f"skipped: this build of torch has no {precision} product on the CPU"
+        elif not probe.accurate:
+            skips[f"ours_{precision}"] = f"skipped: the {precision} product is outside its error margin here"
+        elif not screen_is_fast(probes, precision):
+            skips[f"ours_{precision}"] = (
+                f"skipped: emulated on this CPU ({precision} product {probe.seconds * 1e3:.1f} ms vs float32 "
+                f"{baseline.seconds * 1e3:.1f} ms per probe block)"
+            )
+    return skips
+
+
+def _ran(result: dict[str, Any]) -> bool:
+    return "error" not in result and "skipped" not in result
+
+
 def _summary(result: dict[str, Any]) -> str:
+    if "skipped" in result:
+        return result["skipped"]
     if "error" in result:
         return "FAILED: " + result["error"].strip().splitlines()[-1]
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items() if k != "num_queries")
