@@ -16,7 +16,14 @@ import metricsearch.search.pipeline as pipeline_module
 from metricsearch.search.cli import main_build_index, main_search
 from metricsearch.search.embedder import fingerprint_weights, load_embedder
 from metricsearch.search.embedding import make_predict_trainer
-from metricsearch.search.errors import IndexLoadError, IndexMismatchError, ModelLoadError, SearchError
+from metricsearch.search.errors import (
+    IndexLoadError,
+    IndexMismatchError,
+    ModelLoadError,
+    RequestError,
+    SearchError,
+    check_k,
+)
 from metricsearch.search.gallery import list_gallery_images
 from metricsearch.search.index import METADATA_NAME, GalleryIndex, IndexSpec
 from metricsearch.search.pipeline import add_to_index, build_index, open_index, search_files
@@ -49,6 +56,28 @@ def test_gallery_listing_labels_by_folder_and_skips_hidden_and_non_images(tmp_pa
     paths, labels = list_gallery_images(tmp_path)
     assert paths == ["cats/a.jpg", "cats/b.PNG", "dogs/c.webp", "top.jpg"]
     assert labels == ["cats", "cats", "dogs", None]
+
+
+def test_links_that_lead_out_of_the_gallery_are_not_listed_or_indexed(tiny, tmp_path, caplog):
+    """The server refuses every file outside the gallery root, so such a file must not be indexed either."""
+    gallery, elsewhere = tmp_path / "gallery", tmp_path / "elsewhere"
+    shutil.copytree(tiny.gallery / "000", gallery / "000")
+    elsewhere.mkdir()
+    shutil.copy(tiny.gallery / "001" / "000.jpg", elsewhere / "secret.jpg")
+    (gallery / "000" / "outside.jpg").symlink_to(elsewhere / "secret.jpg")
+    (gallery / "000" / "inside.jpg").symlink_to(gallery / "000" / "001.jpg")  # a link within the gallery is fine
+    paths, _ = list_gallery_images(gallery)
+    assert "000/outside.jpg" not in paths and "000/inside.jpg" in paths and len(paths) == 9
+    assert "lead outside the gallery" in caplog.text and "000/outside.jpg" in caplog.text
+    # Paths given explicitly are held to the same rule.
+    index = build_index(
+        load_embedder(ckpt=tiny.ckpt),
+        gallery,
+        tmp_path / "index",
+        paths=["000/000.jpg", "000/outside.jpg", "000/inside.jpg"],
+        trainer=quiet_trainer(),
+    )
+    assert index.paths == ["000/000.jpg", "000/inside.jpg"] and index.labels == ["000", "000"]
 
 
 def test_gallery_without_images_is_an_error(tmp_path):
@@ -321,6 +350,23 @@ def test_command_line_errors_are_one_clear_line(tiny, capsys):
     assert main_build_index(["out=/tmp/x", "k=3"]) == 2
     assert main_search(["k=3"]) == 2
     assert "needs index=, query=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("k", ["0", "-1", "101"])
+def test_search_refuses_a_k_out_of_bounds_with_the_servers_rule(tiny, k, capsys):
+    """search.py used to answer k=0 and k=-1 with one result (reporting "k": -1); the server refused both."""
+    query = tiny.gallery / "000" / "000.jpg"
+    assert main_search([f"index={tiny.index_dir}", f"query={query}", f"k={k}", "grid=none", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines()[0] == f"error: k must be between 1 and 100, got {k}"
+    # The server's rule (tests/test_server.py checks its answer says exactly the same).
+    with pytest.raises(RequestError) as refused:
+        check_k(int(k))
+    assert str(refused.value) == f"k must be between 1 and 100, got {k}"
+    if int(k) < 1:  # nor does the library turn k < 1 into 1 any more
+        with pytest.raises(RequestError, match="k must be at least 1"):
+            GalleryIndex.load(tiny.index_dir).search(np.zeros((1, 16), np.float32), int(k))
 
 
 def test_scripts_are_wired_to_the_package():

@@ -18,11 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from metricsearch.search.cli import main_build_index, main_search
-from metricsearch.search.errors import IndexLoadError, IndexMismatchError
+from metricsearch.search.embedder import (
+    allowed_model_targets,
+    load_backbone_embedder,
+    load_embedder,
+    load_embedder_from_source,
+)
+from metricsearch.search.errors import IndexLoadError, IndexMismatchError, ModelLoadError
 from metricsearch.search.index import METADATA_NAME, SHARDS_NAME, GalleryIndex
 from metricsearch.search.server import create_app
+from metricsearch.utils.config import CONFIG_DIR
 from tests.conftest import REPO_ROOT
 from tests.faults.snapshots import snapshot
 from tests.search_fixtures import TinySearchSetup, copy_index, tiny_search_setup
@@ -37,7 +45,12 @@ def tiny(tmp_path_factory):
 
 def error_line(capsys) -> str:
     """What a command printed on stderr, checked to be one error line without a traceback."""
-    err = capsys.readouterr().err.strip()
+    return error_line_of(capsys.readouterr().err)
+
+
+def error_line_of(err: str) -> str:
+    """``err`` checked to be one error line without a traceback."""
+    err = err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     return err
 
@@ -293,3 +306,199 @@ def test_sigkill_during_the_first_build_leaves_a_folder_that_says_it_is_unfinish
     index = GalleryIndex.load(folder)
     assert len(index) == 96 and not (folder / SHARDS_NAME).exists()
     assert search_top(folder, tiny, capsys) == QUERY
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An index is data: a malformed or hostile metadata.json is refused, never obeyed
+
+
+def _rewrite_metadata(folder: Path, change) -> None:
+    meta = json.loads((folder / METADATA_NAME).read_text())
+    changed = change(meta)
+    (folder / METADATA_NAME).write_text(json.dumps(meta if changed is None else changed))
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _set(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def change(meta):
+        target = meta
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+
+    return change
+
+
+def _delete(*keys):
+    def change(meta):
+        target = meta
+        for key in keys[:-1]:
+            target = target[key]
+        del target[keys[-1]]
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda meta: [meta], "it holds a list of 1 items, not an object"),
+        (_delete("paths"), "the key paths is missing"),
+        (_delete("model", "source"), "the key model.source is missing"),
+        (_delete("index", "kind"), "the key index.kind is missing"),
+        (_set("count", "96"), "count should be int, not '96'"),
+        (_set("model", []), "model should be dict, not a list of 0 items"),
+        (_set("paths", {"000/000.jpg": 1}), "paths should be list, not a dict of 1 items"),
+        (_set("labels", 3, 5), "labels[3] should be a str or null, not 5"),
+        (_set("embedding_dim", True), "embedding_dim should be int, not True"),
+        (_set("index", "kind", "annoy"), "index.kind should be one of flat, ivf, hnsw, not 'annoy'"),
+        (_set("model", "fingerprint", "f" * 5_000_000), "model.fingerprint should be 64 hexadecimal digits, not 'ff"),
+        (_set("gallery_root", _nested(500)), "gallery_root should be str, not a list of 1 items"),
+        (_set("vectors_file", "../../../etc/passwd"), "vectors_file should name a data file of the index folder"),
+        (_set("paths", 0, "../../outside.jpg"), "paths[0] should be a relative path inside the gallery root"),
+        (_set("paths", 1, "000/000.jpg"), "a gallery path is listed twice"),
+        (_set("count", 95), "count is 95 but there are 96 paths and 96 labels"),
+    ],
+    ids=[
+        "a-list",
+        "no-paths",
+        "no-model-source",
+        "no-index-kind",
+        "count-a-string",
+        "model-a-list",
+        "paths-a-dict",
+        "label-a-number",
+        "dim-a-bool",
+        "unknown-kind",
+        "huge-fingerprint",
+        "deeply-nested-root",
+        "vectors-file-elsewhere",
+        "path-climbing-out",
+        "duplicate-path",
+        "count-disagrees",
+    ],
+)
+def test_a_malformed_metadata_file_is_one_damaged_index_line(change, problem, tiny, tmp_path, capsys):
+    folder = copy_index(tiny, tmp_path / "index")
+    _rewrite_metadata(folder, change)
+    before = snapshot(folder)
+    damaged = f"index={folder}: {METADATA_NAME} is damaged or was not written by MetricSearch ("
+    with pytest.raises(IndexLoadError) as info:
+        GalleryIndex.load(folder)
+    message = str(info.value)
+    assert message.startswith(damaged) and problem in message, message
+    assert "\n" not in message and len(message) < 1000, f"{len(message)} characters"
+    assert "python scripts/build_index.py" in message
+    assert main_search([f"index={folder}", f"query={tiny.gallery / QUERY}", "grid=none"]) == 2
+    assert error_line(capsys) == f"error: {message}"
+    with pytest.raises(IndexLoadError, match=re.escape(problem)):
+        create_app(folder)
+    assert snapshot(folder) == before
+
+
+def test_metadata_nested_too_deeply_for_the_json_parser_is_one_line(tiny, tmp_path, capsys):
+    folder = copy_index(tiny, tmp_path / "index")
+    text = (folder / METADATA_NAME).read_text()
+    (folder / METADATA_NAME).write_text(
+        text.replace('"labels":', '"extra": ' + "[" * 100_000 + "]" * 100_000 + ', "labels":')
+    )
+    assert main_search([f"index={folder}", f"query={tiny.gallery / QUERY}", "grid=none"]) == 2
+    assert "is not valid JSON (it nests too deeply)" in error_line(capsys)
+
+
+def _evil_backbone(tmp_path: Path, marker: str) -> Path:
+    """A backbone config outside the project whose _target_ runs code: what a hostile index would point at."""
+    evil = tmp_path / "elsewhere" / "evil.yaml"
+    evil.parent.mkdir(parents=True)
+    evil.write_text(f"_target_: builtins.print\n_args_: [{marker}]\n")
+    return evil
+
+
+def test_an_index_naming_a_backbone_outside_conf_backbone_runs_nothing(tiny, tmp_path, capsys):
+    """The probe's index: model.source.path climbs out of conf/backbone to a config whose _target_ prints."""
+    evil = _evil_backbone(tmp_path, "PWNED-BY-INDEX")
+    climbing = os.path.relpath(evil.with_suffix(""), CONFIG_DIR / "backbone")
+    assert climbing.startswith("..")
+    folder = copy_index(tiny, tmp_path / "index")
+    _rewrite_metadata(folder, _set("model", "source", {"kind": "backbone", "path": climbing}))
+    capsys.readouterr()
+    assert main_search([f"index={folder}", f"query={tiny.gallery / QUERY}", "grid=none"]) == 2
+    captured = capsys.readouterr()
+    assert "PWNED" not in captured.out + captured.err
+    err = captured.err.strip()
+    assert err.startswith(f"error: index={folder}: the index records the backbone") and "\n" not in err
+    assert "is not an option of conf/backbone (efficientnet_lite0_imagenet, resnet10t" in err
+    assert "damaged or not to be trusted" in err
+
+
+@pytest.mark.parametrize("name", ["../backbone/resnet10t", "resnet10t/../resnet10t", "/etc/passwd", "resnet10t.yaml"])
+def test_a_backbone_is_named_never_given_as_a_path(name):
+    with pytest.raises(ModelLoadError, match="is not an option of conf/backbone"):
+        load_backbone_embedder(name)
+    with pytest.raises(ModelLoadError, match="is not an option of conf/backbone"):
+        load_embedder_from_source({"kind": "backbone", "path": name})
+
+
+def _hostile_checkpoint(tiny: TinySearchSetup, path: Path, change) -> Path:
+    checkpoint = torch.load(tiny.ckpt, map_location="cpu", weights_only=True)
+    change(checkpoint["hyper_parameters"]["model_config"])
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "refused"),
+    [
+        (
+            lambda config: config.update(backbone={"_target_": "builtins.print", "_args_": ["PWNED-BY-CKPT"]}),
+            "asks to instantiate 'builtins.print' (model_config.backbone)",
+        ),
+        (
+            lambda config: config["head"].update(extra={"_target_": "builtins.print", "_args_": ["PWNED-BY-CKPT"]}),
+            "asks to instantiate 'builtins.print' (model_config.head.extra)",
+        ),
+        (
+            lambda config: config["backbone"].update(_target_="metricsearch.models.backbone.os.system"),
+            "asks to instantiate 'metricsearch.models.backbone.os.system'",
+        ),
+        (
+            lambda config: config["backbone"].update(model_name="${oc.env:HOME}"),
+            "holds an interpolation '${oc.env:HOME}' (model_config.backbone.model_name)",
+        ),
+    ],
+    ids=["print-backbone", "nested-target", "module-attribute", "interpolation"],
+)
+def test_a_checkpoint_or_index_model_config_instantiates_only_the_projects_model_parts(
+    change, refused, tiny, tmp_path, capsys
+):
+    ckpt = _hostile_checkpoint(tiny, tmp_path / "hostile.ckpt", change)
+    capsys.readouterr()
+    with pytest.raises(ModelLoadError, match=re.escape(refused)) as info:
+        load_embedder(ckpt=ckpt)
+    assert "damaged or not to be trusted" in str(info.value)
+    # An index that names the checkpoint is refused the same way when it is opened.
+    folder = copy_index(tiny, tmp_path / "index")
+    _rewrite_metadata(folder, _set("model", "source", {"kind": "checkpoint", "path": str(ckpt)}))
+    assert main_search([f"index={folder}", f"query={tiny.gallery / QUERY}", "grid=none"]) == 2
+    captured = capsys.readouterr()
+    assert "PWNED" not in captured.out + captured.err
+    assert refused in error_line_of(captured.err)
+
+
+def test_the_projects_own_model_parts_are_allowed():
+    allowed = allowed_model_targets()
+    assert {
+        "metricsearch.models.backbone.TimmBackbone",
+        "metricsearch.models.pretrained.efficientnet_lite0_imagenet",
+        "metricsearch.models.head.EmbeddingHead",
+        "metricsearch.models.pretrained.NormalizeHead",
+    } <= allowed
+    assert not any(target.startswith(("builtins", "os", "subprocess")) for target in allowed)

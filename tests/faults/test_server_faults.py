@@ -8,6 +8,7 @@ behind a real uvicorn server, and each refusal is followed by a search that must
 from __future__ import annotations
 
 import json
+import shutil
 
 import httpx
 import numpy as np
@@ -15,9 +16,19 @@ import pytest
 from PIL import Image
 
 from metricsearch.search.cli import main_load_test
-from metricsearch.search.loadtest import LoadTestError, LoadTestSettings
+from metricsearch.search.loadtest import LoadTestError, LoadTestSettings, Sample, SetupError, summarize
+from metricsearch.search.pipeline import open_index
+from metricsearch.search.server import ServerSettings, build_app
 from tests.faults.snapshots import snapshot
-from tests.search_fixtures import UPLOAD_LIMIT, BackgroundServer, build_limited_app, encode, tiny_search_setup, upload
+from tests.search_fixtures import (
+    MAX_PIXELS,
+    UPLOAD_LIMIT,
+    BackgroundServer,
+    build_limited_app,
+    encode,
+    tiny_search_setup,
+    upload,
+)
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +98,7 @@ def test_a_short_load_test_gets_only_correct_answers(server, tmp_path, capsys):
         ({"duration_s": 3600}, "at most 600 s"),
         ({"duration_s": 0}, "must be more than 0"),
         ({"mode": "both"}, "mode='both' is not one of upload, path, mixed"),
+        ({"k": 0}, "k must be between 1 and 100, got 0"),
     ],
 )
 def test_the_load_test_is_bounded(settings, message):
@@ -97,3 +109,55 @@ def test_the_load_test_is_bounded(settings, message):
 def test_the_load_test_needs_one_target(capsys):
     assert main_load_test(["clients=2"]) == 2
     assert "exactly one of index= (start a server) or url=" in capsys.readouterr().err
+
+
+def test_a_gallery_image_the_server_will_not_serve_is_counted_not_a_crash(tiny, tmp_path, capsys):
+    """The index lists a file that became a link out of the gallery: /gallery/ answers 404, as it should.
+
+    The load test used to die on that 404 with a raw HTTPStatusError; it counts it by its status instead, runs
+    the other queries, and exits 1 (the server does not serve its whole gallery).
+    """
+    gallery, elsewhere = tmp_path / "gallery", tmp_path / "elsewhere"
+    shutil.copytree(tiny.gallery, gallery)
+    elsewhere.mkdir()
+    (elsewhere / "000.jpg").write_bytes((gallery / "000" / "000.jpg").read_bytes())
+    (gallery / "000" / "000.jpg").unlink()
+    (gallery / "000" / "000.jpg").symlink_to(elsewhere / "000.jpg")
+    index, embedder = open_index(tiny.index_dir, gallery=gallery)
+    settings = ServerSettings(default_k=5, max_upload_bytes=UPLOAD_LIMIT, max_pixels=MAX_PIXELS)
+    out = tmp_path / "load.json"
+    with BackgroundServer(build_app(index, embedder, settings)) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.get("/gallery/000/000.jpg").status_code == 404
+        args = [f"url={server.url}", "mode=upload", "clients=2", "duration=1", "queries=8", f"out={out}"]
+        assert main_load_test(args) == 1
+    printed = capsys.readouterr().out
+    assert "gallery images that could not be queries: 1, e.g. 000/000.jpg (HTTP 404 (fetching the gallery image))" in (
+        printed
+    )
+    report = json.loads(out.read_text())
+    assert report["setup_errors"] == [{"path": "000/000.jpg", "error": "HTTP 404 (fetching the gallery image)"}]
+    assert report["error_kinds"] == {"HTTP 404 (fetching the gallery image)": 1}
+    # Every search that was sent got the right answer: the one error is the image the server would not give.
+    assert report["errors"] == 1 and report["by_kind"]["upload"]["errors"] == 0
+    assert report["by_kind"]["upload"]["requests"] > 0
+
+
+def test_search_answers_are_counted_by_status_code():
+    samples = [Sample("upload", 0.1, None), Sample("upload", 0.2, "HTTP 503"), Sample("path", 0.1, "HTTP 404")]
+    samples += [Sample("path", 0.3, "HTTP 404")]
+    report = summarize(samples, 1.0, LoadTestSettings(), "http://x", {}, [SetupError("a.jpg", "HTTP 404 (x)")])
+    assert report["errors"] == 4 and report["requests"] == 4
+    assert report["error_kinds"] == {"HTTP 503": 1, "HTTP 404": 2, "HTTP 404 (x)": 1}
+    assert report["by_kind"]["path"]["errors"] == 2
+
+
+def test_the_probes_thin_image_is_refused_over_http_and_the_server_answers_as_before(tiny, server):
+    """126 bytes of PNG, 1 x 12,000 pixels: resized for the model it would have taken gigabytes under the model lock."""
+    thin = encode(Image.new("RGB", (1, 12_000)))
+    image = (tiny.gallery / "004" / "004.jpg").read_bytes()
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        expected = upload(http, image, k="3").json()["results"]
+        refused = upload(http, thin, "thin.png", k="3")
+        assert refused.status_code == 413 and "aspect ratio of 12,000.0:1" in refused.json()["detail"]
+        assert upload(http, image, k="3").json()["results"] == expected

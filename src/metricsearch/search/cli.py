@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from metricsearch.data.io import ImageLoadError, atomic_write_text
-from metricsearch.search.errors import SearchError
+from metricsearch.search.errors import MAX_K, SearchError, check_k
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ SEARCH = Command(
     options={
         "index": (None, "the index folder"),
         "query": (None, "the query image file"),
-        "k": (10, "number of results"),
+        "k": (10, f"number of results (1 to {MAX_K})"),
         **MODEL_OPTIONS,
         "gallery": (None, "where the gallery images are now, if they moved since indexing"),
         "grid": ("", "the PNG to write (default outputs/search/<query>_top<k>.png; none: no picture)"),
@@ -237,6 +237,7 @@ def _search_body(values: dict[str, Any], flags: set[str], extra: dict[str, str])
     from metricsearch.search.grid import gallery_loader, save_result_grid
     from metricsearch.search.pipeline import open_index
 
+    check_k(values["k"])  # the server's rule, checked before anything is loaded
     index, embedder = open_index(values["index"], gallery=values["gallery"], **_model_args(values))
     query_path = Path(values["query"]).expanduser().resolve()
     query = load_rgb_image(query_path)
@@ -300,11 +301,13 @@ SERVE = Command(
         "index": (None, "the index folder"),
         "host": ("127.0.0.1", "address to bind (anything but loopback exposes the gallery to the network)"),
         "port": (8000, "TCP port"),
-        "k": (10, "default number of results"),
+        "k": (10, f"default number of results (1 to {MAX_K})"),
         **MODEL_OPTIONS,
         "gallery": (None, "where the gallery images are now, if they moved since indexing"),
         "max_upload_mb": (10.0, "largest accepted upload, MiB"),
         "max_megapixels": (40.0, "largest accepted image, megapixels (decompression-bomb guard)"),
+        "max_aspect_ratio": (20.0, "most elongated accepted image, long side / short side"),
+        "max_large_decodes": (2, "large images (4 megapixels and more) decoded at once; others wait"),
     },
     flags={},
     required=("index",),
@@ -318,6 +321,8 @@ def _serve_body(values: dict[str, Any], flags: set[str], extra: dict[str, str]) 
         default_k=values["k"],
         max_upload_bytes=int(values["max_upload_mb"] * 1024 * 1024),
         max_pixels=int(values["max_megapixels"] * 1e6),
+        max_aspect_ratio=values["max_aspect_ratio"],
+        max_large_decodes=values["max_large_decodes"],
     )
     app = create_app(values["index"], gallery=values["gallery"], settings=settings, **_model_args(values))
     print(f"open http://{values['host']}:{values['port']}/ (Ctrl+C stops the server)")
@@ -347,7 +352,7 @@ LOAD_TEST = Command(
         "clients": (16, "concurrent clients (at most 256)"),
         "duration": (20.0, "seconds during which new requests start (at most 600)"),
         "mode": ("mixed", "upload (decode + embed + search), path (stored embedding, search only) or mixed"),
-        "k": (10, "results per search"),
+        "k": (10, f"results per search (1 to {MAX_K})"),
         "queries": (32, "distinct gallery images used as queries"),
         "timeout": (30.0, "seconds before one request counts as failed"),
         "out": (None, "also write the report as JSON to this file"),

@@ -27,7 +27,7 @@ from PIL import Image
 
 from metricsearch.data.transforms import build_eval_transform
 from metricsearch.models.head import EmbeddingModel
-from metricsearch.search.errors import ModelLoadError
+from metricsearch.search.errors import ModelLoadError, shorten
 from metricsearch.utils.config import CONFIG_DIR
 
 PREPROCESSING_KEYS = ("image_size", "resize_size", "mean", "std")
@@ -38,6 +38,9 @@ ONNX_EMBEDDING_DIM = "metricsearch.embedding_dim"
 ONNX_SOURCE = "metricsearch.source"
 # The head that turns a pretrained backbone's pooled features into embeddings without training.
 NORMALIZE_HEAD_TARGET = "metricsearch.models.pretrained.NormalizeHead"
+# The config groups whose options are the project's model parts: only their _target_s are ever instantiated from a
+# checkpoint's or an index's model config.
+MODEL_PART_GROUPS = ("backbone", "head")
 
 
 def preprocessing_of(model_config: dict[str, Any]) -> dict[str, Any]:
@@ -104,10 +107,18 @@ class Embedder(ABC):
     def embed_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings (float32, on the CPU) of a batch of preprocessed images ``[B, 3, H, W]``."""
 
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The network's input ``[len(images), 3, H, W]``: each RGB image resized, cropped and normalised."""
+        return torch.stack([self.transform(image) for image in images])
+
+    @property
+    def resize_short_side(self) -> int:
+        """The length the short side of every image is resized to before the centre crop."""
+        return int(self.preprocessing["resize_size"] or self.preprocessing["image_size"])
+
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embeddings ``[len(images), embedding_dim]`` of RGB images, preprocessed here."""
-        batch = torch.stack([self.transform(image) for image in images])
-        return self.embed_tensor(batch).numpy()
+        return self.embed_tensor(self.preprocess(images)).numpy()
 
     def describe(self) -> str:
         """A short human-readable name: kind, file and fingerprint prefix."""
@@ -191,8 +202,77 @@ class OnnxEmbedder(Embedder):
         return torch.from_numpy(np.asarray(outputs, dtype=np.float32))
 
 
-def build_embedding_model(model_config: dict[str, Any]) -> EmbeddingModel:
-    """Backbone and head as ``model_config`` describes them (with random or pretrained weights, as configured)."""
+def backbone_options() -> list[str]:
+    """The names of the backbone options, ``conf/backbone/NAME.yaml``, found by listing that folder."""
+    return sorted(p.stem for p in (CONFIG_DIR / "backbone").glob("*.yaml"))
+
+
+@functools.cache
+def allowed_model_targets() -> frozenset[str]:
+    """Every ``_target_`` the project's backbone and head options name (and the pretrained backbones' head).
+
+    These are the only callables a model config from a file (checkpoint, index) may have instantiated.
+    """
+
+    def targets(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            own = [node["_target_"]] if isinstance(node.get("_target_"), str) else []
+            return own + [t for value in node.values() for t in targets(value)]
+        if isinstance(node, list):
+            return [t for value in node for t in targets(value)]
+        return []
+
+    found = {NORMALIZE_HEAD_TARGET}
+    for group in MODEL_PART_GROUPS:
+        for path in (CONFIG_DIR / group).glob("*.yaml"):
+            found.update(targets(OmegaConf.to_container(OmegaConf.load(path))))
+    return frozenset(found)
+
+
+def check_model_config(config: Any, origin: str) -> None:
+    """Refuses a model config that would instantiate anything but the project's own model parts.
+
+    Hydra instantiates the callable any ``_target_`` names, at any depth, and resolves ``${...}`` interpolations
+    (environment variables among them): a config read from a file someone handed over must name only the
+    targets of :func:`allowed_model_targets` and hold no interpolation.
+
+    Raises:
+        ModelLoadError: one line naming the first offending value and ``origin`` (the file it came from).
+    """
+    allowed = allowed_model_targets()
+    pending, seen = [(config, "model_config")], 0
+    while pending:
+        node, where = pending.pop()
+        seen += 1
+        if seen > 100_000:
+            raise ModelLoadError(f"{origin}: the model config is implausibly large; the file is damaged or not trusted")
+        if isinstance(node, dict):
+            target = node.get("_target_")
+            if "_target_" in node and target not in allowed:
+                raise ModelLoadError(
+                    f"{origin} asks to instantiate {shorten(target)} ({where}), which is not one of the project's "
+                    f"model parts ({', '.join(sorted(allowed))}): refused, the file is damaged or not to be trusted"
+                )
+            pending.extend((value, f"{where}.{key}") for key, value in node.items())
+        elif isinstance(node, list):
+            pending.extend((value, f"{where}[{i}]") for i, value in enumerate(node))
+        elif isinstance(node, str) and "${" in node:
+            raise ModelLoadError(
+                f"{origin}: the model config holds an interpolation {shorten(node)} ({where}): refused, the file is "
+                "damaged or not to be trusted"
+            )
+
+
+def build_embedding_model(model_config: dict[str, Any], origin: str = "the model config") -> EmbeddingModel:
+    """Backbone and head as ``model_config`` describes them (with random or pretrained weights, as configured).
+
+    Raises:
+        ModelLoadError: the config names something other than the project's model parts (see
+            :func:`check_model_config`); ``origin`` says where it came from.
+    """
+    check_model_config(model_config, origin)
+    if not isinstance(model_config.get("backbone"), dict) or not isinstance(model_config.get("head"), dict):
+        raise ModelLoadError(f"{origin}: the model config has no backbone and head sections")
     backbone = instantiate(model_config["backbone"])
     head = instantiate(model_config["head"])
     if isinstance(head, functools.partial):
@@ -250,7 +330,16 @@ def load_checkpoint_embedder(path: str | Path) -> TorchEmbedder:
     state = {k[len(prefix) :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(prefix)}
     if not state:
         raise ModelLoadError(f"ckpt={path} holds no embedding-model weights (no 'model.*' keys in its state_dict)")
-    model = build_embedding_model(model_config)
+    # The checkpoint's own weights replace whatever the backbone starts with: never download or read others for it
+    # (training already records pretrained=false; a checkpoint from elsewhere might not).
+    build_config = model_config
+    backbone_cfg = model_config.get("backbone")
+    if isinstance(backbone_cfg, dict):
+        no_weights = {
+            key: value for key, value in {"pretrained": False, "weights_file": None}.items() if key in backbone_cfg
+        }
+        build_config = {**model_config, "backbone": {**backbone_cfg, **no_weights}}
+    model = build_embedding_model(build_config, f"ckpt={path}")
     name = f"{model_config['backbone'].get('model_name', model_config['backbone']['_target_'])}"
     name += f" -> {model_config['head'].get('embedding_dim', '?')}-d head"
     _check_state_dict_fits(model, state, path, name)
@@ -264,11 +353,13 @@ def load_backbone_embedder(name: str) -> TorchEmbedder:
     The head only L2-normalises the pooled features, and the preprocessing is the backbone's own (timm's
     data config: its input size, the centre-crop ratio it was evaluated with, its mean and std).
     """
+    options = backbone_options()
+    # Membership in the folder's listing, not a path built from the name: no separator or ".." gets anywhere.
+    if name not in options:
+        raise ModelLoadError(f"backbone={shorten(name)} is not an option of conf/backbone ({', '.join(options)})")
     path = CONFIG_DIR / "backbone" / f"{name}.yaml"
-    if not path.is_file():
-        choices = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise ModelLoadError(f"backbone={name} is not an option of conf/backbone ({choices})")
     backbone_cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    check_model_config(backbone_cfg, f"conf/backbone/{name}.yaml")
     backbone = instantiate(backbone_cfg)
     data = backbone.data_config
     image_size = int(data["input_size"][-1])
@@ -308,9 +399,19 @@ def load_embedder(
 
 
 def load_embedder_from_source(source: dict[str, Any]) -> Embedder:
-    """The embedder an index's metadata says it was built with (see :attr:`Embedder.source`)."""
+    """The embedder an index's metadata says it was built with (see :attr:`Embedder.source`).
+
+    An index is data someone may hand over: a backbone it names must be one of the ``conf/backbone`` options
+    (by name, never a path), and a checkpoint's model config may name only the project's model parts.
+    """
     kind, path = source.get("kind"), source.get("path")
     if kind == "backbone":
+        if path not in backbone_options():
+            raise ModelLoadError(
+                f"the index records the backbone {shorten(path)}, which is not an option of conf/backbone "
+                f"({', '.join(backbone_options())}): the index is damaged or not to be trusted; rebuild it, or "
+                "pass the model that built it with ckpt=, model= or backbone="
+            )
         return load_backbone_embedder(path)
     if kind in ("checkpoint", "onnx"):
         if not Path(path).is_file():
@@ -319,4 +420,4 @@ def load_embedder_from_source(source: dict[str, Any]) -> Embedder:
                 "with a model of the same weights (a checkpoint and its ONNX export are interchangeable)"
             )
         return OnnxEmbedder(path) if kind == "onnx" else load_checkpoint_embedder(path)
-    raise ModelLoadError(f"the index records an unknown model source {source!r}")
+    raise ModelLoadError(f"the index records an unknown model source {shorten(source)}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Most results one search may ask for, from the command line and from the server alike.
+MAX_K = 100
+
 
 class SearchError(RuntimeError):
     """Base class of every error the search tools report to the user (CLI and web page)."""
@@ -16,4 +19,36 @@ class IndexMismatchError(SearchError):
 
 
 class IndexLoadError(SearchError):
-    """An index folder is missing, unfinished or inconsistent."""
+    """An index folder is missing, unfinished, inconsistent, or names something it must not."""
+
+
+class RequestError(SearchError):
+    """A search asks for something out of bounds (e.g. ``k``); the CLI and the server refuse it alike."""
+
+
+def shorten(value: object, limit: int = 60) -> str:
+    """A short one-line description of ``value``, for echoing untrusted input in an error message.
+
+    Input from a file or a request can be megabytes long, hold newlines or nest thousands of levels deep:
+    strings are ``repr``-escaped (no newline survives) and cut to about ``limit`` characters, containers are
+    described by their type and size only (their ``repr`` could be huge, or recurse too deep), and so are
+    integers too long to print.
+    """
+    if isinstance(value, (dict, list, tuple, set)):
+        return f"a {type(value).__name__} of {len(value):,} items"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length():,} bits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def check_k(k: int, max_k: int = MAX_K) -> int:
+    """``k`` if it is a number of results a search may ask for (1 to ``max_k``): the one rule of every tool.
+
+    Raises:
+        RequestError: ``k`` is not an integer from 1 to ``max_k``; the message is the same from the command line
+            and from the server.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_k:
+        raise RequestError(f"k must be between 1 and {max_k}, got {shorten(k, 20)}")
+    return k

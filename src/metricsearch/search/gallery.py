@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from metricsearch.search.errors import SearchError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -14,7 +18,9 @@ def list_gallery_images(root: str | Path) -> tuple[list[str], list[str | None]]:
 
     The label of an image is the name of the folder that holds it (the usual ``class_name/image.jpg``
     layout of retrieval datasets); images directly in ``root`` have no label. Hidden files and folders are
-    skipped, which also drops the ``._*`` resource forks macOS leaves in archives.
+    skipped, which also drops the ``._*`` resource forks macOS leaves in archives. So are symbolic links that
+    lead out of ``root``: the server only serves files inside it, so an image it would refuse to show is not
+    indexed either (see :func:`inside_root`).
 
     Args:
         root: the gallery folder.
@@ -35,8 +41,29 @@ def list_gallery_images(root: str | Path) -> tuple[list[str], list[str | None]]:
             continue
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             paths.append(relative.as_posix())
+    paths = inside_root(root, paths)
     if not paths:
         raise SearchError(f"gallery={root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     paths.sort()
     labels = [Path(p).parent.name or None for p in paths]
     return paths, labels
+
+
+def inside_root(root: str | Path, paths: Sequence[str]) -> list[str]:
+    """The ``paths`` (relative to ``root``) whose files, symbolic links followed, lie inside ``root``.
+
+    The others are left out with a warning that names a few: a link to a file elsewhere would be indexed but
+    never served, since the server refuses every file outside the gallery root.
+    """
+    root = Path(root).expanduser().resolve()
+    kept, outside = [], []
+    for path in paths:
+        (kept if (root / path).resolve().is_relative_to(root) else outside).append(path)
+    if outside:
+        log.warning(
+            "Left %d files out of the index that lead outside the gallery %s (symbolic links), e.g. %s",
+            len(outside),
+            root,
+            outside[:3],
+        )
+    return kept

@@ -28,6 +28,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
 from collections.abc import Callable
@@ -40,7 +41,7 @@ import numpy as np
 
 from metricsearch.data.io import atomic_path, atomic_write_text, temp_file_target
 from metricsearch.search.embedder import Embedder, file_sha256
-from metricsearch.search.errors import IndexLoadError, IndexMismatchError, SearchError
+from metricsearch.search.errors import IndexLoadError, IndexMismatchError, RequestError, SearchError, shorten
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,14 @@ MIN_POINTS_PER_LIST = 39
 SHARDS_NAME = ".embedding-shards"
 # Which build_index option names each kind of model source.
 SOURCE_OPTIONS = {"checkpoint": "ckpt", "onnx": "model", "backbone": "backbone"}
+# A metadata.json larger than this is refused before it is read (about 10 million gallery paths).
+MAX_METADATA_BYTES = 1 << 30
+# Longest file-system path a metadata string may name (Linux's PATH_MAX).
+MAX_PATH_CHARS = 4096
+DATA_FILE_NAME = re.compile(r"(vectors-[A-Za-z0-9-]+\.faiss|embeddings-[A-Za-z0-9-]+\.npy)")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Query-time and build parameters each index kind records, all positive integers.
+INDEX_PARAMS = {"flat": (), "ivf": ("nlist", "nprobe"), "hnsw": ("hnsw_m", "ef_construction", "ef_search")}
 
 
 @dataclass(frozen=True)
@@ -240,13 +249,19 @@ class GalleryIndex:
         self.faiss_index, self.index_params = create_faiss_index(self.embeddings, spec)
 
     def search(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        """The ``k`` most similar gallery images of each query embedding, best first."""
+        """The ``k`` most similar gallery images of each query embedding, best first (all of them if fewer).
+
+        Raises:
+            RequestError: ``k`` is below 1.
+        """
+        if int(k) < 1:
+            raise RequestError(f"k must be at least 1, got {k}")
         queries = _as_float32(queries)
         if queries.shape[1] != self.embedding_dim:
             raise IndexMismatchError(
                 f"query embeddings have {queries.shape[1]} dims but the index holds {self.embedding_dim}-d ones"
             )
-        k = max(1, min(int(k), len(self)))
+        k = min(int(k), len(self))
         scores, rows = self.faiss_index.search(queries, k)
         results = []
         for query_scores, query_rows in zip(scores, rows, strict=True):
@@ -352,21 +367,7 @@ class GalleryIndex:
                 corrupted or disagree with the metadata; the message names the file and how to rebuild.
         """
         folder = Path(folder).expanduser().resolve()
-        meta_path = folder / METADATA_NAME
-        if not meta_path.is_file():
-            raise IndexLoadError(_no_index_message(folder))
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise IndexLoadError(
-                f"index={folder}: {METADATA_NAME} is not valid JSON ({err}); rebuild the index with "
-                "scripts/build_index.py (overwrite=true)"
-            ) from err
-        if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-            raise IndexLoadError(
-                f"index={folder} is not a MetricSearch index of version {FORMAT_VERSION} "
-                f"(format {meta.get('format')!r}, version {meta.get('version')!r}); rebuild it"
-            )
+        meta = read_metadata(folder)
         vectors_path, embeddings_path = folder / meta["vectors_file"], folder / meta["embeddings_file"]
         # Indexes saved before sizes and checksums were recorded have no "files" entry: nothing to check them with.
         for path in (vectors_path, embeddings_path):
@@ -376,13 +377,29 @@ class GalleryIndex:
         except RuntimeError as err:
             raise IndexLoadError(_damaged_message(folder, meta, vectors_path, f"faiss cannot read it: {err}")) from err
         try:
+            configure_search(faiss_index, meta["index"])
+        except (RuntimeError, AttributeError) as err:
+            reason = f"it is not the {meta['index']['kind']} index {METADATA_NAME} says it is"
+            raise IndexLoadError(_damaged_message(folder, meta, vectors_path, reason)) from err
+        try:
             embeddings = np.load(embeddings_path, allow_pickle=False)
         except (OSError, ValueError) as err:
             raise IndexLoadError(
                 _damaged_message(folder, meta, embeddings_path, f"numpy cannot read it: {err}")
             ) from err
-        configure_search(faiss_index, meta["index"])
-        index = cls(
+        count, dim = meta["count"], meta["embedding_dim"]
+        if (
+            embeddings.shape != (count, dim)
+            or embeddings.dtype.kind != "f"
+            or faiss_index.d != dim
+            or faiss_index.ntotal != count
+        ):
+            raise IndexLoadError(
+                f"index={folder}: metadata and data files disagree ({METADATA_NAME}: {count} x {dim}, embeddings "
+                f"{embeddings.shape} {embeddings.dtype}, faiss {faiss_index.ntotal} x {faiss_index.d}); "
+                f"{rebuild_command(folder, meta)}"
+            )
+        return cls(
             faiss_index=faiss_index,
             embeddings=embeddings,
             paths=list(meta["paths"]),
@@ -393,9 +410,158 @@ class GalleryIndex:
             created=meta["created"],
             folder=str(folder),
         )
-        if embeddings.shape[1:] != (index.embedding_dim,) or meta["count"] != len(index):
-            raise IndexLoadError(f"index={folder}: metadata and data files disagree; {rebuild_command(folder, meta)}")
-        return index
+
+
+def read_metadata(folder: Path) -> dict[str, Any]:
+    """The ``metadata.json`` of the index in ``folder``, its structure checked before anything in it is used.
+
+    The structure is the one :meth:`GalleryIndex.metadata` writes (see :func:`metadata_problem`). An index folder
+    is data someone may hand over: every key is checked for presence, type and range, the data files it names
+    must be plain names inside the folder, and the gallery paths relative ones inside the root.
+
+    Raises:
+        IndexLoadError: no finished index, another format, or a damaged document; one line that says what is
+            wrong and how to rebuild the index.
+    """
+    meta_path = folder / METADATA_NAME
+    if not meta_path.is_file():
+        raise IndexLoadError(_no_index_message(folder))
+    size = meta_path.stat().st_size
+    if size > MAX_METADATA_BYTES:
+        raise IndexLoadError(
+            _damaged_metadata(folder, {}, f"it is {size:,} bytes, over the limit of {MAX_METADATA_BYTES:,}")
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:
+        reason = "it nests too deeply" if isinstance(err, RecursionError) else str(err)
+        raise IndexLoadError(
+            f"index={folder}: {METADATA_NAME} is not valid JSON ({reason}); rebuild the index with "
+            "scripts/build_index.py (overwrite=true)"
+        ) from err
+    if not isinstance(meta, dict):
+        raise IndexLoadError(_damaged_metadata(folder, {}, f"it holds {shorten(meta)}, not an object"))
+    if meta.get("format") != FORMAT_NAME or type(meta.get("version")) is not int or meta["version"] != FORMAT_VERSION:
+        raise IndexLoadError(
+            f"index={folder} is not a MetricSearch index of version {FORMAT_VERSION} "
+            f"(format {shorten(meta.get('format'))}, version {shorten(meta.get('version'))}); rebuild it"
+        )
+    problem = metadata_problem(meta)
+    if problem:
+        raise IndexLoadError(_damaged_metadata(folder, meta, problem))
+    return meta
+
+
+def metadata_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the structure of an index's metadata (see :meth:`GalleryIndex.metadata`); None if nothing.
+
+    Checks every key the index uses: types, ranges, that the counts agree, that the data files are plain names
+    of this folder and that every gallery path is a unique relative path that stays inside the gallery root.
+    """
+    try:
+        _check_metadata(meta)
+    except _Malformed as err:
+        return str(err)
+    return None
+
+
+class _Malformed(ValueError):
+    """One structural problem of a metadata document."""
+
+
+def _field(document: Any, key: str, kinds: type | tuple[type, ...], where: str = "") -> Any:
+    if not isinstance(document, dict) or key not in document:
+        raise _Malformed(f"the key {where}{key} is missing")
+    value = document[key]
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    # NOTE: bool is a subclass of int; JSON's true/false are never a valid count or size here.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise _Malformed(f"{where}{key} should be {expected}, not {shorten(value)}")
+    return value
+
+
+def _positive(document: Any, key: str, where: str = "", minimum: int = 1) -> int:
+    value = _field(document, key, int, where)
+    if value < minimum:
+        raise _Malformed(f"{where}{key} should be at least {minimum}, not {shorten(value)}")
+    return value
+
+
+def _path_text(document: Any, key: str, where: str = "") -> str:
+    value = _field(document, key, str, where)
+    if not value or len(value) > MAX_PATH_CHARS or any(ord(c) < 32 for c in value):
+        raise _Malformed(f"{where}{key} should be a file-system path, not {shorten(value)}")
+    return value
+
+
+def _check_metadata(meta: dict[str, Any]) -> None:
+    _field(meta, "created", str)
+    count = _positive(meta, "count", minimum=0)
+    dim = _positive(meta, "embedding_dim")
+    params = _field(meta, "index", dict)
+    kind = _field(params, "kind", str, "index.")
+    if kind not in INDEX_KINDS:
+        raise _Malformed(f"index.kind should be one of {', '.join(INDEX_KINDS)}, not {shorten(kind)}")
+    for name in INDEX_PARAMS[kind]:
+        _positive(params, name, "index.")
+    model = _field(meta, "model", dict)
+    fingerprint = _field(model, "fingerprint", str, "model.")
+    if not SHA256_HEX.fullmatch(fingerprint):
+        raise _Malformed(f"model.fingerprint should be 64 hexadecimal digits, not {shorten(fingerprint)}")
+    if _positive(model, "embedding_dim", "model.") != dim:
+        raise _Malformed(f"model.embedding_dim {model['embedding_dim']} differs from embedding_dim {dim}")
+    source = _field(model, "source", dict, "model.")
+    source_kind = _field(source, "kind", str, "model.source.")
+    if source_kind not in SOURCE_OPTIONS:
+        raise _Malformed(f"model.source.kind should be one of {', '.join(SOURCE_OPTIONS)}, not {shorten(source_kind)}")
+    _path_text(source, "path", "model.source.")
+    _field(model, "preprocessing", dict, "model.")
+    _field(model, "model_config", dict, "model.")
+    _path_text(meta, "gallery_root")
+    names = [_field(meta, key, str) for key in ("vectors_file", "embeddings_file")]
+    for key, name in zip(("vectors_file", "embeddings_file"), names, strict=True):
+        if not DATA_FILE_NAME.fullmatch(name) or not name.startswith(key.split("_")[0]):
+            raise _Malformed(f"{key} should name a data file of the index folder, not {shorten(name)}")
+    if "files" in meta:
+        files = _field(meta, "files", dict)
+        for name in names:
+            record = _field(files, name, dict, "files.")
+            _positive(record, "bytes", f"files.{name}.", minimum=0)
+            if not SHA256_HEX.fullmatch(_field(record, "sha256", str, f"files.{name}.")):
+                raise _Malformed(f"files.{name}.sha256 should be 64 hexadecimal digits")
+    paths, labels = _field(meta, "paths", list), _field(meta, "labels", list)
+    if not len(paths) == len(labels) == count:
+        raise _Malformed(f"count is {count} but there are {len(paths)} paths and {len(labels)} labels")
+    for position, path in enumerate(paths):
+        if not isinstance(path, str) or not is_gallery_relative(path):
+            raise _Malformed(
+                f"paths[{position}] should be a relative path inside the gallery root, not {shorten(path)}"
+            )
+    if len(set(paths)) != len(paths):
+        raise _Malformed("a gallery path is listed twice")
+    for position, label in enumerate(labels):
+        if label is not None and not isinstance(label, str):
+            raise _Malformed(f"labels[{position}] should be a str or null, not {shorten(label)}")
+
+
+def is_gallery_relative(path: str) -> bool:
+    """Whether ``path`` is a POSIX path relative to the gallery root that cannot climb out of it."""
+    return (
+        bool(path)
+        and len(path) <= MAX_PATH_CHARS
+        and not path.startswith("/")
+        and "\\" not in path
+        and not any(ord(c) < 32 for c in path)
+        and all(part not in ("", ".", "..") for part in path.split("/"))
+    )
+
+
+def _damaged_metadata(folder: Path, meta: dict[str, Any], problem: str) -> str:
+    return (
+        f"index={folder}: {METADATA_NAME} is damaged or was not written by MetricSearch ({problem}), so the index "
+        f"is not used; {rebuild_command(folder, meta)}"
+    )
 
 
 def _write_data_file(path: Path, write: Callable[[Path], None]) -> dict[str, Any]:
@@ -428,11 +594,22 @@ def _damaged_message(folder: Path, meta: dict[str, Any], path: Path, reason: str
 
 
 def rebuild_command(folder: Path, meta: dict[str, Any], source: dict[str, Any] | None = None) -> str:
-    """The sentence that tells how to rebuild the index in ``folder`` (with ``source``, by default its own model)."""
-    source = source or meta.get("model", {}).get("source", {})
-    option = SOURCE_OPTIONS.get(source.get("kind"), "ckpt")
-    gallery = meta.get("gallery_root", "GALLERY")
-    args = [f"{option}={source.get('path', 'PATH')}", f"gallery={gallery}", f"out={folder}", "overwrite=true"]
+    """The sentence that tells how to rebuild the index in ``folder`` (with ``source``, by default its own model).
+
+    ``meta`` may be damaged: only values of the right type and a sane length are used, placeholders otherwise.
+    """
+
+    def text(document: Any, key: str, placeholder: str) -> str:
+        value = document.get(key) if isinstance(document, dict) else None
+        ok = isinstance(value, str) and 0 < len(value) <= MAX_PATH_CHARS and not any(ord(c) < 32 for c in value)
+        return value if ok else placeholder
+
+    if source is None:
+        model = meta.get("model") if isinstance(meta, dict) else None
+        source = model.get("source") if isinstance(model, dict) else None
+    option = SOURCE_OPTIONS.get(text(source, "kind", "checkpoint"), "ckpt")
+    gallery = text(meta, "gallery_root", "GALLERY")
+    args = [f"{option}={text(source, 'path', 'PATH')}", f"gallery={gallery}", f"out={folder}", "overwrite=true"]
     return f"rebuild the index: python scripts/build_index.py {shlex.join(args)}"
 
 

@@ -33,7 +33,7 @@ import httpx
 import numpy as np
 
 from metricsearch.data.io import atomic_write_text
-from metricsearch.search.errors import SearchError
+from metricsearch.search.errors import RequestError, SearchError, check_k
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,12 @@ class LoadTestSettings:
             raise LoadTestError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
         if not 1 <= self.queries <= MAX_QUERIES:
             raise LoadTestError(f"queries={self.queries} must be between 1 and {MAX_QUERIES}")
-        if self.k < 1 or self.timeout_s <= 0:
-            raise LoadTestError(f"k={self.k} must be at least 1 and timeout={self.timeout_s} positive")
+        try:
+            check_k(self.k)
+        except RequestError as err:
+            raise LoadTestError(str(err)) from err
+        if self.timeout_s <= 0:
+            raise LoadTestError(f"timeout={self.timeout_s} must be positive")
 
 
 @dataclass(frozen=True)
@@ -112,14 +116,28 @@ def send_query(http: httpx.Client, query: Query, k: int) -> tuple[str, ...]:
     return tuple(hit["path"] for hit in response.json()["results"])
 
 
-def prepare_queries(http: httpx.Client, settings: LoadTestSettings) -> tuple[list[Query], dict[str, Any]]:
+@dataclass(frozen=True)
+class SetupError:
+    """A gallery image that could not become a query: its path and what went wrong (e.g. ``HTTP 404 ...``)."""
+
+    path: str
+    error: str
+
+
+def prepare_queries(
+    http: httpx.Client, settings: LoadTestSettings
+) -> tuple[list[Query], dict[str, Any], list[SetupError]]:
     """Picks gallery images as queries, downloads those to upload, and records each one's answer alone.
 
+    A gallery image the server lists but will not serve (e.g. a link out of the gallery root), or whose search
+    fails even alone, is an error of the server: it is counted by its HTTP status, and the test goes on
+    with the other queries.
+
     Returns:
-        The queries (with their expected answers) and the server's ``/api/info``.
+        The queries (with their expected answers), the server's ``/api/info``, and the images left out.
 
     Raises:
-        LoadTestError: the server does not answer, has an empty gallery, or fails a query sent alone.
+        LoadTestError: the server does not answer, has an empty gallery, or no chosen image can be a query.
     """
     try:
         info = http.get("/api/info").raise_for_status().json()
@@ -131,17 +149,27 @@ def prepare_queries(http: httpx.Client, settings: LoadTestSettings) -> tuple[lis
         raise LoadTestError(f"the server at {http.base_url} serves an empty gallery")
     chosen = [items[int(i)] for i in np.linspace(0, len(items) - 1, min(settings.queries, len(items)))]
     kinds = {"upload": ["upload"], "path": ["path"], "mixed": ["upload", "path"]}[settings.mode]
-    queries = []
+    queries, left_out = [], []
     for number, item in enumerate(chosen):
         kind = kinds[number % len(kinds)]
-        data = http.get(item["url"]).raise_for_status().content if kind == "upload" else None
-        query = Query(kind, item["path"], data)
+        step = "fetching the gallery image"
         try:
-            expected = send_query(http, query, settings.k)
+            data = http.get(item["url"]).raise_for_status().content if kind == "upload" else None
+            step = f"{kind} search sent alone"
+            expected = send_query(http, Query(kind, item["path"], data), settings.k)
+        except httpx.HTTPStatusError as err:
+            left_out.append(SetupError(item["path"], f"HTTP {err.response.status_code} ({step})"))
+            continue
         except httpx.HTTPError as err:
-            raise LoadTestError(f"a {kind} search for {item['path']} fails even when sent alone: {err}") from err
+            raise LoadTestError(f"{step} for {item['path']} failed: {err}") from err
         queries.append(Query(kind, item["path"], data, expected))
-    return queries, info
+    if not queries:
+        kinds_seen = ", ".join(sorted({e.error for e in left_out}))
+        raise LoadTestError(f"none of the {len(chosen)} gallery images chosen as queries can be used: {kinds_seen}")
+    if left_out:
+        first = left_out[0]
+        log.warning("%d gallery images left out of the queries, e.g. %s: %s", len(left_out), first.path, first.error)
+    return queries, info, left_out
 
 
 @dataclass
@@ -180,12 +208,13 @@ def run_load_test(base_url: str, settings: LoadTestSettings | None = None) -> di
     """Runs ``settings.clients`` concurrent clients against the server at ``base_url`` for ``settings.duration_s``.
 
     Returns:
-        The report: settings, requests, errors (and their kinds), throughput, latency percentiles overall and
-        per query kind, and what the server said about its index.
+        The report: settings, requests, errors (and their kinds: ``HTTP <status>``, timeouts, wrong answers, and
+        gallery images that could not become queries), throughput, latency percentiles overall and per query
+        kind, and what the server said about its index.
     """
     settings = settings or LoadTestSettings()
     with httpx.Client(base_url=base_url, timeout=settings.timeout_s) as http:
-        queries, info = prepare_queries(http, settings)
+        queries, info, left_out = prepare_queries(http, settings)
     clock = _Clock(threading.Event())
     results: list[list[Sample]] = [[] for _ in range(settings.clients)]
     failures: list[BaseException] = []
@@ -213,7 +242,7 @@ def run_load_test(base_url: str, settings: LoadTestSettings | None = None) -> di
     if failures:
         raise LoadTestError(f"{len(failures)} load-test clients crashed: {failures[0]!r}") from failures[0]
     samples = [sample for per_client in results for sample in per_client]
-    return summarize(samples, elapsed, settings, base_url, info)
+    return summarize(samples, elapsed, settings, base_url, info, left_out)
 
 
 def _latency_ms(latencies: Sequence[float]) -> dict[str, float | None]:
@@ -225,9 +254,18 @@ def _latency_ms(latencies: Sequence[float]) -> dict[str, float | None]:
 
 
 def summarize(
-    samples: Sequence[Sample], elapsed_s: float, settings: LoadTestSettings, base_url: str, info: dict[str, Any]
+    samples: Sequence[Sample],
+    elapsed_s: float,
+    settings: LoadTestSettings,
+    base_url: str,
+    info: dict[str, Any],
+    left_out: Sequence[SetupError] = (),
 ) -> dict[str, Any]:
-    """The load-test report of ``samples`` (see :func:`run_load_test`)."""
+    """The load-test report of ``samples`` (see :func:`run_load_test`).
+
+    ``errors`` counts the failed requests and the gallery images that could not become queries (``left_out``,
+    also listed under ``setup_errors``); ``error_kinds`` counts both by kind.
+    """
 
     def part(chosen: Sequence[Sample]) -> dict[str, Any]:
         errors = [s for s in chosen if s.error is not None]
@@ -239,6 +277,10 @@ def summarize(
         }
 
     kinds = sorted({s.kind for s in samples})
+    overall = part(samples)
+    overall["errors"] += len(left_out)
+    error_kinds = Counter(s.error for s in samples if s.error is not None)
+    error_kinds.update(e.error for e in left_out)
     return {
         "url": base_url,
         "clients": settings.clients,
@@ -248,8 +290,9 @@ def summarize(
         "k": settings.k,
         "queries": settings.queries,
         "index": {key: info.get(key) for key in ("count", "embedding_dim", "index_kind", "model")},
-        **part(samples),
-        "error_kinds": dict(Counter(s.error for s in samples if s.error is not None)),
+        **overall,
+        "error_kinds": dict(error_kinds),
+        "setup_errors": [{"path": e.path, "error": e.error} for e in left_out],
         "by_kind": {kind: part([s for s in samples if s.kind == kind]) for kind in kinds},
         "cpu_count": os.cpu_count(),
     }
@@ -277,6 +320,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"  {kind:<6}  requests {part['requests']}  errors {part['errors']}  "
             f"{part['throughput_rps']:.1f} req/s  {latency(part)}"
         )
+    setup_errors = report.get("setup_errors", [])
+    if setup_errors:
+        shown = ", ".join(f"{e['path']} ({e['error']})" for e in setup_errors[:3])
+        lines.append(f"gallery images that could not be queries: {len(setup_errors)}, e.g. {shown}")
     if report["error_kinds"]:
         lines.append("errors: " + ", ".join(f"{kind} x{count}" for kind, count in report["error_kinds"].items()))
     return "\n".join(lines)

@@ -173,6 +173,7 @@ async function loadInfo() {
   $("info").textContent = info.count + " images \u00b7 " + info.embedding_dim + "-d \u00b7 " + info.index_kind +
     " index \u00b7 " + info.model;
   $("k-input").value = info.default_k;
+  $("k-input").max = info.max_k;
 }
 
 const GALLERY_PAGE = __GALLERY_PAGE__;

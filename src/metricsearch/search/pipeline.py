@@ -12,8 +12,8 @@ import numpy as np
 from metricsearch.data.io import load_rgb_image
 from metricsearch.search.embedder import Embedder, load_embedder, load_embedder_from_source
 from metricsearch.search.embedding import embed_files
-from metricsearch.search.errors import SearchError
-from metricsearch.search.gallery import list_gallery_images
+from metricsearch.search.errors import ModelLoadError, SearchError
+from metricsearch.search.gallery import inside_root, list_gallery_images
 from metricsearch.search.index import METADATA_NAME, GalleryIndex, Hit, IndexSpec
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,14 @@ def _embed_readable(
     return embeddings[keep], [paths[i] for i in keep], [labels[i] for i in keep]
 
 
+def recorded_embedder(index: GalleryIndex) -> Embedder:
+    """The model ``index`` records it was built with; an error names the index, since the index named the model."""
+    try:
+        return load_embedder_from_source(index.model["source"])
+    except ModelLoadError as err:
+        raise ModelLoadError(f"index={index.folder}: {err}") from err
+
+
 def build_index(
     embedder: Embedder,
     gallery: str | Path,
@@ -60,7 +68,8 @@ def build_index(
         gallery: the gallery folder.
         out: the index folder (created; must be shared by all ranks when the trainer runs several).
         spec: the faiss index to build; exact search by default.
-        paths: relative image paths to index instead of every image under ``gallery``.
+        paths: relative image paths to index instead of every image under ``gallery`` (those that lead out of
+            it through a symbolic link are left out, like unreadable files).
         labels: their labels (with ``paths``); by default, the name of each image's folder.
         trainer: the trainer that embeds (e.g. DDP); one process when None.
         batch_size: images per batch and process.
@@ -78,6 +87,10 @@ def build_index(
         labels = found_labels if labels is None else labels
     paths = list(paths)
     labels = list(labels) if labels is not None else [Path(p).parent.name or None for p in paths]
+    # Files the server would refuse to serve (links out of the gallery) are not indexed.
+    kept = set(inside_root(gallery, paths))
+    labels = [label for path, label in zip(paths, labels, strict=True) if path in kept]
+    paths = [path for path in paths if path in kept]
     out.mkdir(parents=True, exist_ok=True)
     log.info("Embedding %d images of %s with %s", len(paths), gallery, embedder.describe())
     embedded = _embed_readable(embedder, gallery, paths, labels, out, trainer, batch_size, num_workers)
@@ -105,7 +118,7 @@ def add_to_index(
         The saved index on rank 0; None on the other ranks.
     """
     index = GalleryIndex.load(index_dir, gallery_root=gallery)
-    embedder = embedder or load_embedder_from_source(index.model["source"])
+    embedder = embedder or recorded_embedder(index)
     index.check_embedder(embedder)
     root = Path(index.gallery_root)
     paths, labels = list_gallery_images(root)
@@ -154,7 +167,7 @@ def open_index(
     if ckpt or model or backbone:
         embedder = load_embedder(ckpt=ckpt, model=model, backbone=backbone)
     else:
-        embedder = load_embedder_from_source(index.model["source"])
+        embedder = recorded_embedder(index)
     index.check_embedder(embedder)
     return index, embedder
 
