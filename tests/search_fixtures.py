@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from metricsearch.benchmarks.load_test import free_port
 from metricsearch.pipelines.train import build_run
-from metricsearch.search.loadtest import free_port
 from tests.conftest import compose_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -173,7 +173,8 @@ class BackgroundServer:
 
     def __enter__(self) -> BackgroundServer:
         self.thread.start()
-        deadline = time.monotonic() + 30
+        # A generous bound on a loaded machine: the loop ends as soon as the server is up.
+        deadline = time.monotonic() + 180
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("the test server did not start")
