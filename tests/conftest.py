@@ -33,6 +33,8 @@ TINY = [
     "head.embedding_dim=16",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=2",
+    # The default run's wall-clock guard would stop a test's run early on a slow or loaded machine.
+    "trainer.max_time=null",
     "trainer.accelerator=cpu",
     "trainer.enable_progress_bar=false",
     "logger=csv",
