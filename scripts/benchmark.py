@@ -1,6 +1,6 @@
 """Measure speed and scale on this machine: `python scripts/benchmark.py [--quick] [--out results/benchmark]`.
 
-Writes benchmark.json and benchmark.md (see metricsearch.utils.benchmark for what each section measures). The GPU
+Writes benchmark.json and benchmark.md (see metricsearch.benchmarks.speed for what each section measures). The GPU
 sections run when CUDA is available; the report says which targets this machine could measure.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from metricsearch.utils.benchmark import SECTIONS, run_benchmark  # noqa: E402
+from metricsearch.benchmarks.speed import SECTIONS, run_speed_benchmark  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     logging.basicConfig(level=logging.WARNING)
     progress = functools.partial(print, flush=True)
-    run_benchmark(args.out, sections=sections, quick=args.quick, data_dir=args.data_dir, log=progress)
+    run_speed_benchmark(args.out, sections=sections, quick=args.quick, data_dir=args.data_dir, log=progress)
     print(f"report: {args.out / 'benchmark.md'}")
     return 0
 

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from metricsearch.benchmarks.evaluation import EvalData, emulated_screens, make_embeddings, sop_like_class_sizes
+from metricsearch.benchmarks.speed import render_markdown, run_speed_benchmark
+from metricsearch.benchmarks.training import TrainSetting, measure_gpu_evaluation
 from metricsearch.metrics.positive_ranks import ScreenProbe
-from metricsearch.utils.benchmark import render_markdown, run_benchmark
-from metricsearch.utils.benchmark_eval import EvalData, emulated_screens, make_embeddings, sop_like_class_sizes
-from metricsearch.utils.benchmark_train import TrainSetting, measure_gpu_evaluation
 
 
 def test_sop_like_data_has_the_requested_shape():
@@ -68,7 +68,7 @@ def test_benchmark_runs_every_cpu_section_at_toy_size(tmp_path, data_dir):
         num_classes=12, images_per_class=8, source_size=32,
     )  # fmt: skip
     settings = {"eval": EvalData(num_items=1_200, num_classes=220, dim=32), "overhead": tiny_train, "train": tiny_train}
-    report = run_benchmark(tmp_path / "out", settings=settings, data_dir=data_dir, log=lambda _: None)
+    report = run_speed_benchmark(tmp_path / "out", settings=settings, data_dir=data_dir, log=lambda _: None)
     assert json.loads((tmp_path / "out" / "benchmark.json").read_text())["targets"] == report["targets"]
     markdown = (tmp_path / "out" / "benchmark.md").read_text()
     assert "Lightning step / plain PyTorch loop step" in markdown and "needs CUDA" in markdown

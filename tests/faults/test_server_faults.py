@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from metricsearch.benchmarks.load_test import LoadTestError, LoadTestSettings, Sample, SetupError, summarize
 from metricsearch.search.cli import main_load_test
-from metricsearch.search.loadtest import LoadTestError, LoadTestSettings, Sample, SetupError, summarize
 from metricsearch.search.pipeline import open_index
 from metricsearch.search.server import ServerSettings, build_app
 from tests.faults.snapshots import snapshot

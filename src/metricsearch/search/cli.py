@@ -364,7 +364,13 @@ LOAD_TEST = Command(
 
 
 def _load_test_body(values: dict[str, Any], flags: set[str], extra: dict[str, str]) -> int:
-    from metricsearch.search.loadtest import LoadTestSettings, format_report, run_load_test, start_server, write_report
+    from metricsearch.benchmarks.load_test import (
+        LoadTestSettings,
+        format_load_test_report,
+        run_load_test,
+        start_server,
+        write_load_test_report,
+    )
 
     if bool(values["index"]) == bool(values["url"]):
         raise UsageError("load_test needs exactly one of index= (start a server) or url= (test a running one)")
@@ -384,9 +390,9 @@ def _load_test_body(values: dict[str, Any], flags: set[str], extra: dict[str, st
         print(f"starting the server for index={values['index']} ...", file=sys.stderr)
         with start_server(serve_args) as url:
             report = run_load_test(url, settings)
-    print(json.dumps(report, indent=2) if "--json" in flags else format_report(report))
+    print(json.dumps(report, indent=2) if "--json" in flags else format_load_test_report(report))
     if values["out"]:
-        print(f"report: {write_report(report, values['out'])}", file=sys.stderr)
+        print(f"report: {write_load_test_report(report, values['out'])}", file=sys.stderr)
     return 0 if report["errors"] == 0 else 1
 
 
@@ -475,7 +481,7 @@ BENCH = Command(
 
 
 def _bench_body(values: dict[str, Any], flags: set[str], extra: dict[str, str]) -> int:
-    from metricsearch.search.benchmark import format_table, run_benchmark
+    from metricsearch.benchmarks.search import format_search_table, run_search_benchmark
     from metricsearch.search.embedder import load_embedder
     from metricsearch.search.index import IndexSpec
 
@@ -486,7 +492,7 @@ def _bench_body(values: dict[str, Any], flags: set[str], extra: dict[str, str]) 
         if (values["ckpt"] or values["backbone"])
         else None
     )
-    result = run_benchmark(
+    result = run_search_benchmark(
         n=values["n"],
         dim=values["dim"],
         num_queries=values["queries"],
@@ -498,7 +504,7 @@ def _bench_body(values: dict[str, Any], flags: set[str], extra: dict[str, str]) 
         embedder=embedder,
         query_threads=values["query_threads"],
     )
-    print(format_table(result))
+    print(format_search_table(result))
     out = Path(values["out"])
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"results: {out.resolve()}")

@@ -1,6 +1,6 @@
 """The speed-and-scale benchmark: one run measures evaluation, Lightning's overhead and training throughput.
 
-``python scripts/benchmark.py`` calls :func:`run_benchmark`, which writes ``benchmark.json`` (every number) and
+``python scripts/benchmark.py`` calls :func:`run_speed_benchmark`, which writes ``benchmark.json`` (every number) and
 ``benchmark.md`` (a summary with the targets) to the output folder. It measures whatever machine it runs on: the
 CPU sections always, the GPU sections (ResNet-50 training throughput with the fast path, the whole SOP-size test
 evaluation on the GPU) when CUDA is available; the report says which targets were measured and which were not.
@@ -29,15 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from metricsearch.data.io import atomic_write_text
-from metricsearch.utils.benchmark_eval import EvalData, benchmark_evaluation, make_embeddings
-from metricsearch.utils.benchmark_train import (
+from metricsearch.benchmarks.evaluation import EvalData, make_embeddings, measure_evaluation
+from metricsearch.benchmarks.training import (
     TrainSetting,
     measure_data_path,
     measure_gpu_evaluation,
     measure_lightning_overhead,
     measure_model_only,
 )
+from metricsearch.data.io import atomic_write_text
 
 SECTIONS = ("eval", "overhead", "train", "gpu_eval")
 # The targets of the issue: (key, description, comparison, threshold, device the target is stated for).
@@ -123,7 +123,7 @@ def default_settings(cuda: bool, quick: bool) -> dict[str, Any]:
     return {"overhead": overhead, "train": train, "eval": data}
 
 
-def run_benchmark(
+def run_speed_benchmark(
     out_dir: Path,
     *,
     sections: Sequence[str] = SECTIONS,
@@ -158,7 +158,7 @@ def run_benchmark(
     if "eval" in sections:
         log("== evaluation")
         with tempfile.TemporaryDirectory(prefix="metricsearch-benchmark-") as scratch:
-            report["evaluation"] = benchmark_evaluation(settings["eval"], Path(scratch), with_cuda=cuda, log=log)
+            report["evaluation"] = measure_evaluation(settings["eval"], Path(scratch), with_cuda=cuda, log=log)
     if "overhead" in sections:
         log("== Lightning overhead (CPU)")
         setting = replace(settings["overhead"], accelerator="cpu")
@@ -185,7 +185,7 @@ def run_benchmark(
     report["seconds"] = time.perf_counter() - started
     report["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     report["targets"] = check_targets(report, settings["eval"])
-    write_report(report, out_dir)
+    write_speed_report(report, out_dir)
     return report
 
 
@@ -420,7 +420,7 @@ def _load(values: list[float] | None) -> str:
     return "?" if not values else f"{values[0]:.1f}"
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> None:
+def write_speed_report(report: dict[str, Any], out_dir: Path) -> None:
     """``benchmark.json`` and ``benchmark.md``, each written atomically."""
     atomic_write_text(out_dir / "benchmark.json", json.dumps(report, indent=2, default=_json_default) + "\n")
     atomic_write_text(out_dir / "benchmark.md", render_markdown(report))

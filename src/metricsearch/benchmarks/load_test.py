@@ -298,7 +298,7 @@ def summarize(
     }
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_load_test_report(report: dict[str, Any]) -> str:
     """The report as a few lines of text."""
 
     def latency(part: dict[str, Any]) -> str:
@@ -387,7 +387,7 @@ def _wait_until_serving(process: subprocess.Popen, url: str, output: Any) -> Non
     raise LoadTestError(f"the server at {url} did not answer within {SERVER_START_TIMEOUT_S:.0f} s")
 
 
-def write_report(report: dict[str, Any], path: str | Path) -> Path:
+def write_load_test_report(report: dict[str, Any], path: str | Path) -> Path:
     """Writes the report as JSON, atomically."""
     path = Path(path).expanduser().resolve()
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")

@@ -123,7 +123,7 @@ def measure_embedding_throughput(embedder: Embedder, count: int = 256, batch_siz
     return {"images": count, "seconds": seconds, "images_per_s": count / seconds}
 
 
-def run_benchmark(
+def run_search_benchmark(
     n: int = 100_000,
     dim: int = 128,
     num_queries: int = 1000,
@@ -178,8 +178,8 @@ def run_benchmark(
     return result
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """A plain-text table of :func:`run_benchmark`'s rows."""
+def format_search_table(result: dict[str, Any]) -> str:
+    """A plain-text table of :func:`run_search_benchmark`'s rows."""
     s = result["settings"]
     k = s["k"]
     lines = [

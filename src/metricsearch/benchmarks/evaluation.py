@@ -1,6 +1,6 @@
 """Evaluation benchmark: our retrieval metrics against pytorch-metric-learning and torchmetrics, time and memory.
 
-Every method runs in a child process of its own (``python -m metricsearch.utils.benchmark_eval``), which loads the
+Every method runs in a child process of its own (``python -m metricsearch.benchmarks.evaluation``), which loads the
 same embeddings from disk, so its peak resident memory (``ru_maxrss``) is its own: tracemalloc would miss the
 BLAS and faiss buffers, where most of the memory goes. Each child imports the same libraries before loading the
 data, so the baselines are equal and the peaks comparable.
@@ -218,7 +218,8 @@ def run_method(method: str, data_file: Path, timeout: float = 3600) -> dict[str,
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out_file = Path(f.name)
     try:
-        command = [sys.executable, "-m", "metricsearch.utils.benchmark_eval", method, str(data_file), str(out_file)]
+        # NOTE: this module's own name, so that the child runs this very file wherever the module lives.
+        command = [sys.executable, "-m", __spec__.name, method, str(data_file), str(out_file)]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
         if proc.returncode != 0:
             return {"method": method, "error": proc.stderr[-2000:]}
@@ -232,7 +233,7 @@ def compare_values(ours: dict[str, float], theirs: dict[str, float], pairs) -> d
     return {mine: abs(ours[mine] - theirs[other]) for mine, other in pairs if mine in ours and other in theirs}
 
 
-def benchmark_evaluation(
+def measure_evaluation(
     data: EvalData, workdir: Path, *, with_cuda: bool, torchmetrics_items: int = 3000, log=print
 ) -> dict[str, Any]:
     """Times and sizes the evaluation of ``data`` by each method; torchmetrics on a subset it can handle.
