@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from metricsearch.benchmarks.evaluation import EvalData, emulated_screens, make_embeddings, sop_like_class_sizes
-from metricsearch.benchmarks.speed import render_markdown, run_speed_benchmark
+from metricsearch.benchmarks.report import render_markdown
+from metricsearch.benchmarks.speed import run_speed_benchmark
 from metricsearch.benchmarks.training import TrainSetting, measure_gpu_evaluation
 from metricsearch.metrics.positive_ranks import ScreenProbe
 

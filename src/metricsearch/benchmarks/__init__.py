@@ -7,6 +7,7 @@
   pytorch-metric-learning and torchmetrics, each method in a child process of its own;
 - :mod:`~metricsearch.benchmarks.training`: its ``overhead``, ``train`` and ``gpu_eval`` sections (Lightning's
   overhead, training images/s per data path, the whole SOP-size evaluation on a GPU);
+- :mod:`~metricsearch.benchmarks.report`: the speed report as JSON and markdown, one function per section;
 - :mod:`~metricsearch.benchmarks.search`: exact vs IVF vs HNSW faiss indexes (``make bench-search``):
   :func:`~metricsearch.benchmarks.search.run_search_benchmark`;
 - :mod:`~metricsearch.benchmarks.load_test`: concurrent clients against the search server (``make load-test``):
