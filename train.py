@@ -5,14 +5,18 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from metricsearch.utils.config import normalize_overrides
+from metricsearch.utils.config import ConfigError, normalize_overrides, report_user_errors, validate_config
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from metricsearch.pipelines.train import train
+    # Checked before torch is even imported: a mistyped setting fails in a second, as one line.
+    with report_user_errors(ConfigError):
+        validate_config(cfg)
+    from metricsearch.pipelines.train import USER_ERRORS, train
 
-    metrics = train(cfg)
+    with report_user_errors(*USER_ERRORS):
+        metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))
 
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from metricsearch.data.io import atomic_path, atomic_write_text
-from metricsearch.utils.checkpoint_io import AtomicCheckpointIO
-from tests.conftest import REPO_ROOT
+from metricsearch.utils import checkpoint_io
+from metricsearch.utils.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+from tests.conftest import REPO_ROOT, TINY
 from tests.test_train import run_train
 
 
@@ -89,6 +90,84 @@ def test_checkpoint_write_failing_part_way_keeps_the_last_good_one(tmp_path, mon
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+TORCH_WRITER_FAILURE = "[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4054"
+
+
+def _writer_failing_part_way(error: BaseException):
+    """A torch.save that writes half of the file, as a filling disk does, then fails with ``error``."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        size = os.path.getsize(f)
+        with open(f, "r+b") as handle:
+            handle.truncate(size // 2)
+        raise error
+
+    return save
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (RuntimeError(TORCH_WRITER_FAILURE), "the checkpoint writer stopped part way"),
+        (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    ],
+    ids=["torch-writer", "enospc"],
+)
+def test_checkpoint_disk_full_is_one_line_and_leaves_nothing_partial(tmp_path, monkeypatch, error, reason):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    monkeypatch.setattr(torch, "save", _writer_failing_part_way(error))
+    monkeypatch.setattr(checkpoint_io, "free_bytes", lambda folder: 3 * 2**20 // 10)  # what a full disk has left
+    with pytest.raises(CheckpointWriteError) as caught:
+        io.save_checkpoint({"epoch": 2, "w": torch.zeros(1000)}, path)
+    message = str(caught.value)
+    assert message == (
+        f"disk full while writing {path} ({reason}): 0.3 MB free in {path.parent}; free space there, or point "
+        "hydra.run.dir (or paths.output_dir) at a disk with room"
+    )
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_checkpoint_writer_failure_with_room_left_is_not_called_disk_full(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    monkeypatch.setattr(torch, "save", _writer_failing_part_way(RuntimeError(TORCH_WRITER_FAILURE)))
+    monkeypatch.setattr(checkpoint_io, "free_bytes", lambda folder: 50 * 2**30)
+    with pytest.raises(CheckpointWriteError) as caught:
+        AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1000)}, path)
+    assert str(caught.value) == (
+        f"could not write checkpoint {path} ({TORCH_WRITER_FAILURE}); 51200.0 MB free in {tmp_path}"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_reports_a_full_disk_in_one_line(tmp_path, data_dir):
+    """train.py itself, with the checkpoint writer failing as it does on a full disk (before: 64 lines ending in
+    ``RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos``)."""
+    run_dir = tmp_path / "run"
+    inject = (
+        "import runpy, sys, torch; import metricsearch.utils.checkpoint_io as io\n"
+        "def save(obj, f, *a, **k):\n"
+        "    open(f, 'wb').write(b'PK partial')\n"
+        f"    raise RuntimeError({TORCH_WRITER_FAILURE!r})\n"
+        "torch.save = save; io.free_bytes = lambda folder: 2**19\n"
+        "sys.argv = ['train.py', *sys.argv[1:]]; runpy.run_path('train.py', run_name='__main__')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-c", inject, *TINY, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: disk full while writing {run_dir / 'checkpoints'}/")
+    assert "0.5 MB free" in last_line and "hydra.run.dir" in last_line
+    assert not (run_dir / "checkpoints").exists() or list((run_dir / "checkpoints").iterdir()) == []
+
+
 def test_nonfinite_losses_stop_training_with_checkpoints_intact(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     assert run_train(["trainer.max_epochs=1"], run_dir, data_dir).returncode == 0
@@ -136,40 +215,104 @@ def test_isolated_nonfinite_step_is_skipped_and_counted(tmp_path, data_dir):
     assert all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point())
 
 
-def test_sigkill_during_training_then_resume(tmp_path, data_dir):
-    run_dir = tmp_path / "run"
-    # NOTE: enough epochs that the run cannot finish between the first checkpoint and the kill (a tiny epoch takes
-    # a fraction of a second).
-    epochs = 8
-    args = [f"trainer.max_epochs={epochs}", "trainer.limit_train_batches=3", "trainer.deterministic=true"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    from tests.conftest import TINY
+# Enough epochs that a run killed at its first checkpoint is still far from done; the tests hold either way.
+KILL_EPOCHS = 8
+KILL_ARGS = [f"trainer.max_epochs={KILL_EPOCHS}", "trainer.limit_train_batches=3", "trainer.deterministic=true"]
 
-    cmd = [sys.executable, "train.py", *TINY, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir) -> dict:
+    """metrics.json of the run the killed and resumed runs must reproduce."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run_train(KILL_ARGS, run_dir, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _run_and_kill_at_first_checkpoint(run_dir, data_dir) -> bool:
+    """Starts ``train.py KILL_ARGS`` into ``run_dir`` and SIGKILLs it as soon as ``last.ckpt`` exists.
+
+    Returns whether the run had finished anyway (its metrics.json exists), which a slow poll on a busy machine
+    cannot rule out; callers assert what must hold in both cases.
+    """
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "train.py", *TINY, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *KILL_ARGS]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while time.time() < deadline and not last.exists():
-        time.sleep(0.2)
-    assert last.exists(), "no checkpoint appeared"
-    time.sleep(0.2)  # into the next epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "metrics.json").exists()
-    torch.load(last, weights_only=False)  # loads: never truncated
+    try:
+        # NOTE: polls only for the file (atomically renamed into place, so complete once it exists) or the process
+        # ending; the guard only keeps a hung run from hanging the suite.
+        guard = time.monotonic() + 600
+        while not last.exists() and proc.poll() is None and time.monotonic() < guard:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        _, stderr = proc.communicate()
+    assert last.exists(), f"no checkpoint appeared: {stderr.decode(errors='replace')[-3000:]}"
+    torch.load(last, weights_only=True)  # loads: never truncated
+    return (run_dir / "metrics.json").exists()
 
-    resumed = run_train(["resume=auto", *args], run_dir, data_dir)
+
+def _assert_same_as_uninterrupted(summary: dict, reference: dict) -> None:
+    assert summary["epochs_trained"] == KILL_EPOCHS
+    # Same number of optimizer steps as the uninterrupted run: the resumed run neither skipped nor repeated work.
+    assert summary["global_step"] == reference["global_step"] == KILL_EPOCHS * 2  # 2 batches per tiny epoch
+    assert summary["metrics"]["test"] == pytest.approx(reference["metrics"]["test"], abs=1e-6)
+
+
+def test_sigkill_during_training_then_resume(tmp_path, data_dir, uninterrupted):
+    run_dir = tmp_path / "run"
+    finished = _run_and_kill_at_first_checkpoint(run_dir, data_dir)
+
+    # The same command into the same folder continues its last.ckpt (a finished run's too: it is tested again).
+    resumed = run_train(["resume=auto", *KILL_ARGS], run_dir, data_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume=auto: continuing" in resumed.stdout + resumed.stderr
     summary = json.loads((run_dir / "metrics.json").read_text())
-    assert summary["epochs_trained"] == epochs
+    _assert_same_as_uninterrupted(summary, uninterrupted)
+    if not finished:
+        assert not list((run_dir / "checkpoints").glob(".*tmp*")), "a partial checkpoint was left behind"
 
-    reference_dir = tmp_path / "uninterrupted"
-    assert run_train(args, reference_dir, data_dir).returncode == 0
-    reference = json.loads((reference_dir / "metrics.json").read_text())
-    # Same number of optimizer steps as the uninterrupted run: the resumed run neither skipped nor repeated work.
-    assert summary["global_step"] == reference["global_step"] == epochs * 2  # 2 batches per epoch of the tiny split
-    assert summary["metrics"]["test"] == pytest.approx(reference["metrics"]["test"], abs=1e-6)
+
+@pytest.mark.slow
+def test_sigkill_then_plain_rerun_in_a_new_folder_resumes(tmp_path, data_dir, uninterrupted):
+    """What a plain rerun of the same command gets is a new (timestamped) run folder next to the killed one:
+    resume=auto must find the killed run there, although their configs differ in run-folder paths and resume."""
+    killed, rerun_dir = tmp_path / "runs" / "A", tmp_path / "runs" / "B"
+    finished = _run_and_kill_at_first_checkpoint(killed, data_dir)
+
+    rerun = run_train(["resume=auto", *KILL_ARGS], rerun_dir, data_dir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    output = rerun.stdout + rerun.stderr
+    if finished:
+        # The killed run had completed: nothing to continue, the rerun trains afresh in its own folder.
+        assert "starting afresh" in output
+        summary = json.loads((rerun_dir / "metrics.json").read_text())
+    else:
+        assert f"resume=auto: continuing {killed} from {killed / 'checkpoints' / 'last.ckpt'}" in output
+        assert "starting afresh" not in output
+        summary = json.loads((killed / "metrics.json").read_text())
+        assert not (rerun_dir / "checkpoints").exists() and not (rerun_dir / "metrics.json").exists()
+    _assert_same_as_uninterrupted(summary, uninterrupted)
+
+
+def test_corrupt_last_checkpoint_under_resume_auto_is_one_line(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"PK\x03\x04 truncated by a crash")
+    result = run_train(["resume=auto"], run_dir, data_dir)
+    assert result.returncode != 0
+    # Before: the right refusal inside a 23-27-line double traceback.
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: cannot read checkpoint {last} (PytorchStreamReader failed reading zip")
+    assert lines[0].endswith(
+        "it is truncated or corrupt: delete it (or move it away) and rerun, or run without resume=auto to start afresh"
+    )
+    assert last.read_bytes() == b"PK\x03\x04 truncated by a crash"
+    assert not (run_dir / "untrained_metrics.json").exists()
 
 
 def test_missing_checkpoint_path(tmp_path, data_dir):

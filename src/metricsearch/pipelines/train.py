@@ -15,14 +15,21 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metricsearch.data.datamodule import MetricDataModule
 from metricsearch.data.io import atomic_write_text
+from metricsearch.data.records import DatasetError
+from metricsearch.data.samplers import SamplerConfigError
 from metricsearch.models.head import EmbeddingModel
-from metricsearch.models.module import MetricLearningModule
-from metricsearch.pipelines.resume import LAST_CHECKPOINT, check_checkpoint_matches, find_resumable_run
-from metricsearch.utils.config import instantiate_partial_with, to_plain
+from metricsearch.models.module import MetricLearningModule, NonFiniteLossError
+from metricsearch.pipelines.resume import LAST_CHECKPOINT, CheckpointError, check_checkpoint_matches, find_resumable_run
+from metricsearch.utils.checkpoint_io import CheckpointWriteError
+from metricsearch.utils.config import ConfigError, instantiate_partial_with, to_plain, validate_config
 from metricsearch.utils.loggers import finish_loggers
 from metricsearch.utils.report import format_metrics_table
 
 log = logging.getLogger(__name__)
+
+# Problems the user can fix (a setting, the data, a checkpoint, a full disk): `train.py` prints their one-line
+# message without a traceback.
+USER_ERRORS = (ConfigError, SamplerConfigError, DatasetError, CheckpointError, CheckpointWriteError, NonFiniteLossError)
 
 
 def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
@@ -49,6 +56,9 @@ def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
     )
     datamodule.prepare_data()
     datamodule.setup()
+    # The training batch sampler checks m against the class sizes; build it now, so an impossible setting stops the
+    # run here rather than after the untrained evaluation.
+    datamodule.train_dataloader()
 
     loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
     loss_lr_multiplier = float(loss_cfg.pop("lr_multiplier", 1.0))
@@ -91,28 +101,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Order: evaluate the untrained model on the test classes, fit with checkpoint selection on validation
     classes, evaluate the best checkpoint on the test classes, write ``metrics.json`` and print a table.
     """
+    validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = cfg.get("ckpt_path")
+    ckpt_setting = "ckpt_path"
     if cfg.get("resume") == "auto":
         previous = find_resumable_run(cfg, output_dir)
         if previous is None:
             log.info("resume=auto: no unfinished run of this config under %s; starting afresh", output_dir.parent)
         else:
-            ckpt_path = str(previous / LAST_CHECKPOINT)
+            ckpt_path, ckpt_setting = str(previous / LAST_CHECKPOINT), "resume=auto"
             log.info("resume=auto: continuing %s from %s", previous, ckpt_path)
             with open_dict(cfg):
                 cfg.paths.output_dir = str(previous)
             output_dir = previous
     elif cfg.get("resume"):
-        ckpt_path = cfg.resume
+        ckpt_path, ckpt_setting = cfg.resume, "resume"
+    if ckpt_path:
+        # Before any data or model is built: a damaged or foreign checkpoint is refused in seconds.
+        model = {"backbone": to_plain(cfg.backbone), "head": to_plain(cfg.head)}
+        check_checkpoint_matches(ckpt_path, model, ckpt_setting)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     module, datamodule = build_run(cfg)
-    if ckpt_path:
-        check_checkpoint_matches(ckpt_path, module.hparams.model_config)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
-from collections.abc import Sequence
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
 # Groups whose absence is a valid choice; `group=null` on the command line selects the group's `none` option.
@@ -69,3 +78,159 @@ def _constructor_parameters(target: Any) -> set[str]:
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             break
     return names
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, found before any work is done; the message names it and what to set instead."""
+
+
+class UserError(CompactHydraException):
+    """A problem the user can fix; Hydra prints its message without a traceback (under ``-m``: for each job)."""
+
+
+# Exit status of a single run stopped by a problem the user can fix (as the search scripts use).
+USER_ERROR_EXIT = 2
+
+
+@contextmanager
+def report_user_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Reports the given exceptions, and a full disk, as their one-line message instead of a stack trace.
+
+    Used around the work of an entry point (``train.py``): a mistake in the config or a damaged checkpoint is
+    reported as what to change. A single run prints ``error: <message>`` on stderr and exits with status 2; in a
+    multirun (``-m``, Optuna) a :class:`UserError` is raised instead, so Hydra names the job's overrides and a
+    sweeper can record the failed trial and go on. The message also goes to the run's log file.
+    """
+    try:
+        yield
+    except kinds as err:
+        message = str(err)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        message = f"disk full: {err}; free space there or point hydra.run.dir at a disk with room"
+    else:
+        return
+    log.error(message)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT)
+    raise UserError(message) from None
+
+
+_NOT_SET = object()
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# Whole-number settings: (key, smallest valid value, example shown in the message).
+_WHOLE_NUMBERS = (
+    ("seed", None, 42),
+    ("data.batch_size", 1, 64),
+    ("data.eval_batch_size", 1, 256),
+    ("data.num_workers", 0, 2),
+    ("data.image_size", 1, 224),
+    ("data.resize_size", 1, 256),
+    ("head.embedding_dim", 1, 128),
+    ("trainer.max_epochs", -1, 10),
+    ("module.max_nonfinite_steps", 1, 10),
+)
+# Number settings: (key, smallest valid value, whether the smallest is excluded, example).
+_NUMBERS = (
+    ("optimizer.lr", 0.0, True, 0.001),
+    ("optimizer.weight_decay", 0.0, False, 0.0001),
+    ("optimizer.momentum", 0.0, False, 0.9),
+    ("loss.lr_multiplier", 0.0, True, 1.0),
+    ("data.val_fraction", 0.0, False, 0.2),
+)
+# Settings that may be left out (null) without it being a mistake.
+_NULLABLE = {"data.resize_size", "trainer.max_epochs"}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks the settings whose mistakes would otherwise surface late, deep inside training, as a stack trace.
+
+    Runs right after composing, before any data, model or trainer is built: numbers that are not numbers or out
+    of range, an m-per-class sampler whose ``m`` does not fit the batch size, checkpoints that do not exist.
+    What only the data can tell (``sampler.m`` larger than the smallest class) is checked once the data is loaded.
+
+    Raises:
+        ConfigError: the first impossible setting, in one line that names it and what to set instead.
+    """
+    for key, minimum, example in _WHOLE_NUMBERS:
+        value = OmegaConf.select(cfg, key, default=_NOT_SET)
+        if value is _NOT_SET or (value is None and key in _NULLABLE):
+            continue
+        if not _is_whole(value):
+            raise ConfigError(f"{key}={_shown(value)} is not a whole number; set e.g. {key}={example}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{key}={value} must be at least {minimum}; set e.g. {key}={example}")
+    for key, minimum, exclusive, example in _NUMBERS:
+        value = OmegaConf.select(cfg, key, default=_NOT_SET)
+        if value is _NOT_SET:
+            continue
+        if not _is_number(value):
+            raise ConfigError(f"{key}={_shown(value)} is not a number; set e.g. {key}={example}")
+        if value < minimum or (exclusive and value == minimum):
+            bound = "greater than" if exclusive else "at least"
+            raise ConfigError(f"{key}={value} must be {bound} {minimum:g}; set e.g. {key}={example}")
+    fraction = OmegaConf.select(cfg, "data.val_fraction", default=None)
+    if fraction is not None and fraction >= 1:
+        raise ConfigError(
+            f"data.val_fraction={fraction} must be below 1 (it is the share of training classes held out for "
+            "validation); set e.g. data.val_fraction=0.2"
+        )
+    _validate_sampler(cfg)
+    if OmegaConf.select(cfg, "monitor_mode", default="max") not in ("min", "max"):
+        raise ConfigError(f"monitor_mode={_shown(cfg.monitor_mode)} must be min or max")
+    for key in ("ckpt_path", "resume"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or (key == "resume" and value == "auto"):
+            continue
+        if not isinstance(value, str) or not Path(value).is_file():
+            choices = "a checkpoint file (a run's checkpoints/last.ckpt) or null to start afresh"
+            if key == "resume":
+                choices = "null (start afresh), auto (continue an unfinished run of this config) or a checkpoint file"
+            raise ConfigError(f"{key}={_shown(value)} does not exist; {key} takes {choices}")
+
+
+def _validate_sampler(cfg: DictConfig) -> None:
+    """An m-per-class batch holds ``m`` images of each of ``batch_size / m`` classes: m must divide the batch."""
+    m = OmegaConf.select(cfg, "sampler.m", default=None)
+    batch_size = OmegaConf.select(cfg, "data.batch_size", default=None)
+    if m is None or batch_size is None:
+        return
+    if not _is_whole(m):
+        raise ConfigError(f"sampler.m={_shown(m)} is not a whole number; set e.g. sampler.m=4")
+    if m < 1:
+        raise ConfigError(f"sampler.m={m} must be at least 1 (images of each class in a batch); set e.g. sampler.m=4")
+    # Divisors of the batch that leave at least two classes per batch, nearest the usual m=4 first.
+    divisors = sorted((d for d in range(2, batch_size // 2 + 1) if batch_size % d == 0), key=lambda d: (abs(d - 4), d))
+    if m > batch_size:
+        if divisors:
+            fix = f"lower sampler.m to a divisor of {batch_size}, e.g. sampler.m={divisors[0]}"
+        else:
+            fix = "lower sampler.m and make data.batch_size a multiple of it, e.g. sampler.m=4 data.batch_size=8"
+        raise ConfigError(
+            f"sampler.m={m} is larger than data.batch_size={batch_size}: every batch holds m images of each of "
+            f"batch_size/m classes; {fix}"
+        )
+    if batch_size % m:
+        multiple = m * max(2, round(batch_size / m))
+        fix = f"set data.batch_size to a multiple of {m} (e.g. data.batch_size={multiple})"
+        if divisors:
+            fix += f" or sampler.m to a divisor of {batch_size} (e.g. sampler.m={divisors[0]})"
+        raise ConfigError(
+            f"data.batch_size={batch_size} is not divisible by sampler.m={m}: every batch holds m images of each "
+            f"of batch_size/m classes; {fix}"
+        )

@@ -1,0 +1,88 @@
+"""Impossible settings are refused right after composing, before any data, model or evaluation, in one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from metricsearch.utils.config import CONFIG_DIR, ConfigError, validate_config
+from tests.conftest import compose_config
+from tests.test_train import run_train
+
+# (overrides, what the one-line message must say). The first five are the settings of the outside probe.
+BAD_SETTINGS = [
+    (
+        ["data.batch_size=7"],
+        "data.batch_size=7 is not divisible by sampler.m=4: every batch holds m images of each of batch_size/m "
+        "classes; set data.batch_size to a multiple of 4 (e.g. data.batch_size=8)",
+    ),
+    (
+        ["sampler.m=1000"],
+        "sampler.m=1000 is larger than data.batch_size=16: every batch holds m images of each of batch_size/m "
+        "classes; lower sampler.m to a divisor of 16, e.g. sampler.m=4",
+    ),
+    (["optimizer.lr=abc"], "optimizer.lr=abc is not a number; set e.g. optimizer.lr=0.001"),
+    (["data.batch_size=0"], "data.batch_size=0 must be at least 1; set e.g. data.batch_size=64"),
+    (["head.embedding_dim=0"], "head.embedding_dim=0 must be at least 1; set e.g. head.embedding_dim=128"),
+    (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 must be greater than 0; set e.g. optimizer.lr=0.001"),
+    (["data.batch_size=7.5"], "data.batch_size=7.5 is not a whole number; set e.g. data.batch_size=64"),
+    (["data.val_fraction=1.5"], "data.val_fraction=1.5 must be below 1"),
+    (["sampler.m=0"], "sampler.m=0 must be at least 1"),
+    (
+        ["data.batch_size=18"],
+        "data.batch_size=18 is not divisible by sampler.m=4: every batch holds m images of each of batch_size/m "
+        "classes; set data.batch_size to a multiple of 4 (e.g. data.batch_size=16) or sampler.m to a divisor of 18 "
+        "(e.g. sampler.m=3)",
+    ),
+    (["resume=never"], "resume=never does not exist; resume takes null (start afresh), auto (continue an"),
+    (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt does not exist"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_SETTINGS, ids=lambda v: v[0] if isinstance(v, list) else "")
+def test_validate_config_names_the_setting_and_the_fix(overrides, message, tmp_path, data_dir):
+    cfg = compose_config(overrides, tmp_path, data_dir)
+    with pytest.raises(ConfigError) as caught:
+        validate_config(cfg)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
+def test_every_shipped_experiment_is_valid(experiment, tmp_path, data_dir):
+    validate_config(compose_config([f"experiment={experiment}"], tmp_path, data_dir, tiny=False))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["sampler=random"], ["sampler=null"], ["sampler.m=8"], ["optimizer=sgd"], ["scheduler=null"], ["resume=auto"]],
+)
+def test_valid_settings_pass(overrides, tmp_path, data_dir):
+    validate_config(compose_config(overrides, tmp_path, data_dir))
+    validate_config(compose_config(overrides, tmp_path, data_dir, tiny=False))
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_SETTINGS[:5], ids=lambda v: v[0] if isinstance(v, list) else "")
+def test_train_refuses_a_bad_setting_before_any_work(overrides, message, tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    result = run_train(overrides, run_dir, data_dir)
+    assert result.returncode != 0
+    # One line, the message, no traceback: before the fix these surfaced inside trainer.fit after the untrained
+    # evaluation, as 48-65 lines of TypeError / ZeroDivisionError.
+    assert result.stderr.strip().splitlines() == [f"error: {message}"]
+    assert not (run_dir / "untrained_metrics.json").exists() and not (run_dir / "checkpoints").exists()
+    assert "Testing" not in result.stdout + result.stderr
+
+
+def test_m_larger_than_a_class_stops_before_the_untrained_evaluation(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    result = run_train(["sampler.m=16", "data.batch_size=32"], run_dir, data_dir)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: sampler.m=16 is larger than the smallest training class (8 images")
+    )
+    assert "lower sampler.m to at most 8 or set sampler.replacement=true" in result.stderr
+    assert not (run_dir / "untrained_metrics.json").exists()
+    assert "Testing" not in result.stdout + result.stderr
