@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra.utils import instantiate
 from PIL import Image
 
+from metricsearch.data.dataset import LABEL
 from metricsearch.data.digits import DigitsSource
 from metricsearch.data.io import ImageLoadError, atomic_path, atomic_write_bytes, atomic_write_text, load_rgb_image
 from metricsearch.data.records import DatasetError
@@ -20,6 +22,7 @@ from metricsearch.data.synthetic import (
     attribute_counts,
     class_attributes,
 )
+from tests.conftest import compose_config
 
 TINY = {"num_classes": 12, "images_per_class": 6, "image_size": 32}
 
@@ -192,6 +195,23 @@ def test_digits_custom_split_reuses_the_files(digits_source: DigitsSource) -> No
     assert (digits_source.folder / "manifest.json").stat().st_mtime_ns == manifest_mtime
     with pytest.raises(ValueError, match="train_digits"):
         DigitsSource(digits_source.root, train_digits=tuple(range(10)))
+
+
+@pytest.mark.parametrize("overrides", [["data=digits"], ["experiment=digits_triplet"]], ids=" ".join)
+def test_digits_configs_draw_their_training_batches(
+    overrides: list[str], digits_source: DigitsSource, tmp_path: Path
+) -> None:
+    """`python train.py data=digits` (and the digits recipe) must fit its batches to the 3 training classes."""
+    cfg = compose_config([*overrides, "data.num_workers=0"], tmp_path / "run", Path(digits_source.root), tiny=False)
+    datamodule = instantiate(cfg.data, sampler=instantiate(cfg.sampler))
+    datamodule.prepare_data()
+    datamodule.setup()
+    assert datamodule.num_train_classes == 3  # digits 0-4, two of them held out for validation
+    batches = iter(datamodule.train_dataloader())
+    for _ in range(3):
+        labels = next(batches)[LABEL]
+        assert len(labels) == cfg.data.batch_size
+        assert np.bincount(labels.numpy()).tolist() == [cfg.sampler.m] * 3
 
 
 # --- load_rgb_image ---

@@ -6,10 +6,12 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image, ImageEnhance
 
 from metricsearch.data.transforms import build_eval_transform
+from metricsearch.models.backbone import PretrainedWeightsError, TimmBackbone
 from metricsearch.models.pretrained import (
     WeightMappingError,
     create_imagenet_classifier,
@@ -113,3 +115,44 @@ def test_an_augmented_copy_of_a_real_photo_finds_the_photo_first(tmp_path):
     results = search_files(index, embedder, queries, k=3)
     firsts = [hits[0].path for hits in results]
     assert firsts == files
+
+
+# --- hub weights offline: a one-line message that says how to supply them ---
+
+
+@pytest.fixture
+def empty_offline_hub(tmp_path, monkeypatch):
+    """The Hugging Face hub as on a machine without internet: offline, and nothing in the cache."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def test_hub_weights_unreachable_say_how_to_supply_them(empty_offline_hub):
+    with pytest.raises(PretrainedWeightsError) as raised:
+        TimmBackbone("resnet10t", pretrained=True)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "needs its ImageNet weights from the internet" in message
+    assert "backbone.weights_file=PATH" in message and "backbone.pretrained=false" in message
+
+
+def test_a_local_weights_file_loads_offline(empty_offline_hub, tmp_path):
+    reference = timm.create_model("resnet10t", pretrained=False)
+    weights = tmp_path / "resnet10t.pth"
+    torch.save(reference.state_dict(), weights)
+    backbone = TimmBackbone("resnet10t", pretrained=True, weights_file=str(weights))
+    loaded = backbone.model.state_dict()
+    assert loaded.keys() == {k for k in reference.state_dict() if not k.startswith("fc.")}
+    assert all(torch.equal(loaded[k], reference.state_dict()[k]) for k in loaded)
+
+
+def test_a_missing_weights_file_is_named(tmp_path):
+    missing = tmp_path / "nowhere.pth"
+    for create in (
+        lambda: TimmBackbone("resnet10t", weights_file=str(missing)),
+        lambda: efficientnet_lite0_imagenet(weights_file=str(missing)),
+    ):
+        with pytest.raises(PretrainedWeightsError, match=f"backbone.weights_file={missing} does not exist"):
+            create()

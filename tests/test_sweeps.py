@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -110,25 +111,32 @@ def test_hydra_multirun_with_wandb_gives_each_job_its_own_run(tmp_path, data_dir
     assert run_ids[0] != run_ids[1]
 
 
-def test_optuna_search_runs_offline_with_sqlite_storage(tmp_path, data_dir):
+def test_optuna_readme_command_optimizes_the_selected_checkpoints_val_metric(tmp_path, data_dir):
+    """`python train.py hparams_search=optuna` as the README gives it (test evaluation included), shrunk.
+
+    Every trial must complete, and the value Optuna records must be the validation metric of the checkpoint the
+    run selected (and tested), as written to its metrics.json.
+    """
     storage = tmp_path / "optuna.db"
     # A command-line value would pin a searched parameter (the sweeper treats it as fixed): leave embedding_dim free.
-    tiny = [o for o in TINY if not o.startswith("head.embedding_dim=")]
+    tiny = [o for o in TINY if not o.startswith(("head.embedding_dim=", "trainer.max_epochs="))]
     result = _run(
         [
-            *tiny,
             "hparams_search=optuna",
+            *tiny,
+            # Two epochs, so the selected checkpoint need not be the last epoch.
+            "trainer.max_epochs=2",
+            "trainer.limit_test_batches=1",
             "hydra.sweeper.n_trials=2",
             "hydra.sweeper.sampler.n_startup_trials=1",
             f"hydra.sweeper.storage=sqlite:///{storage}",
-            "test_untrained=false",
-            "test=false",
             "callbacks.visualization.prefixes=[]",
             f"paths.data_dir={data_dir}",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Failed experiment" not in result.stdout + result.stderr
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"optimizer.lr", "loss.margin", "head.embedding_dim"}
     assert 0.0 <= float(best["best_value"]) <= 1.0
@@ -139,3 +147,16 @@ def test_optuna_search_runs_offline_with_sqlite_storage(tmp_path, data_dir):
     for trial in trials:
         config = yaml.safe_load((trial / "config.yaml").read_text())
         assert config["head"]["embedding_dim"] in (64, 128, 256)
+
+    import optuna
+
+    study = optuna.load_study(study_name="train_optuna", storage=f"sqlite:///{storage}")
+    recorded = sorted(study.trials, key=lambda t: t.number)
+    assert [t.state for t in recorded] == [optuna.trial.TrialState.COMPLETE] * 2
+    for trial, folder in zip(recorded, trials, strict=True):
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        assert config["optimizer"]["lr"] == pytest.approx(trial.params["optimizer.lr"])
+        written = json.loads((folder / "metrics.json").read_text())
+        assert "recall@1" in written["metrics"]["test"]  # the test evaluation ran, as in the README command
+        assert trial.value == written["metrics"]["val_best"]["recall@1"]
+    assert float(best["best_value"]) == max(t.value for t in recorded)

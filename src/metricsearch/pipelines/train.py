@@ -147,6 +147,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     if checkpoint is not None and checkpoint.best_model_score is not None:
         results["val_best"] = {cfg.monitor.split("/", 1)[1]: float(checkpoint.best_model_score)}
+    # Read before testing: the test evaluation replaces trainer.callback_metrics.
+    selected_val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+    if "val_best" in results:
+        selected_val = {cfg.monitor: results["val_best"][cfg.monitor.split("/", 1)[1]]}
     if cfg.get("test"):
         results["test"] = _test(trainer, module, datamodule, "test", ckpt_path=best_path or None)
 
@@ -160,7 +164,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         atomic_write_text(output_dir / "metrics.json", json.dumps(summary, indent=2))
         print(format_metrics_table(results, title=f"{cfg.get('task_name', 'train')}: {output_dir}"))
     flat = {f"{split}/{name}": value for split, values in results.items() for name, value in values.items()}
-    flat.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1})
+    # The sweepers' objective (`optimized_metric: ${monitor}`): the validation metric of the checkpoint that was
+    # selected and tested, never a later epoch's. Only the monitored value of the best epoch is known; without
+    # checkpoint selection the last epoch is the model, so its validation metrics are.
+    flat.update(selected_val)
     # Close the W&B run now, so its offline files are complete when train() returns and the next job of a
     # multirun or Optuna study starts its own run.
     finish_loggers(loggers)
