@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from metricsearch.utils.config import CONFIG_DIR, ConfigError, validate_config
-from tests.conftest import compose_config
+from tests.conftest import REPO_ROOT, TINY, compose_config
 from tests.test_train import run_train
 
 # (overrides, what the one-line message must say). The first five are the settings of the outside probe.
@@ -86,3 +90,16 @@ def test_m_larger_than_a_class_stops_before_the_untrained_evaluation(tmp_path, d
     assert "lower sampler.m to at most 8 or set sampler.replacement=true" in result.stderr
     assert not (run_dir / "untrained_metrics.json").exists()
     assert "Testing" not in result.stdout + result.stderr
+
+
+def test_multirun_names_the_failing_job_without_a_traceback(tmp_path, data_dir):
+    """Under -m (and Optuna) a bad setting fails its job through Hydra, which names the job's overrides."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "train.py", "-m", *TINY, f"paths.data_dir={data_dir}", f"hydra.sweep.dir={tmp_path}"]
+    result = subprocess.run(
+        [*cmd, "data.batch_size=7,9"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "Error executing job with overrides:" in result.stderr and "'data.batch_size=7'" in result.stderr
+    assert "data.batch_size=7 is not divisible by sampler.m=4" in result.stderr
