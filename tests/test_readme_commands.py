@@ -297,6 +297,9 @@ def test_train_command(command: str, tmp_path: Path, data_dir: Path) -> None:
         line = _assert_one_line_failure(result, WEIGHTS_MESSAGE if needs_weights else "", data_dir_named)
         if WEIGHTS_MESSAGE in line:
             assert "backbone.weights_file=PATH" in line and needs_weights[0] in line, line
+            if not multirun:  # a single run reports it as train.py's one error line, exit status 2
+                assert line.startswith("error: ") and result.returncode == 2, result.stderr[-3000:]
+                assert "Error in call to target" not in result.stderr, result.stderr[-3000:]
         else:
             assert needs_data and str(tmp_path / EMPTY) in line and re.search("missing|does not exist", line), line
         # Without the weights, everything else the command asks for must build; without the data, say so.

@@ -17,6 +17,7 @@ from metricsearch.data.datamodule import MetricDataModule
 from metricsearch.data.io import atomic_write_text
 from metricsearch.data.records import DatasetError
 from metricsearch.data.samplers import SamplerConfigError
+from metricsearch.models.backbone import PretrainedWeightsError
 from metricsearch.models.head import EmbeddingModel
 from metricsearch.models.module import MetricLearningModule, NonFiniteLossError
 from metricsearch.pipelines.resume import LAST_CHECKPOINT, CheckpointError, check_checkpoint_matches, find_resumable_run
@@ -29,7 +30,15 @@ log = logging.getLogger(__name__)
 
 # Problems the user can fix (a setting, the data, a checkpoint, a full disk): `train.py` prints their one-line
 # message without a traceback.
-USER_ERRORS = (ConfigError, SamplerConfigError, DatasetError, CheckpointError, CheckpointWriteError, NonFiniteLossError)
+USER_ERRORS = (
+    ConfigError,
+    SamplerConfigError,
+    DatasetError,
+    CheckpointError,
+    CheckpointWriteError,
+    NonFiniteLossError,
+    PretrainedWeightsError,
+)
 
 
 def _instantiate_group(cfg: DictConfig | None) -> list[Any]:

@@ -103,12 +103,14 @@ def report_user_errors(*kinds: type[BaseException]) -> Iterator[None]:
     """
     try:
         yield
-    except kinds as err:
-        message = str(err)
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as err:
+        # hydra.utils.instantiate wraps what a target raises (a backbone's missing weights) in its own exception.
+        cause = _wrapped_user_error(err, kinds)
+        if cause is None:
             raise
-        message = f"disk full: {err}; free space there or point hydra.run.dir at a disk with room"
+        message = str(cause)
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(cause, kinds):
+            message = f"disk full: {cause}; free space there or point hydra.run.dir at a disk with room"
     else:
         return
     log.error(message)
@@ -116,6 +118,17 @@ def report_user_errors(*kinds: type[BaseException]) -> Iterator[None]:
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT)
     raise UserError(message) from None
+
+
+def _wrapped_user_error(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """``err`` or the exception it wraps (through ``__cause__``, a few levels) when it is one to report briefly."""
+    for _ in range(4):
+        if isinstance(err, kinds) or (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return err
+        if err.__cause__ is None:
+            return None
+        err = err.__cause__
+    return None
 
 
 _NOT_SET = object()
