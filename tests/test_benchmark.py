@@ -11,7 +11,7 @@ from metricsearch.benchmarks.evaluation import EvalData, emulated_screens, make_
 from metricsearch.benchmarks.report import render_markdown
 from metricsearch.benchmarks.speed import run_speed_benchmark
 from metricsearch.benchmarks.training import TrainSetting, measure_gpu_evaluation
-from metricsearch.metrics.positive_ranks import ScreenProbe
+from metricsearch.metrics.screen import ScreenProbe
 
 
 def test_sop_like_data_has_the_requested_shape():

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from metricsearch.metrics import calc_retrieval_metrics, positive_ranks
-from metricsearch.metrics.positive_ranks import numba_available, rank_positives, screen_keys, screen_margin
+from metricsearch.metrics import calc_retrieval_metrics
+from metricsearch.metrics import screen as screens
+from metricsearch.metrics.positive_ranks import rank_positives
+from metricsearch.metrics.rank_kernels import numba_available
+from metricsearch.metrics.screen import screen_keys, screen_margin
 from tests.test_metrics import assert_metrics_equal, make_clustered_data, normalize, reference_metrics
 
 KS = (1, 2, 4, 8, 16, 1000)
@@ -217,12 +220,12 @@ def test_screen_margin_bounds_the_int8_product_error(norm):
     spike = np.zeros((1, dim), dtype=np.float32)
     spike[0, 0] = 1.0
     x = np.concatenate([rows, spike]).astype(np.float32)
-    scale = positive_ranks.int8_scale(x)
+    scale = screens.int8_scale(x)
     half = np.full((2, dim), 0.5 * scale, dtype=np.float32) + np.float32(1e-9)  # every code rounds from 0.5 steps
     x = norm * np.concatenate([x, half]).astype(np.float32)
     margin = screen_margin("int8", x)
-    scale = positive_ranks.int8_scale(x)
-    codes = positive_ranks.int8_codes(x, scale).numpy().astype(np.int64)
+    scale = screens.int8_scale(x)
+    codes = screens.int8_codes(x, scale).numpy().astype(np.int64)
     approx = (codes @ codes.T).astype(np.float64) * scale * scale
     exact = x.astype(np.float64) @ x.astype(np.float64).T
     error = np.abs(approx - exact)
@@ -244,8 +247,8 @@ def test_int8_screen_keys_admit_every_product_that_may_reach_the_limit():
             assert not admitted.any()
 
 
-def _probe(seconds: float, accurate: bool = True) -> positive_ranks.ScreenProbe:
-    return positive_ranks.ScreenProbe(seconds=seconds, error=0.001 if accurate else 0.05, margin=0.01)
+def _probe(seconds: float, accurate: bool = True) -> screens.ScreenProbe:
+    return screens.ScreenProbe(seconds=seconds, error=0.001 if accurate else 0.05, margin=0.01)
 
 
 @pytest.mark.parametrize(
@@ -263,13 +266,13 @@ def _probe(seconds: float, accurate: bool = True) -> positive_ranks.ScreenProbe:
 )
 def test_the_screen_is_a_fast_product_that_stays_within_the_margin(timings, accurate, expected):
     probes = {name: _probe(seconds, accurate or name == "float32") for name, seconds in timings.items()}
-    assert positive_ranks.pick_screen(probes) == expected
+    assert screens.pick_screen(probes) == expected
 
 
 def test_the_screen_measurement_keeps_every_product_within_its_margin_on_any_cpu():
     # What the measurement promises on every CPU, fast or emulated: float32 is always there and exact to within
     # its margin; every screen it reports was timed, and its error is measured (not assumed) against float64.
-    probes = positive_ranks.measure_screens(64)
+    probes = screens.measure_screens(64)
     assert probes["float32"].accurate
     assert set(probes) <= {"float32", "bfloat16", "int8"}
     for name, probe in probes.items():
@@ -277,4 +280,4 @@ def test_the_screen_measurement_keeps_every_product_within_its_margin_on_any_cpu
         assert probe.error > 0 and probe.margin > 0, name  # rounding makes some error; a zero would be unmeasured
         # The torch products round to nearest (or are exact in int32): they stay within the derived margins.
         assert probe.accurate, name
-    assert positive_ranks.choose_screen(64) in probes
+    assert screens.choose_screen(64) in probes

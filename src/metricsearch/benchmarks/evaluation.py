@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from metricsearch.metrics.kmeans import DEFAULT_NMI_MAX_MACS, KMeansSchedule, kmeans_cost, nmi_schedule
-from metricsearch.metrics.positive_ranks import ScreenProbe, measure_screens, screen_is_fast
+from metricsearch.metrics.screen import ScreenProbe, measure_screens, screen_is_fast
 
 SOP_TEST_ITEMS = 60_502
 SOP_TEST_CLASSES = 11_316
@@ -207,7 +207,7 @@ def child_main(method: str, data_file: str, out_file: str) -> None:
     if method.endswith("_cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if method == "ours":
-        from metricsearch.metrics.positive_ranks import choose_screen
+        from metricsearch.metrics.screen import choose_screen
 
         result["screen"] = choose_screen(x.shape[1])
     Path(out_file).write_text(json.dumps(result))

@@ -23,14 +23,18 @@ n images needs n^2 floats there, as a k-NN search would need k >= n - 1 neighbou
 On the CPU the block product only *screens* the pairs: a negative matters to a query only if it scores above the
 lowest of the query's positives that can still change a metric, and almost none do. The product runs in int8
 (exact int32 sums of codes on one scale) or bfloat16 where the CPU multiplies them fast (VNNI, AVX512-BF16, AMX;
-chosen by :func:`choose_screen`), else in float32; every pair that may lie within the product's worst-case error
-(:func:`screen_margin`) of a query's threshold is rescored by :func:`exact_score`, a fixed float32 inner product
+chosen by :func:`~metricsearch.metrics.screen.choose_screen`), else in float32; every pair that may lie within the
+product's worst-case error (:func:`~metricsearch.metrics.screen.screen_margin`) of a query's threshold is rescored by
+:func:`~metricsearch.metrics.rank_kernels.exact_score`, a fixed float32 inner product
 that phase 1 uses as well. Only the exact scores decide, so the result does not depend on the screen, and exact
 copies of an item tie exactly (BLAS may round the same product differently at different places of a matrix).
 
 Neighbours of exactly equal score are ordered by increasing index (the rule of
 :func:`metricsearch.metrics.retrieval.find_neighbors`), so duplicates of the query's classmates in other classes
 are ranked reproducibly.
+
+The screen's arithmetic lives in :mod:`metricsearch.metrics.screen` and the compiled kernels in
+:mod:`metricsearch.metrics.rank_kernels`; this module holds the two phases and their drivers.
 
 Two implementations of phase 2 give the same counts: the numba kernel for the CPU, which skips every negative
 scored below the lowest positive that can still matter (a row is skipped entirely once its first hit is beyond
@@ -41,30 +45,24 @@ float32 is faster than branching.
 from __future__ import annotations
 
 import contextlib
-import functools
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-try:  # numba ships with umap-learn; without it the torch implementation runs on the CPU (correct, slower).
-    import numba
-except ImportError:  # pragma: no cover - exercised only where numba is missing
-    numba = None
+from metricsearch.metrics.rank_kernels import count_block, group_gram, numba
+from metricsearch.metrics.screen import (
+    SCREENS,
+    int8_scale,
+    resolve_screen,
+    screen_keys,
+    screen_margin,
+    screen_operands,
+    screen_product,
+)
 
-__all__ = [
-    "PositiveRanks",
-    "SCREENS",
-    "ScreenProbe",
-    "choose_screen",
-    "measure_screens",
-    "numba_available",
-    "pick_screen",
-    "rank_positives",
-    "screen_is_fast",
-]
+__all__ = ["PositiveRanks", "rank_positives"]
 
 # Rows (and at least the columns) of a block of the similarity matrix: 4096^2 float32 scores take 64 MB on the CPU;
 # on a GPU 8192^2 scores and their int64 keys take ~2 GB, and larger blocks keep it busy.
@@ -72,14 +70,6 @@ CPU_BLOCK_SIZE = 4096
 CUDA_BLOCK_SIZE = 8192
 # Upper bound of the batched per-class Gram matrices of phase 1 (number of float32 scores held at once).
 GRAM_BUDGET = 1 << 24
-# Arithmetic of the CPU's screening product; "auto" takes the fastest that is measured to stay within its margin.
-SCREENS = ("auto", "int8", "bfloat16", "float32")
-SCREEN_ROUNDOFF = {"bfloat16": 2.0**-8, "float32": 0.0}  # unit roundoff of the screen's inputs
-
-
-def numba_available() -> bool:
-    """Whether the compiled CPU kernel is available (else the CPU runs the torch implementation)."""
-    return numba is not None
 
 
 @dataclass(frozen=True)
@@ -153,14 +143,14 @@ def rank_positives(
     # NOTE: the scores that decide must all come from one computation, so that exact copies of an item tie
     # exactly: BLAS gives copies different roundings in different places of a product (edge tiles), so the kernel
     # rescores with exact_score, which phase 1 uses too.
-    gram = _group_gram if use_numba else _matmul_group_gram
+    gram = group_gram if use_numba else _matmul_group_gram
     num_relevant, pos_scores, pos_index = _sorted_positive_scores(embeddings, classes, gram)
     num_items, max_r = pos_scores.shape
     if max_r == 0:
         return PositiveRanks(num_relevant, np.zeros((num_items, 0), dtype=np.int64))
     if use_numba:
         size = block_size or CPU_BLOCK_SIZE
-        precision = _resolve_screen(screen, embeddings.shape[1])
+        precision = resolve_screen(screen, embeddings.shape[1])
         counts = _count_with_numba(embeddings, classes, num_relevant, pos_scores, pos_index, max_k, size, precision)
     else:
         device = torch.device(device)
@@ -240,182 +230,6 @@ def _upper_triangle_blocks(num_items: int, block_rows: int, block_cols: int) -> 
             yield rows, cols, max(rows.stop - col0, 0)
 
 
-def screen_margin(precision: str, x: np.ndarray) -> float:
-    """How far a screening score can lie from the exact score of the same pair, at most.
-
-    For rows of norm at most nu and unit roundoff u of the screen's inputs (2^-8 for bfloat16, 0 for float32),
-    rounding the inputs moves each product x_k y_k by at most (2u + u^2)|x_k y_k|, and sum_k |x_k y_k| <= nu^2
-    (Cauchy-Schwarz). Summing D products in float32, in any order, adds at most gamma = D 2^-24 / (1 - D 2^-24)
-    times the same sum; a bfloat16 result is rounded once more (u |s|). The exact score is itself a float32 sum
-    (another gamma nu^2). The bound is widened by 1% and applies whatever the order or blocking of the product.
-
-    int8 codes ``q = round(x / s)`` share one scale ``s`` (:func:`int8_scale`) and are multiplied exactly in int32:
-    with ``x = s q + e``, ``|e_k| <= s / 2``, the product ``s^2 q_x . q_y`` differs from ``x . y`` by at most
-    ``(s / 2)(|x|_1 + |y|_1) + (3/4) D s^2``, bounded with the largest L1 norm of the rows.
-    """
-    dim = x.shape[1]
-    nu_sq = float(np.max(np.einsum("ij,ij->i", x, x, dtype=np.float64))) if len(x) else 0.0
-    gamma = dim * 2.0**-24 / (1.0 - dim * 2.0**-24)
-    if precision == "int8":
-        scale = int8_scale(x)
-        l1 = float(np.abs(x).sum(axis=1, dtype=np.float64).max()) if len(x) else 0.0
-        return 1.01 * (scale * l1 + 0.75 * dim * scale * scale + gamma * nu_sq) + 1e-30
-    u = SCREEN_ROUNDOFF[precision]
-    bound = (2 * u + u * u) + gamma * (1 + u) ** 2 + u * (1 + u) ** 2 * (1 + gamma) + gamma
-    return 1.01 * bound * max(nu_sq, 1e-30)
-
-
-def int8_scale(x: np.ndarray) -> float:
-    """The scale of the int8 screen's codes: the largest magnitude maps to 127."""
-    largest = float(np.abs(x).max()) if x.size else 0.0
-    return largest / 127.0 if largest > 0 else 1.0
-
-
-def screen_keys(limits: np.ndarray, margin: float, precision: str, scale: float = 1.0) -> np.ndarray:
-    """Keys such that every pair whose exact score reaches ``limits`` has a screening key at least as large.
-
-    A float32 screen is compared as it is, against the limit lowered by the margin. bfloat16 scores are compared
-    as order-preserving integers (their bits, with the magnitude bits of negative numbers flipped): the lowered
-    limit is truncated to bfloat16 (toward zero) and lowered by one more step. int8 products are integers on the
-    scale ``scale^2``: the lowered limit is divided by it and rounded down, minus one. All can only admit more pairs.
-    An infinite limit (a finished query) admits nothing.
-    """
-    if precision == "int8":
-        low = np.floor((limits.astype(np.float64) - margin) / (scale * scale)) - 1
-        never = np.iinfo(np.int32).max
-        return np.clip(low, -never, never).astype(np.int32)  # an infinite limit clips to `never`
-    finished = np.isposinf(limits)
-    low = np.nextafter((limits.astype(np.float64) - margin).astype(np.float32), np.float32(-np.inf))
-    if precision == "float32":
-        return np.where(finished, np.float32(np.inf), low)
-    bits = low.view(np.int32) >> 16  # the bfloat16 with the upper half of the float32's bits
-    keys = (bits ^ ((bits >> 15) & 0x7FFF)) - 1
-    return np.where(finished, np.iinfo(np.int32).max, keys).astype(np.int32)
-
-
-def int8_codes(x: np.ndarray, scale: float) -> torch.Tensor:
-    """The int8 codes of the rows: ``round(x / scale)``, within [-127, 127] by the choice of the scale.
-
-    Converted a few thousand rows at a time: float temporaries of the whole matrix would raise the peak memory.
-    """
-    codes = np.empty(x.shape, dtype=np.int8)
-    for start in range(0, len(x), CPU_BLOCK_SIZE):
-        part = np.rint(x[start : start + CPU_BLOCK_SIZE] / np.float32(scale))
-        codes[start : start + CPU_BLOCK_SIZE] = np.clip(part, -127, 127, out=part)
-    return torch.from_numpy(codes)
-
-
-def _screen_operands(precision: str, x: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.dtype]:
-    """The rows in the screen's arithmetic, and the dtype of its products."""
-    if precision == "int8":
-        return int8_codes(x, scale), torch.int32
-    if precision == "bfloat16":
-        return torch.from_numpy(x).to(torch.bfloat16), torch.bfloat16
-    return torch.from_numpy(x), torch.float32
-
-
-def _screen_product(precision: str, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
-    """``left @ right.T`` into ``out`` in the screen's arithmetic (operands already in its dtype)."""
-    if precision == "int8":
-        torch._int_mm(left, right.T, out=out)  # exact int32 sums; the transposed view is its fast layout
-    elif precision == "float32":
-        # NOTE: numpy's OpenBLAS, not torch's MKL: on AMD CPUs MKL's sgemm ran at 85-130 GFLOP/s on two cores
-        # against OpenBLAS's 105-220 (AVX2 / AVX-512), and float32 is the screen of AVX2-only CPUs.
-        np.matmul(left.numpy(), right.numpy().T, out=out.numpy())
-    else:
-        torch.mm(left, right.T, out=out)
-
-
-@dataclass(frozen=True)
-class ScreenProbe:
-    """One screen's product measured on probe vectors: its time, its largest error, and the margin it must meet.
-
-    Attributes:
-        seconds: Best of three products of a 1024 x 2048 block (``inf`` where this build of torch lacks it).
-        error: Largest distance of a product from the exact (float64) score, in score units.
-        margin: :func:`screen_margin` for the probe vectors: the error the screen's keys assume.
-    """
-
-    seconds: float
-    error: float
-    margin: float
-
-    @property
-    def accurate(self) -> bool:
-        return self.error <= self.margin
-
-
-# A screen other than float32 is used only when it multiplies at least this much faster: an emulated bfloat16 or
-# int8 product (AVX2-only CPUs) is slower than float32, and a screen with a wider margin rescores more pairs.
-SCREEN_MIN_SPEEDUP = 1.5
-
-
-def pick_screen(probes: dict[str, ScreenProbe]) -> str:
-    """The screen to use given each one's measurement: bfloat16, else int8, where fast and accurate; else float32.
-
-    A decision on given numbers (what :func:`measure_screens` returns), so that it can be checked on any machine.
-    """
-    # NOTE: bfloat16 first: its margin is about a third of int8's, so fewer pairs are rescored. At SOP size on a CPU
-    # with both (AVX512-BF16 + VNNI) the two took 4.2-6.4 s each over three runs, although int8 multiplies 2x faster.
-    for precision in ("bfloat16", "int8"):
-        if screen_is_fast(probes, precision):
-            return precision
-    return "float32"
-
-
-def screen_is_fast(probes: dict[str, ScreenProbe], precision: str) -> bool:
-    """Whether ``precision`` was measured, stays within its margin, and beats float32 by :data:`SCREEN_MIN_SPEEDUP`.
-
-    False means the CPU emulates it (or this build of torch lacks it): forcing it would only be slower.
-    """
-    if precision == "float32":
-        return True
-    probe = probes.get(precision)
-    return probe is not None and probe.accurate and probe.seconds * SCREEN_MIN_SPEEDUP < probes["float32"].seconds
-
-
-def measure_screens(dim: int) -> dict[str, ScreenProbe]:
-    """Times each screen's product on blocks of 1024 x 2048 unit vectors of ``dim`` values, and measures its error.
-
-    bfloat16 (AVX512-BF16, AMX) and int8 (VNNI) are fast only where the CPU has them; elsewhere torch emulates them.
-    A screen whose product this build of torch lacks on the CPU is left out.
-    """
-    generator = torch.Generator().manual_seed(0)
-    a = torch.nn.functional.normalize(torch.randn(1024, dim, generator=generator), dim=1)
-    b = torch.nn.functional.normalize(torch.randn(2048, dim, generator=generator), dim=1)
-    both = torch.cat([a, b]).numpy()
-    exact = a.double() @ b.double().T
-    probes = {}
-    for precision in ("float32", "bfloat16", "int8"):
-        scale = int8_scale(both) if precision == "int8" else 1.0
-        operands, out_dtype = _screen_operands(precision, both, scale)
-        left, right = operands[:1024], operands[1024:]
-        out = torch.empty(1024, 2048, dtype=out_dtype)
-        try:
-            _screen_product(precision, left, right, out)  # the first call also selects kernels and compiles them
-        except RuntimeError:  # an operation this build of torch lacks on the CPU
-            continue
-        error = float((out.double() * (scale * scale) - exact).abs().max())
-        best = float("inf")
-        for _ in range(3):
-            started = time.perf_counter()
-            _screen_product(precision, left, right, out)
-            best = min(best, time.perf_counter() - started)
-        probes[precision] = ScreenProbe(seconds=best, error=error, margin=screen_margin(precision, both))
-    return probes
-
-
-@functools.lru_cache(maxsize=8)
-def choose_screen(dim: int) -> str:
-    """The screen for rows of ``dim`` values on this CPU (measured once per process and dimension)."""
-    return pick_screen(measure_screens(dim))
-
-
-def _resolve_screen(screen: str, dim: int) -> str:
-    """The screen to run: ``screen`` itself, or for ``"auto"`` the one :func:`choose_screen` measures."""
-    return choose_screen(dim) if screen == "auto" else screen
-
-
 def _count_with_numba(
     x: np.ndarray,
     classes: np.ndarray,
@@ -442,7 +256,7 @@ def _count_with_numba(
     block_cols = min(max(block_size, CPU_BLOCK_SIZE), num_items)
     chunks = numba.get_num_threads()  # column chunks, one per thread
     row_counts = np.empty((chunks, block_rows, max_r), dtype=np.int64)  # each thread's counts of the row queries
-    operands, out_dtype = _screen_operands(precision, x, scale)
+    operands, out_dtype = screen_operands(precision, x, scale)
     buffer = torch.empty(block_rows * block_cols, dtype=out_dtype)
     if precision == "float32":
         col_keys, never = np.empty(block_cols, dtype=np.float32), np.float32(np.inf)
@@ -451,7 +265,7 @@ def _count_with_numba(
     for rows, cols, first in _upper_triangle_blocks(num_items, block_rows, block_cols):
         shape = (rows.stop - rows.start, cols.stop - cols.start)
         block = buffer[: shape[0] * shape[1]].view(shape)
-        _screen_product(precision, operands[rows], operands[cols], block)
+        screen_product(precision, operands[rows], operands[cols], block)
         block = block.view(torch.int16).numpy() if precision == "bfloat16" else block.numpy()
         # The block's columns from `first` on are queries too: their pairs with these rows are below the diagonal.
         queries = slice(cols.start + first, cols.stop)
@@ -463,7 +277,7 @@ def _count_with_numba(
         block_col_keys[first:] = screen_keys(col_state[1], margin, precision, scale)
         block_counts = row_counts[:, : shape[0]]
         block_counts.fill(0)
-        _count_block(block, row_keys, block_col_keys, x, rows.start, cols.start, first, classes,
+        count_block(block, row_keys, block_col_keys, x, rows.start, cols.start, first, classes,
                      pos_scores, pos_index, *row_state, *col_state, counts, block_counts)  # fmt: skip
         counts[rows] += block_counts.sum(axis=0)
         _update_liveness(counts, num_relevant, last_live, rows, max_k)
@@ -499,126 +313,6 @@ def _update_liveness(
     last = np.count_nonzero(within_r, axis=1) - 1
     needed_for_recall = (relevant > 0) & (before[:, 0] < max_k)
     last_live[queries] = np.where(needed_for_recall, np.maximum(last, 0), last)
-
-
-def _screen_key(value):  # pragma: no cover - replaced by the compiled overloads below
-    raise NotImplementedError
-
-
-if numba is not None:
-
-    @numba.extending.overload(_screen_key, inline="always")
-    def _screen_key_overload(value):
-        """The comparable key of a screening score: float32 and int32 as they are, bfloat16 bits made ordered."""
-        if isinstance(value, numba.types.Float):
-            return lambda value: value
-        if isinstance(value, numba.types.Integer) and value.bitwidth == 32:  # int8 products: already integers
-            return lambda value: value
-        if isinstance(value, numba.types.Integer) and value.bitwidth == 16:
-            # Negative numbers have their magnitude bits flipped: larger magnitude, smaller key.
-            return lambda value: np.int32(value) ^ ((np.int32(value) >> np.int32(15)) & np.int32(0x7FFF))
-        return None
-
-    # NOTE: reassociation lets LLVM vectorise the sum (4x faster). The order it picks depends only on the loop and
-    # the CPU, so a pair gets the same score wherever it is computed (phase 1, either direction of phase 2), and
-    # exact copies of an item tie exactly.
-    @numba.njit(cache=True, fastmath={"reassoc"}, nogil=True)
-    def exact_score(x, a, b):  # pragma: no cover - compiled
-        """The float32 inner product of rows ``a`` and ``b``: the score every decision of this module uses."""
-        p = x[a]
-        q = x[b]
-        total = np.float32(0.0)
-        for k in range(p.shape[0]):
-            total += p[k] * q[k]
-        return total
-
-    @numba.njit(cache=True, parallel=True, nogil=True)
-    def _group_gram(x, members):  # pragma: no cover - compiled
-        """Exact scores among the members of each group, shape (C, n, n); the diagonal (the query) is -inf."""
-        num_groups, size = members.shape
-        gram = np.empty((num_groups, size, size), dtype=np.float32)
-        for g in numba.prange(num_groups):
-            for a in range(size):
-                gram[g, a, a] = -np.inf
-                for b in range(a + 1, size):
-                    s = exact_score(x, members[g, a], members[g, b])
-                    gram[g, a, b] = s
-                    gram[g, b, a] = s
-        return gram
-
-    @numba.njit(cache=True, inline="always")
-    def _first_beaten(score, item, pos_scores, pos_index, query, last):  # pragma: no cover - compiled
-        """Binary search: the first of positives 0..last (sorted best first) that ``item`` with ``score`` beats.
-
-        Beating is monotone along the sorted positives; the caller has checked that ``last`` is beaten.
-        """
-        low, high = 0, last
-        while low < high:
-            mid = (low + high) // 2
-            s = pos_scores[query, mid]
-            if score > s or (score == s and item < pos_index[query, mid]):
-                high = mid
-            else:
-                low = mid + 1
-        return low
-
-    @numba.njit(cache=True, parallel=True, nogil=True)
-    def _count_block(
-        screen, row_keys, col_keys, x, row0, col0, first, classes, pos_scores, pos_index,
-        row_live, row_threshold, row_tie, col_live, col_threshold, col_tie, counts, row_counts,
-    ):  # pragma: no cover - compiled  # fmt: skip
-        """One pass over a screened block for its row queries and, from column ``first`` on, its column queries.
-
-        ``screen`` holds approximate scores (float32, the int16 bits of bfloat16, or int32 products of int8
-        codes), compared through
-        :func:`_screen_key` with the keys of :func:`screen_keys`. A score below the row query's key and the column
-        query's key, the common case, costs two comparisons; a pair that passes either gets its exact score, which
-        alone decides whether and where it counts (a pair can pass for one query and count for the other only
-        if its exact score beats that query's threshold, which implies it passed for it: the check is safe).
-
-        The columns are split among the threads: a thread owns the column queries of its chunk and updates their
-        counts in place, and keeps its own counts of the row queries (which every thread sees) in
-        ``row_counts[chunk]``, summed by the caller.
-        """
-        num_rows, num_cols = screen.shape
-        num_chunks = row_counts.shape[0]
-        width = (num_cols + num_chunks - 1) // num_chunks
-        for chunk in numba.prange(num_chunks):
-            begin = chunk * width
-            end = min(begin + width, num_cols)
-            split = min(max(first, begin), end)  # columns before it are not queries of this block
-            for i in range(num_rows):
-                row_key = row_keys[i]
-                row_item = row0 + i
-                row_class = classes[row_item]
-                for j in range(begin, split):
-                    if _screen_key(screen[i, j]) >= row_key:
-                        item = col0 + j
-                        if classes[item] != row_class:
-                            s = exact_score(x, row_item, item)
-                            if s > row_threshold[i] or (s == row_threshold[i] and item < row_tie[i]):
-                                m = _first_beaten(s, item, pos_scores, pos_index, row_item, row_live[i])
-                                row_counts[chunk, i, m] += 1
-                for j in range(split, end):
-                    key = _screen_key(screen[i, j])
-                    for_row = key >= row_key
-                    if for_row or key >= col_keys[j]:
-                        item = col0 + j
-                        if classes[item] == row_class:
-                            continue
-                        s = exact_score(x, row_item, item)
-                        if for_row and (s > row_threshold[i] or (s == row_threshold[i] and item < row_tie[i])):
-                            m = _first_beaten(s, item, pos_scores, pos_index, row_item, row_live[i])
-                            row_counts[chunk, i, m] += 1
-                        q = j - first
-                        if s > col_threshold[q] or (s == col_threshold[q] and row_item < col_tie[q]):
-                            m = _first_beaten(s, row_item, pos_scores, pos_index, item, col_live[q])
-                            counts[item, m] += 1
-
-else:  # pragma: no cover
-
-    def _count_block(*args):
-        raise RuntimeError("numba is not installed")
 
 
 # ------------------------------------------------------------------------------------------------------------------
