@@ -5,7 +5,7 @@ python scripts/bench_search.py [n=100000]    (--help lists the options)
 
 import sys
 
-from metricsearch.search.cli import main_bench
+from metricsearch.cli.benchmarks import main_bench_search
 
 if __name__ == "__main__":
-    sys.exit(main_bench(sys.argv[1:]))
+    sys.exit(main_bench_search(sys.argv[1:]))

@@ -5,7 +5,7 @@ python scripts/build_index.py ckpt=PATH gallery=DIR out=INDEX_DIR    (--help lis
 
 import sys
 
-from metricsearch.search.cli import main_build_index
+from metricsearch.cli.search import main_build_index
 
 if __name__ == "__main__":
     sys.exit(main_build_index(sys.argv[1:]))

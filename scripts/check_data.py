@@ -1,4 +1,4 @@
-"""Check a dataset copy: `python scripts/check_data.py data=cub data.root=PATH [--verify] [--strict]`.
+"""Check a dataset copy: `python scripts/check_data.py data=cub data.root=PATH [verify=true] [strict=true]`.
 
 Prints one JSON line (train_images, test_images, train_classes, test_classes, the expected counts of the complete
 dataset, the layout found) and exits 0, or prints one line naming what is broken and exits 1.
@@ -6,7 +6,7 @@ dataset, the layout found) and exits 0, or prints one line naming what is broken
 
 import sys
 
-from metricsearch.pipelines.data_tools import check_data
+from metricsearch.cli.data import main_check_data
 
 if __name__ == "__main__":
-    sys.exit(check_data(sys.argv[1:]))
+    sys.exit(main_check_data(sys.argv[1:]))

@@ -5,7 +5,7 @@ python scripts/demo.py [out=outputs/demo]    (--help lists the options)
 
 import sys
 
-from metricsearch.search.cli import main_demo
+from metricsearch.cli.demo import main_demo
 
 if __name__ == "__main__":
     sys.exit(main_demo(sys.argv[1:]))

@@ -5,7 +5,7 @@ python scripts/export.py ckpt=PATH format=onnx    (--help lists the options)
 
 import sys
 
-from metricsearch.search.cli import main_export
+from metricsearch.cli.search import main_export
 
 if __name__ == "__main__":
     sys.exit(main_export(sys.argv[1:]))

@@ -5,7 +5,7 @@ python scripts/load_test.py index=INDEX_DIR [clients=16] [duration=20]    (--hel
 
 import sys
 
-from metricsearch.search.cli import main_load_test
+from metricsearch.cli.benchmarks import main_load_test
 
 if __name__ == "__main__":
     sys.exit(main_load_test(sys.argv[1:]))

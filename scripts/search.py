@@ -5,7 +5,7 @@ python scripts/search.py index=INDEX_DIR query=IMG k=10 [--json]    (--help list
 
 import sys
 
-from metricsearch.search.cli import main_search
+from metricsearch.cli.search import main_search
 
 if __name__ == "__main__":
     sys.exit(main_search(sys.argv[1:]))

@@ -5,7 +5,7 @@ python scripts/serve.py index=INDEX_DIR [port=8000]    (--help lists the options
 
 import sys
 
-from metricsearch.search.cli import main_serve
+from metricsearch.cli.search import main_serve
 
 if __name__ == "__main__":
     sys.exit(main_serve(sys.argv[1:]))

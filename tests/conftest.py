@@ -11,8 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 from metricsearch.utils.config import CONFIG_DIR, normalize_overrides
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from metricsearch.utils.config import REPO_ROOT as REPO_ROOT  # re-exported: the tests that run scripts use it
 
 # Never reach the network from tests: timm's hub and W&B.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

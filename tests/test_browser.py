@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from metricsearch.search.pipeline import open_index
+from metricsearch.search.index import open_index
 from metricsearch.search.server import ServerSettings, build_app
 from tests.search_fixtures import BackgroundServer, tiny_search_setup
 

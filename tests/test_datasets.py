@@ -24,6 +24,8 @@ import scipy.io
 from hydra.utils import instantiate
 from PIL import Image
 
+from metricsearch.cli.data import main_check_data as check_data
+from metricsearch.cli.data import main_prepare_data as prepare_data
 from metricsearch.data.cars import Cars196Source
 from metricsearch.data.cub import CUBSource
 from metricsearch.data.dataset import ImageDataset
@@ -45,7 +47,7 @@ from metricsearch.data.records import DatasetError
 from metricsearch.data.samplers import MPerClassBatchSampler, SamplerConfigError
 from metricsearch.data.sop import SOPSource
 from metricsearch.data.transforms import build_eval_transform
-from metricsearch.pipelines.data_tools import check_data, expand_data_root, prepare_data
+from metricsearch.utils.config import normalize_overrides
 from tests.conftest import REPO_ROOT, compose_config
 from tests.dataset_fixtures import (
     copy_tree,
@@ -379,7 +381,7 @@ def test_check_data_script_runs(sop_copy):
 
 
 def test_data_root_shorthand():
-    assert expand_data_root(["data=cub", "data.root=/x y", "data.source.root=/z", "+data.root=/w"]) == [
+    assert normalize_overrides(["data=cub", "data.root=/x y", "data.source.root=/z", "+data.root=/w"]) == [
         "data=cub",
         "data.source.root=/x y",
         "data.source.root=/z",

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from metricsearch.analysis.results import RunResult, format_results_markdown, summarize_results
-from metricsearch.reproduce import Cell, cell_overrides, dataset_availability
+from metricsearch.pipelines.reproduce import Cell, cell_overrides, dataset_availability
 from tests.conftest import REPO_ROOT, TINY
 
 

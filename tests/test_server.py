@@ -14,8 +14,7 @@ from PIL import Image
 
 import metricsearch.search.server as server_module
 from metricsearch.search.errors import IndexMismatchError
-from metricsearch.search.index import GalleryIndex
-from metricsearch.search.pipeline import open_index
+from metricsearch.search.index import GalleryIndex, open_index
 from metricsearch.search.server import (
     DecodeGate,
     ImageCost,

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from metricsearch.benchmarks.load_test import LoadTestError, LoadTestSettings, Sample, SetupError, summarize
-from metricsearch.search.cli import main_load_test
-from metricsearch.search.pipeline import open_index
+from metricsearch.cli.benchmarks import main_load_test
+from metricsearch.search.index import open_index
 from metricsearch.search.server import ServerSettings, build_app
 from tests.faults.snapshots import snapshot
 from tests.search_fixtures import (

@@ -15,3 +15,7 @@
 
 Nothing is imported here, so that ``scripts/*.py --help`` answers without loading torch or faiss.
 """
+
+# The sections of the speed benchmark, in the order they run; here, not in speed.py, so that the command line can
+# list them without loading torch.
+SECTIONS = ("eval", "overhead", "train", "gpu_eval")

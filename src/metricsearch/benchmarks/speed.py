@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from metricsearch.benchmarks import SECTIONS
 from metricsearch.benchmarks.evaluation import EvalData, make_embeddings, measure_evaluation
 from metricsearch.benchmarks.report import write_speed_report
 from metricsearch.benchmarks.training import (
@@ -40,7 +41,6 @@ from metricsearch.benchmarks.training import (
     measure_model_only,
 )
 
-SECTIONS = ("eval", "overhead", "train", "gpu_eval")
 # The targets of the issue: (key, description, comparison, threshold, device the target is stated for).
 TARGETS = (
     ("lightning_overhead", "Lightning step / plain PyTorch loop step, CPU time (CPU)", "<=", 1.10, "cpu"),

@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
+# The checkout: train.py, conf/, scripts/ (the package is installed from it in editable mode).
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CONFIG_DIR = REPO_ROOT / "conf"
 # Groups whose absence is a valid choice; `group=null` on the command line selects the group's `none` option.
 NULLABLE_GROUPS = ("miner", "scheduler", "sampler", "logger")
 

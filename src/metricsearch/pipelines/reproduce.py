@@ -4,17 +4,18 @@ Every cell is one ``python train.py data=D loss=L seed=S hydra.run.dir=results/r
 so a crash in one cell cannot take the grid down and every cell is an ordinary run folder. A cell whose
 ``metrics.json`` exists is finished and skipped, which makes the grid safe to interrupt and run again; a cell
 folder without one is the remains of an interrupted run: it continues from its ``last.ckpt`` (``resume=auto``),
-or starts over when it has none. When all cells are done (or at
-any point, with ``--aggregate-only``) the finished cells are summarized into:
+or starts over when it has none. When all cells are done (or at any point, with ``aggregate_only``) the finished
+cells are summarized into:
 
 - ``results/results.md``: per dataset, mean ± std over seeds of Recall@K, MAP@R and R-Precision per loss;
 - ``results/results.csv`` (the same, as fractions) and ``results/runs.csv`` (one row per cell);
 - ``results/recall_at_1.png``: Recall@1 per loss and dataset with error bars.
+
+Its command line is :mod:`metricsearch.cli.reproduce`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -40,11 +41,10 @@ from metricsearch.analysis.results import (
     summarize_results,
     summary_csv_rows,
 )
-from metricsearch.data.io import atomic_write_text
 from metricsearch.pipelines.resume import LAST_CHECKPOINT
-from metricsearch.utils.config import CONFIG_DIR, normalize_overrides
+from metricsearch.utils.atomic_io import atomic_write_text
+from metricsearch.utils.config import CONFIG_DIR, REPO_ROOT, normalize_overrides
 
-REPO_ROOT = CONFIG_DIR.parent
 # Seven losses covering the families: triplet / pair (triplet, contrastive, multi-similarity), batch-level
 # contrastive (supcon), proxy (proxy_anchor) and classification (arcface, normalized_softmax).
 DEFAULT_LOSSES = (
@@ -258,54 +258,52 @@ def run_grid(
     return failed
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line of ``scripts/reproduce.py`` / ``make reproduce``; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument(
-        "--datasets",
-        default=",".join(DEFAULT_DATASETS),
-        help="comma-separated conf/data names; real datasets run only when their data is on disk",
-    )
-    parser.add_argument("--losses", default=",".join(DEFAULT_LOSSES), help="comma-separated conf/loss names")
-    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds")
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help=f"trainer.max_epochs of every cell (default: {DEFAULT_SYNTHETIC_EPOCHS} on synthetic, "
-        "conf/trainer's elsewhere)",
-    )
-    parser.add_argument(
-        "--results-dir", type=Path, default=REPO_ROOT / "results", help="where runs/ and the tables go (results/)"
-    )
-    parser.add_argument("--extra", default="", help="Hydra overrides added to every cell, e.g. 'backbone=resnet18'")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds after which a cell counts as failed")
-    parser.add_argument("--dry-run", action="store_true", help="list the cells and their commands, run nothing")
-    parser.add_argument("--aggregate-only", action="store_true", help="only rewrite the tables from finished cells")
-    args = parser.parse_args(argv)
+def reproduce(
+    datasets: Sequence[str] = DEFAULT_DATASETS,
+    losses: Sequence[str] = DEFAULT_LOSSES,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    results_dir: str | Path | None = None,
+    *,
+    epochs: int | None = None,
+    extra: Sequence[str] = (),
+    timeout: float | None = None,
+    dry_run: bool = False,
+    aggregate_only: bool = False,
+    command: str = "",
+) -> int:
+    """Runs the grid's unfinished cells, then rewrites the tables; returns the exit status (1: some cells failed).
 
+    Args:
+        datasets: conf/data names; real datasets run only when their data is on disk.
+        losses: conf/loss names.
+        seeds: the seeds of every (dataset, loss).
+        results_dir: where ``runs/`` and the tables go (default: the repository's ``results/``).
+        epochs: ``trainer.max_epochs`` of every cell (default: 8 on synthetic, conf/trainer's elsewhere).
+        extra: Hydra overrides added to every cell.
+        timeout: seconds after which a cell counts as failed.
+        dry_run: list the cells and their commands, run nothing.
+        aggregate_only: only rewrite the tables from finished cells.
+        command: the command line, recorded in ``results.md``.
+    """
     console = Console()
-    results_dir = args.results_dir.resolve()
-    command = _describe_command(argv)
+    results_dir = Path(results_dir or REPO_ROOT / "results").resolve()
     failed: list[Cell] = []
-    if not args.aggregate_only:
+    if not aggregate_only:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         start = time.perf_counter()
         failed = run_grid(
-            _split(args.datasets),
-            _split(args.losses),
-            [int(s) for s in _split(args.seeds)],
+            datasets,
+            losses,
+            seeds,
             results_dir,
-            epochs=args.epochs,
-            extra=shlex.split(args.extra),
-            timeout=args.timeout,
-            dry_run=args.dry_run,
+            epochs=epochs,
+            extra=extra,
+            timeout=timeout,
+            dry_run=dry_run,
             console=console,
         )
         console.print(f"grid pass took {(time.perf_counter() - start) / 60:.1f} min")
-    if args.dry_run:
+    if dry_run:
         return 0
     rows = write_results(results_dir, command)
     console.print(f"wrote {results_dir / 'results.md'} ({len(rows)} loss x dataset rows)")
@@ -315,21 +313,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _split(text: str) -> list[str]:
-    return [item.strip() for item in text.replace(" ", ",").split(",") if item.strip()]
-
-
 def _union_columns(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(key for row in rows for key in row))
 
 
 def _per_run(total: float, results: Sequence) -> str:
     return f"{total / len(results) / 60:.1f} min" if results else "-"
-
-
-def _describe_command(argv: Sequence[str] | None) -> str:
-    args = list(sys.argv[1:] if argv is None else argv)
-    return shlex.join(["python", "scripts/reproduce.py", *args])
 
 
 def _warn_if_settings_changed(folder: Path, overrides: list[str], cell: Cell, console: Console) -> None:

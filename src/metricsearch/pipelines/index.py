@@ -1,4 +1,8 @@
-"""The search workflows behind the scripts: build an index, add to it, open it with a checked model, query it."""
+"""The index workflows behind the scripts: build an index, add a gallery's new images to it, query it.
+
+``scripts/build_index.py`` and ``scripts/search.py`` (:mod:`metricsearch.cli.search`) call these; the index itself,
+and opening it with a model checked to be the one that built it, are :mod:`metricsearch.search.index`.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,19 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from hydra.utils import instantiate
 
 from metricsearch.data.io import load_rgb_image
-from metricsearch.search.embedder import Embedder, load_embedder, load_embedder_from_source
-from metricsearch.search.embedding import embed_files
-from metricsearch.search.errors import ModelLoadError, SearchError
+from metricsearch.search.errors import SearchError
 from metricsearch.search.gallery import inside_root, list_gallery_images
-from metricsearch.search.index import METADATA_NAME, GalleryIndex, Hit, IndexSpec
+from metricsearch.search.grid import gallery_loader, save_result_grid
+from metricsearch.search.index import METADATA_NAME, GalleryIndex, Hit, IndexSpec, recorded_embedder
+from metricsearch.search.model_loading import Embedder
+from metricsearch.search.predict_embeddings import embed_files, predict_trainer_settings
+from metricsearch.utils.config import CONFIG_DIR, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +49,6 @@ def _embed_readable(
         log.warning("Left %d unreadable images out of the index, e.g. %s", len(skipped), skipped[:5])
     keep = np.flatnonzero(ok)
     return embeddings[keep], [paths[i] for i in keep], [labels[i] for i in keep]
-
-
-def recorded_embedder(index: GalleryIndex) -> Embedder:
-    """The model ``index`` records it was built with; an error names the index, since the index named the model."""
-    try:
-        return load_embedder_from_source(index.model["source"])
-    except ModelLoadError as err:
-        raise ModelLoadError(f"index={index.folder}: {err}") from err
 
 
 def build_index(
@@ -144,37 +146,62 @@ def add_to_index(
     return index
 
 
-def open_index(
-    index_dir: str | Path,
-    ckpt: str | Path | None = None,
-    model: str | Path | None = None,
-    backbone: str | None = None,
-    gallery: str | Path | None = None,
-) -> tuple[GalleryIndex, Embedder]:
-    """An index and a model checked to be the one that built it.
-
-    Args:
-        index_dir: the index folder.
-        ckpt: a checkpoint to embed queries with, instead of the model the index records.
-        model: an ONNX export to embed queries with (same weights as the index's model).
-        backbone: a pretrained backbone name to embed queries with.
-        gallery: where the gallery images are now, if they moved.
-
-    Raises:
-        IndexMismatchError: the model given is not the one that built the index.
-    """
-    index = GalleryIndex.load(index_dir, gallery_root=gallery)
-    if ckpt or model or backbone:
-        embedder = load_embedder(ckpt=ckpt, model=model, backbone=backbone)
-    else:
-        embedder = recorded_embedder(index)
-    index.check_embedder(embedder)
-    return index, embedder
-
-
 def search_files(
     index: GalleryIndex, embedder: Embedder, queries: Sequence[str | Path], k: int = 10
 ) -> list[list[Hit]]:
     """The top ``k`` gallery images of each query image file."""
     images = [load_rgb_image(q) for q in queries]
     return index.search(embedder.embed_images(images), k)
+
+
+def search_image(
+    index: GalleryIndex, embedder: Embedder, query: str | Path, k: int = 10, grid: str | Path | None = None
+) -> list[Hit]:
+    """The top ``k`` gallery images of one query image file; with ``grid``, also drawn into that PNG.
+
+    The picture frames results of the query's class when the query is itself a gallery image.
+    """
+    query = Path(query)
+    image = load_rgb_image(query)
+    hits = index.search(embedder.embed_images([image]), k)[0]
+    if grid is not None:
+        save_result_grid(
+            image,
+            hits,
+            gallery_loader(index.gallery_root),
+            Path(grid),
+            query_label=_label_if_in_gallery(index, query),
+            query_caption=query.name,
+            title=f"top {len(hits)} of {len(index)} images, {embedder.describe()}",
+        )
+    return hits
+
+
+def _label_if_in_gallery(index: GalleryIndex, query: Path) -> str | None:
+    """The query's label when the query is itself a gallery file (so the grid can mark same-class results)."""
+    try:
+        relative = query.resolve().relative_to(Path(index.gallery_root).resolve()).as_posix()
+    except ValueError:
+        return None
+    return index.labels[index.position_of(relative)] if relative in index else None
+
+
+def make_configured_trainer(name: str, overrides: Sequence[str], output_dir: Path) -> L.Trainer:
+    """A prediction trainer from the ``conf/trainer/NAME.yaml`` option and ``trainer.KEY=VALUE`` overrides.
+
+    The option is composed within the training config (so ``trainer=ddp`` means what it means for
+    ``train.py``) and instantiated with the settings every embedding run needs on top.
+
+    Raises:
+        ConfigError: the option or an override does not compose.
+    """
+    GlobalHydra.instance().clear()
+    args = [f"trainer={name}", f"paths.output_dir={output_dir}", *overrides]
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=args)
+    except HydraException as err:
+        raise ConfigError(f"trainer options {args}: {err}") from err
+    finally:
+        GlobalHydra.instance().clear()
+    return instantiate(cfg.trainer, **predict_trainer_settings())

@@ -7,6 +7,8 @@ Steps, all under one run folder (``outputs/demo`` by default):
 2. index every test-class image (classes never seen in training) except one held-out query;
 3. search with the query and write ``search_grid.png`` (same-class results framed green, others red);
 4. export the model to ONNX and check that it ranks the gallery exactly as the checkpoint does.
+
+Its command line, with the default training length, is :mod:`metricsearch.cli.demo`.
 """
 
 from __future__ import annotations
@@ -22,19 +24,15 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from metricsearch.data.io import load_rgb_image
-from metricsearch.search.embedder import OnnxEmbedder, load_checkpoint_embedder
-from metricsearch.search.embedding import make_predict_trainer
+from metricsearch.pipelines.index import build_index
 from metricsearch.search.errors import SearchError
 from metricsearch.search.export import export_onnx
 from metricsearch.search.grid import gallery_loader, save_result_grid
-from metricsearch.search.pipeline import build_index
+from metricsearch.search.model_loading import OnnxEmbedder, load_checkpoint_embedder
+from metricsearch.search.predict_embeddings import make_predict_trainer
+from metricsearch.utils.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
-# A few minutes on two CPU cores; max_time caps it on a slower or busier machine.
-DEFAULT_MAX_EPOCHS = 8
-DEFAULT_MAX_TIME = "00:00:05:00"
 
 
 def train_or_reuse(run_dir: Path, train_args: list[str]) -> Path:
@@ -54,11 +52,7 @@ def train_or_reuse(run_dir: Path, train_args: list[str]) -> Path:
 
 
 def run_demo(
-    out_dir: str | Path = "outputs/demo",
-    k: int = 8,
-    max_epochs: int = DEFAULT_MAX_EPOCHS,
-    max_time: str = DEFAULT_MAX_TIME,
-    train_args: list[str] | None = None,
+    out_dir: str | Path, k: int, max_epochs: int, max_time: str, train_args: list[str] | None = None
 ) -> dict[str, Any]:
     """Runs the whole demo; returns the paths it wrote and the search results.
 

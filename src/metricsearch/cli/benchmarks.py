@@ -1,0 +1,188 @@
+"""Command lines of the measurements: ``scripts/benchmark.py``, ``bench_search.py`` and ``load_test.py``.
+
+The work is in :mod:`metricsearch.benchmarks`; these parse ``key=value`` arguments (:mod:`metricsearch.cli.args`),
+call it and print its report.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from metricsearch.benchmarks import SECTIONS
+from metricsearch.cli.args import Arguments, Command, Option, UsageError, run_command
+from metricsearch.cli.search import GALLERY_MOVED, SEARCH_ERRORS, model_choice, model_options
+from metricsearch.search.errors import MAX_K
+from metricsearch.search.model_choice import given_choice
+
+# --- benchmark: the speed-and-scale report ---
+
+BENCHMARK = Command(
+    name="benchmark",
+    summary=(
+        "Measure speed and scale on this machine: training throughput, Lightning's overhead and the evaluation "
+        "against other retrieval-metric libraries; the GPU sections when CUDA is available. Writes benchmark.json "
+        "and benchmark.md to out= (see metricsearch.benchmarks.speed)."
+    ),
+    options={
+        "out": Option("results/benchmark", "report folder"),
+        "quick": Option(False, "smaller sizes: a few minutes, SOP targets not measured"),
+        "sections": Option(",".join(SECTIONS), f"comma-separated subset of {', '.join(SECTIONS)}"),
+        "data_dir": Option(None, "synthetic training data (default: data/benchmark)"),
+    },
+    # The report's own progress lines are printed; log messages of the runs it measures would drown them.
+    log_level=logging.WARNING,
+)
+
+
+def _benchmark(args: Arguments) -> None:
+    sections = [s.strip() for s in (args["sections"] or "").split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise UsageError(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from metricsearch.benchmarks.speed import run_speed_benchmark
+
+    out = Path(args["out"])
+    data_dir = Path(args["data_dir"]) if args["data_dir"] else None
+    progress = functools.partial(print, flush=True)
+    run_speed_benchmark(out, sections=sections, quick=args["quick"], data_dir=data_dir, log=progress)
+    print(f"report: {out / 'benchmark.md'}")
+
+
+def main_benchmark(argv: Sequence[str] | None = None) -> int:
+    """``scripts/benchmark.py``."""
+    return run_command(BENCHMARK, argv, _benchmark)
+
+
+# --- bench_search: exact vs approximate faiss indexes ---
+
+ANN_KEYS = ("nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search")
+
+BENCH_SEARCH = Command(
+    name="bench_search",
+    summary=(
+        "Benchmark exact vs IVF vs HNSW faiss indexes on a clustered synthetic gallery: build speed, single-query "
+        "latency p50/p99, batched throughput, recall@k against exact. Prints a table and writes JSON. With ckpt= "
+        "or backbone=, also measures that model's embedding throughput (end-to-end images/s)."
+    ),
+    options={
+        "n": Option(100_000, "gallery size"),
+        "dim": Option(128, "embedding size"),
+        "queries": Option(1000, "number of queries"),
+        "k": Option(10, "neighbours per query (recall@k)"),
+        "clusters": Option(1000, "class centres the gallery is drawn around"),
+        "spread": Option(1.5, "distance of the points from their centre (before re-normalising)"),
+        "nlist": Option(1024, "IVF cells"),
+        "nprobe": Option(16, "IVF cells visited per query"),
+        "hnsw_m": Option(32, "HNSW neighbours per node"),
+        "ef_construction": Option(80, "HNSW build candidate list"),
+        "ef_search": Option(64, "HNSW query candidate list"),
+        "query_threads": Option(1, "faiss threads for single-query latency"),
+        "seed": Option(0, "random seed"),
+        **model_options("ckpt", "backbone"),
+        "out": Option("outputs/bench/search.json", "JSON results file"),
+    },
+)
+
+
+def _bench_search(args: Arguments) -> None:
+    from metricsearch.benchmarks.search import format_search_table, run_search_benchmark
+    from metricsearch.search.index import IndexSpec
+    from metricsearch.search.model_loading import load_embedder
+    from metricsearch.utils.atomic_io import atomic_write_text
+
+    ann = {key: args[key] for key in ANN_KEYS}
+    choice = given_choice(model_choice(args))
+    result = run_search_benchmark(
+        n=args["n"],
+        dim=args["dim"],
+        num_queries=args["queries"],
+        k=args["k"],
+        clusters=args["clusters"],
+        spread=args["spread"],
+        specs=[IndexSpec("flat"), IndexSpec("ivf", **ann), IndexSpec("hnsw", **ann)],
+        seed=args["seed"],
+        embedder=load_embedder(**choice) if choice else None,
+        query_threads=args["query_threads"],
+    )
+    print(format_search_table(result))
+    out = Path(args["out"])
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(f"results: {out.resolve()}")
+
+
+def main_bench_search(argv: Sequence[str] | None = None) -> int:
+    """``scripts/bench_search.py``."""
+    return run_command(BENCH_SEARCH, argv, _bench_search, SEARCH_ERRORS)
+
+
+# --- load_test: concurrent clients against the search server ---
+
+LOAD_TEST = Command(
+    name="load_test",
+    summary=(
+        "A bounded load test of the search server on loopback: clients= concurrent clients send searches back to "
+        "back for duration= seconds (uploads of gallery images, gallery-path queries, or both alternating), every "
+        "answer checked against the one given alone. Prints requests, errors, throughput and p50/p99 latency. "
+        "With index= it starts scripts/serve.py itself (and stops it); with url= it tests a running server. "
+        "Exit status 1 when any request failed."
+    ),
+    options={
+        "index": Option(None, "the index folder to serve (the server is started on a free loopback port)"),
+        "url": Option(None, "or a running server, e.g. http://127.0.0.1:8000"),
+        "clients": Option(16, "concurrent clients (at most 256)"),
+        "duration": Option(20.0, "seconds during which new requests start (at most 600)"),
+        "mode": Option("mixed", "upload (decode + embed + search), path (stored embedding, search only) or mixed"),
+        "k": Option(10, f"results per search (1 to {MAX_K})"),
+        "queries": Option(32, "distinct gallery images used as queries"),
+        "timeout": Option(30.0, "seconds before one request counts as failed"),
+        "out": Option(None, "also write the report as JSON to this file"),
+        **model_options(),
+        "gallery": Option(None, f"{GALLERY_MOVED} (with index=)"),
+        "json": Option(False, "print the report as JSON instead of text"),
+    },
+)
+
+
+def _load_test(args: Arguments) -> int:
+    from metricsearch.benchmarks.load_test import (
+        LoadTestSettings,
+        format_load_test_report,
+        run_load_test,
+        start_server,
+        write_load_test_report,
+    )
+
+    if bool(args["index"]) == bool(args["url"]):
+        raise UsageError("load_test needs exactly one of index= (start a server) or url= (test a running one)")
+    settings = LoadTestSettings(
+        clients=args["clients"],
+        duration_s=args["duration"],
+        mode=args["mode"],
+        k=args["k"],
+        queries=args["queries"],
+        timeout_s=args["timeout"],
+    )
+    if args["url"]:
+        report = run_load_test(args["url"].rstrip("/"), settings)
+    else:
+        server = {**given_choice(model_choice(args)), "gallery": args["gallery"]}
+        serve_args = [f"index={args['index']}", *(f"{key}={value}" for key, value in server.items() if value)]
+        print(f"starting the server for index={args['index']} ...", file=sys.stderr)
+        with start_server(serve_args) as url:
+            report = run_load_test(url, settings)
+    print(json.dumps(report, indent=2) if args["json"] else format_load_test_report(report))
+    if args["out"]:
+        print(f"report: {write_load_test_report(report, args['out'])}", file=sys.stderr)
+    return 0 if report["errors"] == 0 else 1
+
+
+def main_load_test(argv: Sequence[str] | None = None) -> int:
+    """``scripts/load_test.py``."""
+    return run_command(LOAD_TEST, argv, _load_test, SEARCH_ERRORS)

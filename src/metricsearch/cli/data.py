@@ -1,0 +1,87 @@
+"""Command lines of the dataset tools: ``scripts/check_data.py`` and ``scripts/prepare_data.py``.
+
+Both take the training config's overrides (``data=cub data.root=PATH``, composed as ``train.py`` composes them)
+next to their own options; the work is in :mod:`metricsearch.pipelines.data_tools`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from metricsearch.cli.args import Arguments, Command, Option, PassedOn, run_command
+from metricsearch.data.download import ArchiveError
+from metricsearch.data.records import DatasetError
+from metricsearch.utils.config import ConfigError
+
+# Any key the command does not define is an override of the training config.
+TRAINING_OVERRIDES = PassedOn(
+    ("",),
+    (
+        ("data=NAME", "the dataset: a conf/data option (cub, cars196, sop, folder, synthetic, digits)"),
+        ("data.root=PATH", "its folder (short for data.source.root)"),
+        ("KEY=VALUE", "any other override of the training config, as train.py takes it"),
+    ),
+)
+# A config that does not compose is a usage error (2); a dataset copy that is broken or cannot be unpacked, 1.
+DATA_ERRORS = {ConfigError: 2, DatasetError: 1, ArchiveError: 1}
+
+CHECK_DATA = Command(
+    name="check_data",
+    summary=(
+        "Check a dataset copy: layout, annotations, image files, counts of the standard split. Prints one JSON line "
+        "and exits 0 when the copy loads (a count that differs from the complete dataset is a warning, unless "
+        "strict=true), or one line naming what is broken and exits 1."
+    ),
+    options={
+        "verify": Option(False, "decode every image (slow) and report the first bad one"),
+        "strict": Option(False, "fail when counts differ from the complete dataset"),
+    },
+    passed_on=TRAINING_OVERRIDES,
+)
+
+
+def _check_data(args: Arguments) -> None:
+    from metricsearch.pipelines.data_tools import check_data
+
+    check_data(args.overrides, verify=args["verify"], strict=args["strict"])
+
+
+def main_check_data(argv: Sequence[str] | None = None) -> int:
+    """``scripts/check_data.py``."""
+    return run_command(CHECK_DATA, argv, _check_data, DATA_ERRORS)
+
+
+PREPARE_DATA = Command(
+    name="prepare_data",
+    summary=(
+        "Download, verify (MD5) and unpack a dataset into data.source.root, then check its layout and counts; "
+        "info=true only says where to get it and the layout expected. Exit status 1 when it could not be "
+        "downloaded (the sources and layout are printed) or the unpacked copy is broken."
+    ),
+    options={
+        "info": Option(False, "print the sources and layout without downloading"),
+        "mirror": Option(None, "fetch every file from MIRROR/<filename> instead of the known sources"),
+        "downloads": Option(None, "where archives are kept (default: downloads/ beside the data root)"),
+        "timeout": Option(60.0, "seconds to wait for a connection or read"),
+        "force": Option(False, "download and unpack even if a valid copy is there"),
+    },
+    passed_on=TRAINING_OVERRIDES,
+)
+
+
+def _prepare_data(args: Arguments) -> int:
+    from metricsearch.pipelines.data_tools import prepare_data
+
+    return prepare_data(
+        args.overrides,
+        info=args["info"],
+        mirror=args["mirror"],
+        downloads=args["downloads"],
+        timeout=args["timeout"],
+        force=args["force"],
+    )
+
+
+def main_prepare_data(argv: Sequence[str] | None = None) -> int:
+    """``scripts/prepare_data.py``."""
+    return run_command(PREPARE_DATA, argv, _prepare_data, DATA_ERRORS)
