@@ -95,9 +95,9 @@ def save_tiny_checkpoint(path: Path, data_dir: Path, seed: int = 0, embedding_di
 def tiny_search_setup(root: Path) -> TinySearchSetup:
     """Builds (once per session folder) the checkpoints, gallery and index of :class:`TinySearchSetup`."""
     from metricsearch.data.synthetic import SyntheticSource
-    from metricsearch.search.embedder import load_embedder
-    from metricsearch.search.embedding import make_predict_trainer
-    from metricsearch.search.pipeline import build_index
+    from metricsearch.pipelines.index import build_index
+    from metricsearch.search.model_loading import load_embedder
+    from metricsearch.search.predict_embeddings import make_predict_trainer
 
     data_dir = root / "data"
     ckpt = save_tiny_checkpoint(root / "a" / "model.ckpt", data_dir, seed=0)
@@ -193,7 +193,7 @@ MAX_PIXELS = 4_000_000
 
 def build_limited_app(setup: TinySearchSetup, default_k: int = 5):
     """The search app over the shared tiny index, with the server tests' upload and pixel limits."""
-    from metricsearch.search.pipeline import open_index
+    from metricsearch.search.index import open_index
     from metricsearch.search.server import ServerSettings, build_app
 
     index, embedder = open_index(setup.index_dir)

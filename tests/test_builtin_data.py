@@ -12,7 +12,7 @@ from PIL import Image
 
 from metricsearch.data.dataset import LABEL
 from metricsearch.data.digits import DigitsSource
-from metricsearch.data.io import ImageLoadError, atomic_path, atomic_write_bytes, atomic_write_text, load_rgb_image
+from metricsearch.data.io import ImageLoadError, load_rgb_image
 from metricsearch.data.records import DatasetError
 from metricsearch.data.synthetic import (
     PATTERNS,
@@ -22,6 +22,7 @@ from metricsearch.data.synthetic import (
     attribute_counts,
     class_attributes,
 )
+from metricsearch.utils.atomic_io import atomic_path, atomic_write_bytes, atomic_write_text
 from tests.conftest import compose_config
 
 TINY = {"num_classes": 12, "images_per_class": 6, "image_size": 32}

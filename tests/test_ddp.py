@@ -29,9 +29,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from metricsearch.data.dataset import IMAGE, INDEX, LABEL
-from metricsearch.models.head import EmbeddingHead, EmbeddingModel
+from metricsearch.models.embedding_model import EmbeddingModel
+from metricsearch.models.head import EmbeddingHead
 from metricsearch.models.module import MetricLearningModule
 from metricsearch.pipelines.train import build_run
+from metricsearch.utils.trainer_settings import quiet_trainer_settings
 from tests.conftest import compose_config
 
 pytestmark = pytest.mark.ddp
@@ -40,12 +42,9 @@ SPAWN = dict(
     strategy="ddp_spawn",
     accelerator="cpu",
     devices=2,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
     use_distributed_sampler=False,
     num_sanity_val_steps=0,
+    **quiet_trainer_settings(),
 )
 
 

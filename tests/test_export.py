@@ -9,13 +9,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from metricsearch.search.cli import main_export
-from metricsearch.search.embedder import ONNX_FINGERPRINT, ONNX_MODEL_CONFIG, OnnxEmbedder, load_embedder
-from metricsearch.search.embedding import make_predict_trainer
+from metricsearch.cli.search import main_export
+from metricsearch.pipelines.index import build_index, search_files
 from metricsearch.search.errors import IndexMismatchError, ModelLoadError
 from metricsearch.search.export import check_parity, export_onnx
-from metricsearch.search.index import GalleryIndex
-from metricsearch.search.pipeline import build_index, open_index, search_files
+from metricsearch.search.index import GalleryIndex, open_index
+from metricsearch.search.model_loading import ONNX_FINGERPRINT, ONNX_MODEL_CONFIG, OnnxEmbedder, load_embedder
+from metricsearch.search.predict_embeddings import make_predict_trainer
 from metricsearch.search.server import create_app
 from tests.search_fixtures import PHOTO_NAMES, photo, tiny_search_setup
 

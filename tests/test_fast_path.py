@@ -22,6 +22,7 @@ from metricsearch.data.records import ImageRecords
 from metricsearch.data.samplers import MPerClassBatchSampler, SeededBatchSampler
 from metricsearch.data.transforms import build_eval_transform, build_train_transform
 from metricsearch.pipelines.train import build_run
+from metricsearch.utils.trainer_settings import quiet_trainer_settings
 from tests.conftest import compose_config
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -188,8 +189,8 @@ def test_channels_last_and_compile_options(tmp_path, data_dir):
     module, datamodule = build_run(cfg)
     keys = set(module.state_dict())
     trainer = L.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        limit_val_batches=0, enable_model_summary=False, use_distributed_sampler=False, accumulate_grad_batches=2,
+        max_steps=2, accelerator="cpu", limit_val_batches=0, use_distributed_sampler=False, accumulate_grad_batches=2,
+        **quiet_trainer_settings(),
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 2

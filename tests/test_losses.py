@@ -9,6 +9,7 @@ from omegaconf import open_dict
 
 from metricsearch.pipelines.train import build_run
 from metricsearch.utils.config import CONFIG_DIR
+from metricsearch.utils.trainer_settings import quiet_trainer_settings
 from tests.conftest import compose_config
 
 LOSSES = sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml"))
@@ -25,12 +26,9 @@ def test_loss_trains_a_few_steps(loss, tmp_path, data_dir):
     trainer = L.Trainer(
         max_steps=3,
         accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
         limit_val_batches=0,
-        enable_model_summary=False,
         use_distributed_sampler=False,
+        **quiet_trainer_settings(),
     )
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3

@@ -19,9 +19,9 @@ from metricsearch.models.pretrained import (
     load_imagenet_state_dict,
     map_state_dict,
 )
-from metricsearch.search.embedder import load_embedder
-from metricsearch.search.embedding import make_predict_trainer
-from metricsearch.search.pipeline import build_index, search_files
+from metricsearch.pipelines.index import build_index, search_files
+from metricsearch.search.model_loading import load_embedder
+from metricsearch.search.predict_embeddings import make_predict_trainer
 from tests.search_fixtures import photo, write_photos
 
 # ImageNet-1k class ids of domestic cats: tabby, tiger cat, Persian, Siamese, Egyptian cat.

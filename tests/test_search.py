@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import metricsearch.search.pipeline as pipeline_module
-from metricsearch.search.cli import main_build_index, main_search
-from metricsearch.search.embedder import fingerprint_weights, load_embedder
-from metricsearch.search.embedding import make_predict_trainer
+import metricsearch.pipelines.index as pipeline_module
+from metricsearch.cli.search import main_build_index, main_search
+from metricsearch.pipelines.index import add_to_index, build_index, search_files
 from metricsearch.search.errors import (
     IndexLoadError,
     IndexMismatchError,
@@ -25,8 +24,9 @@ from metricsearch.search.errors import (
     check_k,
 )
 from metricsearch.search.gallery import list_gallery_images
-from metricsearch.search.index import METADATA_NAME, GalleryIndex, IndexSpec
-from metricsearch.search.pipeline import add_to_index, build_index, open_index, search_files
+from metricsearch.search.index import METADATA_NAME, GalleryIndex, IndexSpec, open_index
+from metricsearch.search.model_loading import fingerprint_weights, load_embedder
+from metricsearch.search.predict_embeddings import make_predict_trainer
 from tests.conftest import REPO_ROOT
 from tests.search_fixtures import copy_index, tiny_search_setup
 

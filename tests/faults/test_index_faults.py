@@ -20,15 +20,16 @@ import numpy as np
 import pytest
 import torch
 
-from metricsearch.search.cli import main_build_index, main_search
-from metricsearch.search.embedder import (
-    allowed_model_targets,
+from metricsearch.cli.search import main_build_index, main_search
+from metricsearch.models.model_config import allowed_model_targets
+from metricsearch.search.errors import IndexLoadError, IndexMismatchError, ModelLoadError
+from metricsearch.search.index import METADATA_NAME, GalleryIndex
+from metricsearch.search.model_loading import (
     load_backbone_embedder,
     load_embedder,
     load_embedder_from_source,
 )
-from metricsearch.search.errors import IndexLoadError, IndexMismatchError, ModelLoadError
-from metricsearch.search.index import METADATA_NAME, SHARDS_NAME, GalleryIndex
+from metricsearch.search.predict_embeddings import SHARDS_NAME
 from metricsearch.search.server import create_app
 from metricsearch.utils.config import CONFIG_DIR
 from tests.conftest import REPO_ROOT
@@ -188,7 +189,7 @@ def test_temp_files_of_a_save_killed_midway_are_never_read_and_are_cleared_by_th
             sys.executable,
             "-c",
             "import os, signal, sys\n"
-            "from metricsearch.data.io import atomic_path\n"
+            "from metricsearch.utils.atomic_io import atomic_path\n"
             "with atomic_path(sys.argv[1]) as tmp:\n"
             "    tmp.write_bytes(b'half a faiss index')\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n",

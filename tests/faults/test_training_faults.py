@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from metricsearch.data.io import atomic_path, atomic_write_text
 from metricsearch.utils import checkpoint_io
+from metricsearch.utils.atomic_io import atomic_path, atomic_write_text
 from metricsearch.utils.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from tests.conftest import REPO_ROOT, TINY
 from tests.test_train import run_train

@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image
 
-from metricsearch.data.io import atomic_path, atomic_write_text
+from metricsearch.utils.atomic_io import atomic_path, atomic_write_text
 
 
 def save_figure(figure: Any, path: str | os.PathLike[str], dpi: int = 100) -> None:

@@ -32,8 +32,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from metricsearch.data.io import atomic_write_text
 from metricsearch.search.errors import RequestError, SearchError, check_k
+from metricsearch.utils.atomic_io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 # The server runs as its own process, as `scripts/serve.py` runs it, so that clients and server do not share a GIL.
-SERVE_CODE = "import sys; from metricsearch.search.cli import main_serve; sys.exit(main_serve(sys.argv[1:]))"
+SERVE_CODE = "import sys; from metricsearch.cli.search import main_serve; sys.exit(main_serve(sys.argv[1:]))"
 
 
 @contextlib.contextmanager

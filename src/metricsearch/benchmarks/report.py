@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from metricsearch.data.io import atomic_write_text
+from metricsearch.utils.atomic_io import atomic_write_text
 
 EVAL_HEADER = "| method | time (s) | peak RSS (GB) | above baseline (GB) | Recall@1 | Recall@1000 | R-Prec. | MAP@R |"
 EVAL_RULE = "|---|---|---|---|---|---|---|---|"

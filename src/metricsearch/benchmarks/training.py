@@ -31,8 +31,10 @@ from metricsearch.data.gpu_augment import BatchAugment
 from metricsearch.data.samplers import MPerClassBatchSampler
 from metricsearch.data.synthetic import SyntheticSource
 from metricsearch.models.backbone import TimmBackbone
-from metricsearch.models.head import EmbeddingHead, EmbeddingModel
+from metricsearch.models.embedding_model import EmbeddingModel
+from metricsearch.models.head import EmbeddingHead
 from metricsearch.models.module import MetricLearningModule
+from metricsearch.utils.trainer_settings import quiet_trainer_settings
 
 
 @dataclass(frozen=True)
@@ -107,12 +109,9 @@ def build_trainer(setting: TrainSetting, callbacks: list[L.Callback]) -> L.Train
         max_steps=setting.warmup_steps + setting.steps,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         use_distributed_sampler=False,
         callbacks=callbacks,
+        **quiet_trainer_settings(),
     )
 
 

@@ -33,8 +33,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from metricsearch.data.io import atomic_path, build_once, load_rgb_image
+from metricsearch.data.io import build_once, load_rgb_image
 from metricsearch.data.transforms import build_eval_resize
+from metricsearch.utils.atomic_io import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,8 @@ from metricsearch.data.transforms import CROP_RATIO, TrainTransform, rng_from_to
 IMAGE = "image"
 LABEL = "label"
 INDEX = "index"
+# Key of a search gallery's batch (unlabelled): whether the image could be read (metricsearch.search).
+OK = "ok"
 # Keys of a cached training batch: the crop box of each sample in [0, 1] image fractions (x0, y0, x1, y1), and
 # whether to flip it. The augmentation itself runs later, on the batch tensor (metricsearch.data.gpu_augment).
 CROP = "crop"

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from metricsearch.data.disk_source import DiskSource, summarize
-from metricsearch.data.io import atomic_path
 from metricsearch.data.records import DatasetError
+from metricsearch.utils.atomic_io import atomic_path
 
 log = logging.getLogger(__name__)
 

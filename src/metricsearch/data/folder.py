@@ -24,11 +24,10 @@ from typing import ClassVar
 import numpy as np
 
 from metricsearch.data.disk_source import DiskSource, relative_to_root
+from metricsearch.data.io import IMAGE_EXTENSIONS
 from metricsearch.data.records import DatasetError, DatasetSplit, ImageRecords
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def _is_junk(name: str) -> bool:

@@ -1,9 +1,9 @@
-"""Reading images robustly and writing files atomically.
+"""Reading images robustly, and building a dataset's files once.
 
 Every image the project trains or searches on goes through :func:`load_rgb_image`, so a bad file fails
-loudly with its path instead of silently becoming a grey square in the middle of a run. Every output the
-project writes goes through :func:`atomic_path` (or the two helpers built on it), so a crash or a full
-disk never leaves a half-written checkpoint, index or manifest where a finished one is expected.
+loudly with its path instead of silently becoming a grey square in the middle of a run. A folder of generated
+or converted files (a dataset, a cache) is built through :func:`build_once`, which marks a finished build with a
+manifest written last (atomically, see :mod:`metricsearch.utils.atomic_io`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -24,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from metricsearch.data.records import DatasetError
+from metricsearch.utils.atomic_io import atomic_write_text
 
 try:  # POSIX only; elsewhere concurrent builders of one cache are simply not serialized.
     import fcntl
@@ -33,6 +32,8 @@ except ImportError:  # pragma: no cover - Windows
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+# File suffixes read as images (compared in lower case), wherever a folder is scanned for them.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class ImageLoadError(DatasetError):
@@ -89,79 +90,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).convert("RGB")
     # CMYK, YCbCr, 1-bit and palette images; a mode PIL cannot convert raises ValueError, reported by the caller.
     return img.convert("RGB")
-
-
-# The temporary name atomic_path writes under: ".<stem>.tmp-<pid>-<hex><suffix>" beside the final file.
-_TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+(?P<suffix>(\.[^.]+)?)$")
-
-
-def temp_file_target(path: str | os.PathLike[str]) -> tuple[str, int] | None:
-    """For a temporary file of :func:`atomic_path`: the name of the file it would replace and the writer's pid.
-
-    None for any other file. Lets a folder's owner recognise (and clean up) what a killed writer left behind.
-    """
-    match = _TEMP_NAME.match(Path(path).name)
-    if match is None:
-        return None
-    return match["stem"] + match["suffix"], int(match["pid"])
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Write a file under a temporary name and move it over ``path`` only once writing succeeded.
-
-    The temporary file lives in the same folder, so the final ``os.replace`` is an atomic rename: readers see
-    either the old file or the complete new one, never a mix. Its name keeps the suffix of ``path`` because
-    writers such as ``PIL.Image.save`` or ``numpy.save`` pick the format from it. The temporary path does not
-    exist yet when it is handed out, so the file gets the usual permissions of a newly created file.
-
-    Args:
-        path: The file to create or replace; missing parent folders are created.
-
-    Yields:
-        The temporary path to write to.
-
-    Raises:
-        FileNotFoundError: The body finished without creating the temporary file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
-    try:
-        yield tmp
-        if not tmp.is_file():
-            raise FileNotFoundError(f"nothing was written to the temporary file for {path}")
-        # Flush the data before the rename, or a power loss could leave the new name pointing at an empty file.
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
-    """Replace ``path`` with ``text`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding=encoding)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -28,19 +28,3 @@ class EmbeddingHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         embeddings = self.batch_norm(self.projection(features))
         return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
-
-
-class EmbeddingModel(nn.Module):
-    """Backbone followed by head: images in, L2-normalised embeddings out. What search and export use."""
-
-    def __init__(self, backbone: nn.Module, head: EmbeddingHead) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.head.embedding_dim
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))

@@ -16,7 +16,7 @@ from torch import nn
 
 from metricsearch.data.dataset import IMAGE, INDEX, LABEL
 from metricsearch.metrics import CollectedEmbeddings, RetrievalMetric
-from metricsearch.models.head import EmbeddingModel
+from metricsearch.models.embedding_model import EmbeddingModel
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,7 +42,7 @@ class MetricLearningModule(L.LightningModule):
         compute_nmi: also compute NMI (a k-means per evaluation).
         nmi_max_macs: budget of NMI's k-means on the CPU, in multiply-adds (None: unlimited); over it NMI uses
             fewer runs, then fewer iterations, then is left out (see ``metricsearch.metrics.kmeans``).
-        model_config: plain dict describing how to rebuild the model and its preprocessing; stored in the
+        model_config: how to rebuild the model and its preprocessing (``ModelConfig.to_dict()``); stored in the
             checkpoint so search and export can load it without the training config.
         max_nonfinite_steps: training stops after this many non-finite losses in a row; isolated ones are
             skipped (no update) and counted in ``train/nonfinite_steps``.

@@ -14,13 +14,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metricsearch.data.datamodule import MetricDataModule
-from metricsearch.data.io import atomic_write_text
 from metricsearch.data.records import DatasetError
 from metricsearch.data.samplers import SamplerConfigError
 from metricsearch.models.backbone import PretrainedWeightsError
-from metricsearch.models.head import EmbeddingModel
+from metricsearch.models.embedding_model import build_embedding_model
+from metricsearch.models.model_config import ModelConfig
 from metricsearch.models.module import MetricLearningModule, NonFiniteLossError
 from metricsearch.pipelines.resume import LAST_CHECKPOINT, CheckpointError, check_checkpoint_matches, find_resumable_run
+from metricsearch.utils.atomic_io import atomic_write_text
 from metricsearch.utils.checkpoint_io import CheckpointWriteError
 from metricsearch.utils.config import ConfigError, instantiate_partial_with, to_plain, validate_config
 from metricsearch.utils.loggers import finish_loggers
@@ -48,16 +49,9 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def build_model(backbone_cfg: DictConfig, head_cfg: DictConfig) -> EmbeddingModel:
-    """Backbone and head from their configs; the head's input size comes from the backbone."""
-    backbone = instantiate(backbone_cfg)
-    head = instantiate(head_cfg)(in_features=backbone.num_features)
-    return EmbeddingModel(backbone, head)
-
-
 def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
     """Instantiates model, data, loss, miner and optimizer from ``cfg`` and wires them into the Lightning module."""
-    model = build_model(cfg.backbone, cfg.head)
+    model = build_embedding_model(cfg.backbone, cfg.head)
     data_config = model.backbone.data_config
     sampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
     datamodule: MetricDataModule = instantiate(
@@ -75,15 +69,15 @@ def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
         loss_cfg, num_classes=datamodule.num_train_classes, embedding_size=model.embedding_dim
     )
     miner = instantiate(cfg.miner) if cfg.get("miner") else None
-    # Everything needed to rebuild the embedder and its preprocessing from a checkpoint, without Hydra.
-    model_config = {
-        "backbone": {**to_plain(cfg.backbone), "pretrained": False, "weights_file": None},
-        "head": {**to_plain(cfg.head), "in_features": model.backbone.num_features},
-        "image_size": cfg.data.image_size,
-        "resize_size": cfg.data.get("resize_size"),
-        "mean": list(data_config["mean"]),
-        "std": list(data_config["std"]),
-    }
+    # Everything needed to rebuild the embedder and its preprocessing from a checkpoint, without Hydra. The
+    # checkpoint holds the weights: rebuilding it never downloads or reads pretrained ones.
+    model_config = ModelConfig.describe(
+        model,
+        backbone_cfg={**to_plain(cfg.backbone), "pretrained": False, "weights_file": None},
+        head_cfg=to_plain(cfg.head),
+        image_size=cfg.data.image_size,
+        resize_size=cfg.data.get("resize_size"),
+    )
     module = MetricLearningModule(
         model=model,
         loss=loss,
@@ -92,7 +86,7 @@ def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         loss_lr_multiplier=loss_lr_multiplier,
         recall_at_k=datamodule.recall_at_k,
-        model_config=model_config,
+        model_config=model_config.to_dict(),
         **cfg.get("module", {}),
     )
     return module, datamodule

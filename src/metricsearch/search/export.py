@@ -2,7 +2,7 @@
 
 The exported graph maps a batch of preprocessed images ``[batch, 3, H, W]`` (the batch axis is dynamic) to
 L2-normalised embeddings ``[batch, D]``. The metadata makes the file self-describing: an
-:class:`~metricsearch.search.embedder.OnnxEmbedder` preprocesses queries exactly as the checkpoint did, and
+:class:`~metricsearch.search.model_loading.OnnxEmbedder` preprocesses queries exactly as the checkpoint did, and
 carries the checkpoint's weight fingerprint, so an index built with either is searchable with the other.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 import torch
 
-from metricsearch.data.io import atomic_path
-from metricsearch.search.embedder import (
+from metricsearch.search.errors import SearchError
+from metricsearch.search.model_loading import (
     ONNX_EMBEDDING_DIM,
     ONNX_FINGERPRINT,
     ONNX_MODEL_CONFIG,
@@ -26,7 +26,7 @@ from metricsearch.search.embedder import (
     OnnxEmbedder,
     TorchEmbedder,
 )
-from metricsearch.search.errors import SearchError
+from metricsearch.utils.atomic_io import atomic_path
 
 log = logging.getLogger(__name__)
 

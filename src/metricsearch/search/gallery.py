@@ -6,11 +6,10 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from metricsearch.data.io import IMAGE_EXTENSIONS
 from metricsearch.search.errors import SearchError
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
 def list_gallery_images(root: str | Path) -> tuple[list[str], list[str | None]]:
@@ -39,11 +38,11 @@ def list_gallery_images(root: str | Path) -> tuple[list[str], list[str | None]]:
         relative = path.relative_to(root)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
             paths.append(relative.as_posix())
     paths = inside_root(root, paths)
     if not paths:
-        raise SearchError(f"gallery={root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise SearchError(f"gallery={root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     paths.sort()
     labels = [Path(p).parent.name or None for p in paths]
     return paths, labels

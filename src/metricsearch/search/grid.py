@@ -8,8 +8,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from metricsearch.data.io import ImageLoadError, atomic_path, load_rgb_image
+from metricsearch.data.io import ImageLoadError, load_rgb_image
 from metricsearch.search.index import Hit
+from metricsearch.utils.atomic_io import atomic_path
 
 BACKGROUND = (255, 255, 255)
 TILE_BACKGROUND = (238, 238, 238)

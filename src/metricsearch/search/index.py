@@ -27,21 +27,23 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import re
 import secrets
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import faiss
 import numpy as np
 
-from metricsearch.data.io import atomic_path, atomic_write_text, temp_file_target
-from metricsearch.search.embedder import Embedder, file_sha256
-from metricsearch.search.errors import IndexLoadError, IndexMismatchError, RequestError, SearchError, shorten
+from metricsearch.search.errors import IndexLoadError, IndexMismatchError, ModelLoadError, RequestError, SearchError
+from metricsearch.search.model_choice import CHOICE_OF_SOURCE, ModelChoice, given_choice
+from metricsearch.search.model_loading import Embedder, file_sha256, load_embedder, load_embedder_from_source
+from metricsearch.search.predict_embeddings import SHARDS_NAME
+from metricsearch.utils.atomic_io import atomic_path, atomic_write_text, remove_orphaned_temp_files, temp_file_target
+from metricsearch.utils.messages import shorten
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,6 @@ FORMAT_VERSION = 1
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 # faiss warns below ~39 training points per IVF list; fewer lists than that would train badly.
 MIN_POINTS_PER_LIST = 39
-# What a build leaves in the folder besides the index: the embedding shards (metricsearch.search.embedding) and
-# the temporary files of atomic writes (metricsearch.data.io.atomic_path) of the data files and the metadata.
-SHARDS_NAME = ".embedding-shards"
-# Which build_index option names each kind of model source.
-SOURCE_OPTIONS = {"checkpoint": "ckpt", "onnx": "model", "backbone": "backbone"}
 # A metadata.json larger than this is refused before it is read (about 10 million gallery paths).
 MAX_METADATA_BYTES = 1 << 30
 # Longest file-system path a metadata string may name (Linux's PATH_MAX).
@@ -349,7 +346,7 @@ class GalleryIndex:
         for stale in [*folder.glob("vectors-*.faiss"), *folder.glob("embeddings-*.npy")]:
             if stale.name not in files:
                 stale.unlink(missing_ok=True)
-        remove_orphaned_temp_files(folder)
+        remove_orphaned_temp_files(folder, _is_index_file_name)
         self.folder = str(folder)
         log.info("Saved an index of %d images to %s", len(self), folder)
         return folder
@@ -513,8 +510,9 @@ def _check_metadata(meta: dict[str, Any]) -> None:
         raise _Malformed(f"model.embedding_dim {model['embedding_dim']} differs from embedding_dim {dim}")
     source = _field(model, "source", dict, "model.")
     source_kind = _field(source, "kind", str, "model.source.")
-    if source_kind not in SOURCE_OPTIONS:
-        raise _Malformed(f"model.source.kind should be one of {', '.join(SOURCE_OPTIONS)}, not {shorten(source_kind)}")
+    if source_kind not in CHOICE_OF_SOURCE:
+        kinds = ", ".join(CHOICE_OF_SOURCE)
+        raise _Malformed(f"model.source.kind should be one of {kinds}, not {shorten(source_kind)}")
     _path_text(source, "path", "model.source.")
     _field(model, "preprocessing", dict, "model.")
     _field(model, "model_config", dict, "model.")
@@ -607,21 +605,26 @@ def rebuild_command(folder: Path, meta: dict[str, Any], source: dict[str, Any] |
     if source is None:
         model = meta.get("model") if isinstance(meta, dict) else None
         source = model.get("source") if isinstance(model, dict) else None
-    option = SOURCE_OPTIONS.get(text(source, "kind", "checkpoint"), "ckpt")
+    option = CHOICE_OF_SOURCE.get(text(source, "kind", "checkpoint"), "ckpt")
     gallery = text(meta, "gallery_root", "GALLERY")
     args = [f"{option}={text(source, 'path', 'PATH')}", f"gallery={gallery}", f"out={folder}", "overwrite=true"]
     return f"rebuild the index: python scripts/build_index.py {shlex.join(args)}"
 
 
 def _no_index_message(folder: Path) -> str:
-    """Why ``folder`` holds no index: it does not exist, holds something else, or holds an unfinished build."""
+    """Why ``folder`` holds no index: it does not exist, holds something else, or holds an unfinished build.
+
+    What a build leaves in the folder besides the index: the embedding shards (see
+    :func:`~metricsearch.search.predict_embeddings.embed_files`) and the temporary files of the atomic writes of the
+    data files and the metadata.
+    """
     if not folder.is_dir():
         state = "nothing is there" if not folder.exists() else "it is a file"
         return f"index={folder} is not a folder ({state}); build an index with scripts/build_index.py"
     leftovers = sorted(
         p.name
         for p in folder.iterdir()
-        if p.name == SHARDS_NAME or _temp_file_writer(p) is not None or _is_data_file_name(p.name)
+        if p.name == SHARDS_NAME or _is_index_temp_file(p) or _is_data_file_name(p.name)
     )
     if leftovers:
         return (
@@ -631,47 +634,51 @@ def _no_index_message(folder: Path) -> str:
     return f"index={folder} has no {METADATA_NAME} (no finished index); build one with scripts/build_index.py"
 
 
-def remove_orphaned_temp_files(folder: Path) -> list[str]:
-    """Deletes the temporary files that writers killed while saving into ``folder`` left behind.
-
-    A temporary file names the process that writes it; those of live processes (another save in progress) are
-    kept. Returns the names removed.
-    """
-    removed = []
-    for path in folder.iterdir():
-        writer = _temp_file_writer(path)
-        if writer is not None and not _process_is_alive(writer):
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
-    if removed:
-        log.info("Removed %d temporary files of interrupted saves from %s", len(removed), folder)
-    return removed
-
-
 def _is_data_file_name(name: str) -> bool:
     return (name.startswith("vectors-") and name.endswith(".faiss")) or (
         name.startswith("embeddings-") and name.endswith(".npy")
     )
 
 
-def _temp_file_writer(path: Path) -> int | None:
-    """The pid of the writer of ``path`` if it is a temporary file of this index's data files or metadata."""
+def _is_index_file_name(name: str) -> bool:
+    """Whether ``name`` is one of the files a save writes: the metadata or a data file."""
+    return name == METADATA_NAME or _is_data_file_name(name)
+
+
+def _is_index_temp_file(path: Path) -> bool:
+    """Whether ``path`` is a temporary file of an atomic write of this index's data files or metadata."""
     target = temp_file_target(path)
-    if target is None or not (target[0] == METADATA_NAME or _is_data_file_name(target[0])):
-        return None
-    return target[1]
+    return target is not None and _is_index_file_name(target[0])
 
 
-def _process_is_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def open_index(
+    folder: str | Path, gallery: str | Path | None = None, **choice: Unpack[ModelChoice]
+) -> tuple[GalleryIndex, Embedder]:
+    """An index and a model checked to be the one that built it.
+
+    Args:
+        folder: the index folder.
+        gallery: where the gallery images are now, if they moved.
+        choice: a model to embed queries with (``ckpt=``, ``model=`` or ``backbone=``; see
+            :mod:`~metricsearch.search.model_choice`) instead of the one the index records; it must have the same
+            weights (a checkpoint and its ONNX export are interchangeable).
+
+    Raises:
+        IndexMismatchError: the model given is not the one that built the index.
+    """
+    index = GalleryIndex.load(folder, gallery_root=gallery)
+    choice = given_choice(choice)
+    embedder = load_embedder(**choice) if choice else recorded_embedder(index)
+    index.check_embedder(embedder)
+    return index, embedder
+
+
+def recorded_embedder(index: GalleryIndex) -> Embedder:
+    """The model ``index`` records it was built with; an error names the index, since the index named the model."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+        return load_embedder_from_source(index.model["source"])
+    except ModelLoadError as err:
+        raise ModelLoadError(f"index={index.folder}: {err}") from err
 
 
 def model_identity(embedder: Embedder) -> dict[str, Any]:

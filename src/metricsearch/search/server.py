@@ -31,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Unpack
 from urllib.parse import quote
 
 import numpy as np
@@ -42,11 +42,12 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
 from metricsearch.data.io import ImageLoadError, load_rgb_image
-from metricsearch.search.embedder import Embedder
-from metricsearch.search.errors import MAX_K, RequestError, SearchError, check_k, shorten
-from metricsearch.search.index import GalleryIndex, Hit
+from metricsearch.search.errors import MAX_K, RequestError, SearchError, check_k
+from metricsearch.search.index import GalleryIndex, Hit, open_index
+from metricsearch.search.model_choice import ModelChoice
+from metricsearch.search.model_loading import Embedder
 from metricsearch.search.page import render_page
-from metricsearch.search.pipeline import open_index
+from metricsearch.utils.messages import shorten
 
 log = logging.getLogger(__name__)
 
@@ -489,14 +490,13 @@ def build_app(index: GalleryIndex, embedder: Embedder, settings: ServerSettings 
 
 def create_app(
     index_dir: str | Path,
-    ckpt: str | Path | None = None,
-    model: str | Path | None = None,
-    backbone: str | None = None,
     gallery: str | Path | None = None,
     settings: ServerSettings | None = None,
+    **choice: Unpack[ModelChoice],
 ) -> FastAPI:
-    """The app for the index in ``index_dir``, with the model it records (or the one given, if it matches)."""
-    index, embedder = open_index(index_dir, ckpt=ckpt, model=model, backbone=backbone, gallery=gallery)
+    """The app for the index in ``index_dir``, with the model it records (or the one ``choice`` names, if it matches;
+    see :func:`~metricsearch.search.index.open_index`)."""
+    index, embedder = open_index(index_dir, gallery=gallery, **choice)
     return build_app(index, embedder, settings)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from metricsearch.data.io import atomic_path
+from metricsearch.utils.atomic_io import atomic_path
 
 # torch.save's C++ zip writer reports a failed write (a full disk among others) as a RuntimeError naming itself.
 _WRITER_FAILURES = ("PytorchStreamWriter", "inline_container", "file write failed")

@@ -1,4 +1,9 @@
-"""Embedders: images in, L2-normalised embeddings out, from a checkpoint, an ONNX file or a pretrained backbone.
+"""Loading a model for search: an :class:`Embedder` from a checkpoint, an ONNX file or a pretrained backbone.
+
+An embedder takes images in and gives L2-normalised embeddings out. The network itself and its config come from
+:mod:`metricsearch.models` (:func:`~metricsearch.models.embedding_model.build_embedding_model`,
+:class:`~metricsearch.models.model_config.ModelConfig`, whose checks keep a handed-over file from naming anything
+but the project's own model parts).
 
 Every way of building or searching an index goes through an :class:`Embedder`, which carries three things
 besides the network: the preprocessing the network was trained with (so a query is resized and normalised
@@ -10,50 +15,43 @@ weights came from: a checkpoint and its ONNX export (which stores the fingerprin
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
 from metricsearch.data.transforms import build_eval_transform
-from metricsearch.models.head import EmbeddingModel
-from metricsearch.search.errors import ModelLoadError, shorten
+from metricsearch.models.embedding_model import EmbeddingModel, build_embedding_model
+from metricsearch.models.model_config import (
+    NORMALIZE_HEAD_TARGET,
+    ModelConfig,
+    ModelConfigError,
+    check_model_config,
+    preprocessing_of,
+)
+from metricsearch.search.errors import ModelLoadError
+from metricsearch.search.model_choice import ModelChoice, given_choice
 from metricsearch.utils.config import CONFIG_DIR
+from metricsearch.utils.messages import shorten
 
-PREPROCESSING_KEYS = ("image_size", "resize_size", "mean", "std")
 # Keys of the metadata an ONNX export carries (ONNX metadata values are strings).
 ONNX_MODEL_CONFIG = "metricsearch.model_config"
 ONNX_FINGERPRINT = "metricsearch.fingerprint"
 ONNX_EMBEDDING_DIM = "metricsearch.embedding_dim"
 ONNX_SOURCE = "metricsearch.source"
-# The head that turns a pretrained backbone's pooled features into embeddings without training.
-NORMALIZE_HEAD_TARGET = "metricsearch.models.pretrained.NormalizeHead"
-# The config groups whose options are the project's model parts: only their _target_s are ever instantiated from a
-# checkpoint's or an index's model config.
-MODEL_PART_GROUPS = ("backbone", "head")
 
 
-def preprocessing_of(model_config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a model config that decides how an image becomes the network's input."""
-    missing = [k for k in PREPROCESSING_KEYS if k not in model_config]
-    if missing:
-        raise ModelLoadError(f"the model config has no {', '.join(missing)}; cannot preprocess images for it")
-    return {
-        "image_size": int(model_config["image_size"]),
-        "resize_size": None if model_config["resize_size"] is None else int(model_config["resize_size"]),
-        "mean": [float(v) for v in model_config["mean"]],
-        "std": [float(v) for v in model_config["std"]],
-    }
+def _load_error(err: ModelConfigError) -> ModelLoadError:
+    """A model config's problem as the search tools report it (one line, the same message)."""
+    return ModelLoadError(str(err))
 
 
 def fingerprint_weights(state_dict: dict[str, torch.Tensor], preprocessing: dict[str, Any]) -> str:
@@ -85,7 +83,7 @@ class Embedder(ABC):
 
     Attributes:
         model_config: the plain dict that rebuilds the network and its preprocessing (see
-            :class:`~metricsearch.models.module.MetricLearningModule`).
+            :class:`~metricsearch.models.model_config.ModelConfig`); what an index and an ONNX export record.
         fingerprint: hex SHA-256 of the weights and preprocessing (see :func:`fingerprint_weights`).
         source: where the model came from, as recorded in an index: ``kind`` (checkpoint, onnx, backbone),
             ``path`` (a file, or a backbone name) and, for files, the file's ``sha256``.
@@ -95,7 +93,10 @@ class Embedder(ABC):
         self.model_config = model_config
         self.fingerprint = fingerprint
         self.source = source
-        self.preprocessing = preprocessing_of(model_config)
+        try:
+            self.preprocessing = preprocessing_of(model_config)
+        except ModelConfigError as err:
+            raise _load_error(err) from err
         self.transform: Callable[[Image.Image], torch.Tensor] = build_eval_transform(**self.preprocessing)
 
     @property
@@ -130,13 +131,13 @@ class TorchEmbedder(Embedder):
 
     Args:
         model: backbone + head.
-        model_config: how to rebuild ``model`` and preprocess its inputs.
+        config: how to rebuild ``model`` and preprocess its inputs.
         source: where the weights came from (see :class:`Embedder`).
     """
 
-    def __init__(self, model: EmbeddingModel, model_config: dict[str, Any], source: dict[str, Any]) -> None:
+    def __init__(self, model: EmbeddingModel, config: ModelConfig, source: dict[str, Any]) -> None:
         self.model = model.eval()
-        super().__init__(model_config, fingerprint_weights(model.state_dict(), preprocessing_of(model_config)), source)
+        super().__init__(config.to_dict(), fingerprint_weights(model.state_dict(), config.preprocessing), source)
 
     @property
     def embedding_dim(self) -> int:
@@ -207,79 +208,6 @@ def backbone_options() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "backbone").glob("*.yaml"))
 
 
-@functools.cache
-def allowed_model_targets() -> frozenset[str]:
-    """Every ``_target_`` the project's backbone and head options name (and the pretrained backbones' head).
-
-    These are the only callables a model config from a file (checkpoint, index) may have instantiated.
-    """
-
-    def targets(node: Any) -> list[str]:
-        if isinstance(node, dict):
-            own = [node["_target_"]] if isinstance(node.get("_target_"), str) else []
-            return own + [t for value in node.values() for t in targets(value)]
-        if isinstance(node, list):
-            return [t for value in node for t in targets(value)]
-        return []
-
-    found = {NORMALIZE_HEAD_TARGET}
-    for group in MODEL_PART_GROUPS:
-        for path in (CONFIG_DIR / group).glob("*.yaml"):
-            found.update(targets(OmegaConf.to_container(OmegaConf.load(path))))
-    return frozenset(found)
-
-
-def check_model_config(config: Any, origin: str) -> None:
-    """Refuses a model config that would instantiate anything but the project's own model parts.
-
-    Hydra instantiates the callable any ``_target_`` names, at any depth, and resolves ``${...}`` interpolations
-    (environment variables among them): a config read from a file someone handed over must name only the
-    targets of :func:`allowed_model_targets` and hold no interpolation.
-
-    Raises:
-        ModelLoadError: one line naming the first offending value and ``origin`` (the file it came from).
-    """
-    allowed = allowed_model_targets()
-    pending, seen = [(config, "model_config")], 0
-    while pending:
-        node, where = pending.pop()
-        seen += 1
-        if seen > 100_000:
-            raise ModelLoadError(f"{origin}: the model config is implausibly large; the file is damaged or not trusted")
-        if isinstance(node, dict):
-            target = node.get("_target_")
-            if "_target_" in node and target not in allowed:
-                raise ModelLoadError(
-                    f"{origin} asks to instantiate {shorten(target)} ({where}), which is not one of the project's "
-                    f"model parts ({', '.join(sorted(allowed))}): refused, the file is damaged or not to be trusted"
-                )
-            pending.extend((value, f"{where}.{key}") for key, value in node.items())
-        elif isinstance(node, list):
-            pending.extend((value, f"{where}[{i}]") for i, value in enumerate(node))
-        elif isinstance(node, str) and "${" in node:
-            raise ModelLoadError(
-                f"{origin}: the model config holds an interpolation {shorten(node)} ({where}): refused, the file is "
-                "damaged or not to be trusted"
-            )
-
-
-def build_embedding_model(model_config: dict[str, Any], origin: str = "the model config") -> EmbeddingModel:
-    """Backbone and head as ``model_config`` describes them (with random or pretrained weights, as configured).
-
-    Raises:
-        ModelLoadError: the config names something other than the project's model parts (see
-            :func:`check_model_config`); ``origin`` says where it came from.
-    """
-    check_model_config(model_config, origin)
-    if not isinstance(model_config.get("backbone"), dict) or not isinstance(model_config.get("head"), dict):
-        raise ModelLoadError(f"{origin}: the model config has no backbone and head sections")
-    backbone = instantiate(model_config["backbone"])
-    head = instantiate(model_config["head"])
-    if isinstance(head, functools.partial):
-        head = head() if "in_features" in head.keywords else head(in_features=backbone.num_features)
-    return EmbeddingModel(backbone, head)
-
-
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelLoadError(f"ckpt={path} does not exist")
@@ -330,21 +258,21 @@ def load_checkpoint_embedder(path: str | Path) -> TorchEmbedder:
     state = {k[len(prefix) :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(prefix)}
     if not state:
         raise ModelLoadError(f"ckpt={path} holds no embedding-model weights (no 'model.*' keys in its state_dict)")
+    try:
+        config = ModelConfig.from_dict(model_config, f"ckpt={path}")
+    except ModelConfigError as err:
+        raise _load_error(err) from err
     # The checkpoint's own weights replace whatever the backbone starts with: never download or read others for it
     # (training already records pretrained=false; a checkpoint from elsewhere might not).
-    build_config = model_config
-    backbone_cfg = model_config.get("backbone")
-    if isinstance(backbone_cfg, dict):
-        no_weights = {
-            key: value for key, value in {"pretrained": False, "weights_file": None}.items() if key in backbone_cfg
-        }
-        build_config = {**model_config, "backbone": {**backbone_cfg, **no_weights}}
-    model = build_embedding_model(build_config, f"ckpt={path}")
-    name = f"{model_config['backbone'].get('model_name', model_config['backbone']['_target_'])}"
-    name += f" -> {model_config['head'].get('embedding_dim', '?')}-d head"
+    no_weights = {
+        key: value for key, value in {"pretrained": False, "weights_file": None}.items() if key in config.backbone
+    }
+    model = build_embedding_model({**config.backbone, **no_weights}, config.head)
+    name = f"{config.backbone.get('model_name', config.backbone.get('_target_'))}"
+    name += f" -> {config.head.get('embedding_dim', '?')}-d head"
     _check_state_dict_fits(model, state, path, name)
     model.load_state_dict(state, strict=True)
-    return TorchEmbedder(model, model_config, {"kind": "checkpoint", "path": str(path), "sha256": file_sha256(path)})
+    return TorchEmbedder(model, config, {"kind": "checkpoint", "path": str(path), "sha256": file_sha256(path)})
 
 
 def load_backbone_embedder(name: str) -> TorchEmbedder:
@@ -359,25 +287,20 @@ def load_backbone_embedder(name: str) -> TorchEmbedder:
         raise ModelLoadError(f"backbone={shorten(name)} is not an option of conf/backbone ({', '.join(options)})")
     path = CONFIG_DIR / "backbone" / f"{name}.yaml"
     backbone_cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    check_model_config(backbone_cfg, f"conf/backbone/{name}.yaml")
-    backbone = instantiate(backbone_cfg)
-    data = backbone.data_config
+    try:
+        check_model_config(backbone_cfg, f"conf/backbone/{name}.yaml")
+    except ModelConfigError as err:
+        raise _load_error(err) from err
+    head_cfg = {"_target_": NORMALIZE_HEAD_TARGET, "_partial_": True}
+    model = build_embedding_model(backbone_cfg, head_cfg)
+    data = model.backbone.data_config
     image_size = int(data["input_size"][-1])
-    model_config = {
-        "backbone": backbone_cfg,
-        "head": {"_target_": NORMALIZE_HEAD_TARGET, "_partial_": True, "in_features": int(backbone.num_features)},
-        "image_size": image_size,
-        "resize_size": round(image_size / float(data.get("crop_pct", 1.0))),
-        "mean": [float(v) for v in data["mean"]],
-        "std": [float(v) for v in data["std"]],
-    }
-    model = EmbeddingModel(backbone, instantiate(model_config["head"])())
-    return TorchEmbedder(model, model_config, {"kind": "backbone", "path": name})
+    resize_size = round(image_size / float(data.get("crop_pct", 1.0)))
+    config = ModelConfig.describe(model, backbone_cfg, head_cfg, image_size, resize_size)
+    return TorchEmbedder(model, config, {"kind": "backbone", "path": name})
 
 
-def load_embedder(
-    ckpt: str | Path | None = None, model: str | Path | None = None, backbone: str | None = None
-) -> Embedder:
+def load_embedder(**choice: Unpack[ModelChoice]) -> Embedder:
     """The embedder named by exactly one of ``ckpt`` (Lightning checkpoint), ``model`` (.onnx) or ``backbone``.
 
     A ``.onnx`` file given as ``ckpt`` is accepted too, since users reasonably call any weights file that.
@@ -385,15 +308,15 @@ def load_embedder(
     Raises:
         ModelLoadError: none or several given, or the one given cannot be loaded.
     """
-    given = [name for name, value in (("ckpt", ckpt), ("model", model), ("backbone", backbone)) if value]
+    given = given_choice(choice)
     if len(given) != 1:
-        raise ModelLoadError(f"give exactly one of ckpt=, model= (ONNX) or backbone=; got {given or 'none'}")
-    if backbone:
-        return load_backbone_embedder(str(backbone))
-    path = Path(ckpt or model)
+        raise ModelLoadError(f"give exactly one of ckpt=, model= (ONNX) or backbone=; got {list(given) or 'none'}")
+    if "backbone" in given:
+        return load_backbone_embedder(str(given["backbone"]))
+    path = Path(given.get("ckpt") or given["model"])
     if path.suffix.lower() == ".onnx":
         return OnnxEmbedder(path)
-    if model:
+    if "model" in given:
         raise ModelLoadError(f"model={path} must be an .onnx file (use ckpt= for a Lightning checkpoint)")
     return load_checkpoint_embedder(path)
 

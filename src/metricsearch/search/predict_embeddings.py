@@ -21,17 +21,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from metricsearch.data.io import ImageLoadError, atomic_path, load_rgb_image
-from metricsearch.search.embedder import Embedder, TorchEmbedder
+from metricsearch.data.dataset import IMAGE, INDEX, OK
+from metricsearch.data.io import ImageLoadError, load_rgb_image
 from metricsearch.search.errors import SearchError
-from metricsearch.search.index import SHARDS_NAME
+from metricsearch.search.model_loading import Embedder, TorchEmbedder
+from metricsearch.utils.atomic_io import atomic_path
+from metricsearch.utils.trainer_settings import quiet_trainer_settings
 
 log = logging.getLogger(__name__)
 
-# Keys of a gallery batch.
-IMAGE = "image"
-INDEX = "index"
-OK = "ok"
+# The folder, inside the work folder embed_files is given (an index build's output folder), that holds the shards.
+SHARDS_NAME = ".embedding-shards"
 # Progress is logged after the first batch (the speed is known) and each time another tenth of the batches is
 # done: a progress bar shows nothing in a log file (rich only draws its final state when the output is not a
 # terminal), and hours-long builds run under nohup or a scheduler.
@@ -199,9 +199,7 @@ def predict_trainer_settings(progress_bar: bool = True) -> dict[str, Any]:
     (inference uses running statistics).
     """
     return {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
+        **quiet_trainer_settings(),
         "enable_progress_bar": progress_bar,
         "use_distributed_sampler": True,
         "sync_batchnorm": False,
