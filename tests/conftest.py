@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,18 @@ def compose_config(overrides: list[str], output_dir: Path, data_dir: Path, tiny:
 def data_dir(tmp_path_factory) -> Path:
     """One cache of generated built-in data shared by the whole session."""
     return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A trained tiny checkpoint, its gallery and index (see ``tests.search_fixtures``), built once per session."""
+    from tests.search_fixtures import tiny_search_setup  # imports torch and the search package: only when used
+
+    return tiny_search_setup(tmp_path_factory.getbasetemp() / "search")
+
+
+def run_train(args: list[str], run_dir: Path, data_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python train.py`` with the tiny settings, the test's data and run folder, and ``args``, as a user runs it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "train.py", *TINY, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *args]
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -33,6 +33,8 @@ def test_forced_screens_that_are_emulated_are_skipped():
     assert set(avx2) == {"ours_bfloat16", "ours_int8"} and "emulated" in avx2["ours_int8"]
     # AVX512-BF16 + VNNI: both are forced, even though the default picks only one of them.
     assert emulated_screens(probes(float32=0.012, bfloat16=0.0025, int8=0.002)) == {}
+    # A product faster than float32 but not by 1.5x is not emulated, and not worth forcing either.
+    assert "not 1.5x faster" in emulated_screens(probes(float32=0.0098, bfloat16=0.052, int8=0.0071))["ours_int8"]
     # VNNI only, and no bfloat16 product in this build of torch.
     assert set(emulated_screens(probes(float32=0.012, int8=0.004))) == {"ours_bfloat16"}
     inaccurate = {**probes(float32=0.012, int8=0.004), "bfloat16": ScreenProbe(0.001, error=0.5, margin=0.01)}

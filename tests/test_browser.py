@@ -13,7 +13,7 @@ import pytest
 
 from metricsearch.search.index import open_index
 from metricsearch.search.server import ServerSettings, build_app
-from tests.search_fixtures import BackgroundServer, tiny_search_setup
+from tests.search_fixtures import BackgroundServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -37,8 +37,7 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tiny = tiny_search_setup(tmp_path_factory.getbasetemp() / "search")
+def server(tiny):
     index, embedder = open_index(tiny.index_dir)
     with BackgroundServer(build_app(index, embedder, ServerSettings(default_k=6, gallery_page_size=24))) as server:
         yield server, tiny

@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from metricsearch.utils.config import CONFIG_DIR, ConfigError, validate_config
-from tests.conftest import REPO_ROOT, TINY, compose_config
-from tests.test_train import run_train
+from tests.conftest import REPO_ROOT, TINY, compose_config, run_train
 
 # (overrides, what the one-line message must say). The first five are the settings of the outside probe.
 BAD_SETTINGS = [

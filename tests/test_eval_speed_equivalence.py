@@ -16,7 +16,7 @@ from metricsearch.metrics import screen as screens
 from metricsearch.metrics.positive_ranks import rank_positives
 from metricsearch.metrics.rank_kernels import numba_available
 from metricsearch.metrics.screen import screen_keys, screen_margin
-from tests.test_metrics import assert_metrics_equal, make_clustered_data, normalize, reference_metrics
+from tests.metric_references import assert_metrics_equal, make_clustered_data, normalize, reference_metrics
 
 KS = (1, 2, 4, 8, 16, 1000)
 # The numba kernel with each screen, and the torch implementation that runs on GPUs (here on the CPU).

@@ -17,14 +17,9 @@ from metricsearch.search.index import GalleryIndex, open_index
 from metricsearch.search.model_loading import ONNX_FINGERPRINT, ONNX_MODEL_CONFIG, OnnxEmbedder, load_embedder
 from metricsearch.search.predict_embeddings import make_predict_trainer
 from metricsearch.search.server import create_app
-from tests.search_fixtures import PHOTO_NAMES, photo, tiny_search_setup
+from tests.search_fixtures import PHOTO_NAMES, photo
 
 MAX_ABS_DIFFERENCE = 1e-4
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_search_setup(tmp_path_factory.getbasetemp() / "search")
 
 
 @pytest.fixture(scope="module")

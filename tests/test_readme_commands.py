@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metricsearch.utils.config import CONFIG_DIR, instantiate_partial_with, normalize_overrides
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, TINY
 
 README = REPO_ROOT / "README.md"
 
@@ -59,15 +59,8 @@ SHRINK = [
     "callbacks.visualization.method=pca",
 ]
 # A small copy of the built-in synthetic data (only where the data config generates it).
-SYNTHETIC_SHRINK = [
-    "data.source.num_classes=12",
-    "data.source.images_per_class=8",
-    "data.source.image_size=32",
-    "data.image_size=32",
-    "data.resize_size=32",
-    "data.batch_size=16",
-    "data.val_fraction=0.34",
-]
+SYNTHETIC_KEYS = ("data.source.", "data.image_size", "data.resize_size", "data.batch_size=", "data.val_fraction")
+SYNTHETIC_SHRINK = [override for override in TINY if override.startswith(SYNTHETIC_KEYS)]
 BUILT_IN_SOURCES = ("metricsearch.data.synthetic.SyntheticSource", "metricsearch.data.digits.DigitsSource")
 HUB_BACKBONE = "metricsearch.models.backbone.TimmBackbone"
 # What the one-line messages must say: the hub weights need the internet (or a file); the data folder is named.

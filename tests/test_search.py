@@ -28,12 +28,7 @@ from metricsearch.search.index import METADATA_NAME, GalleryIndex, IndexSpec, op
 from metricsearch.search.model_loading import fingerprint_weights, load_embedder
 from metricsearch.search.predict_embeddings import make_predict_trainer
 from tests.conftest import REPO_ROOT
-from tests.search_fixtures import copy_index, tiny_search_setup
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_search_setup(tmp_path_factory.getbasetemp() / "search")
+from tests.search_fixtures import copy_index
 
 
 @pytest.fixture(scope="session")

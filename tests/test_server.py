@@ -31,14 +31,8 @@ from tests.search_fixtures import (
     build_limited_app,
     encode,
     png_bomb,
-    tiny_search_setup,
     upload,
 )
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_search_setup(tmp_path_factory.getbasetemp() / "search")
 
 
 @pytest.fixture(scope="module")

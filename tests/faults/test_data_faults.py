@@ -22,19 +22,12 @@ from metricsearch.pipelines.train import build_run
 from metricsearch.search.gallery import list_gallery_images
 from metricsearch.search.model_loading import load_embedder
 from metricsearch.search.predict_embeddings import make_predict_trainer
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_train
 from tests.dataset_fixtures import cub_folder_name, make_cub, make_folder
 from tests.faults.snapshots import snapshot
-from tests.search_fixtures import tiny_search_setup
-from tests.test_train import run_train
 
 # Settings of a disk dataset read by build_run; the runs fail (or are inspected) before any training.
 DISK_RUN = ["data.num_workers=0", "data.batch_size=8", "sampler.m=2", "data.image_size=16", "data.resize_size=16"]
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_search_setup(tmp_path_factory.getbasetemp() / "search")
 
 
 @pytest.fixture

@@ -34,14 +34,9 @@ from metricsearch.search.server import create_app
 from metricsearch.utils.config import CONFIG_DIR
 from tests.conftest import REPO_ROOT
 from tests.faults.snapshots import snapshot
-from tests.search_fixtures import TinySearchSetup, copy_index, tiny_search_setup
+from tests.search_fixtures import TinySearchSetup, copy_index
 
 QUERY = "005/001.jpg"
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_search_setup(tmp_path_factory.getbasetemp() / "search")
 
 
 def error_line(capsys) -> str:

@@ -26,14 +26,8 @@ from tests.search_fixtures import (
     BackgroundServer,
     build_limited_app,
     encode,
-    tiny_search_setup,
     upload,
 )
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_search_setup(tmp_path_factory.getbasetemp() / "search")
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ import torch
 from metricsearch.utils import checkpoint_io
 from metricsearch.utils.atomic_io import atomic_path, atomic_write_text
 from metricsearch.utils.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
-from tests.conftest import REPO_ROOT, TINY
-from tests.test_train import run_train
+from tests.conftest import REPO_ROOT, TINY, run_train
 
 
 def test_unknown_config_option(tmp_path, data_dir):
@@ -32,10 +31,18 @@ def test_unknown_key(tmp_path, data_dir):
     assert "Could not override 'trainer.max_epoch'" in result.stderr
 
 
-def test_impossible_batch_setting(tmp_path, data_dir):
-    result = run_train(["data.batch_size=16", "sampler.m=3"], tmp_path / "run", data_dir)
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["data.batch_size=16", "sampler.m=3"], "data.batch_size=16 is not divisible by sampler.m=3"),
+        (["data.batch_size=18", "sampler.m=4"], "data.batch_size=18 is not divisible by sampler.m=4"),
+        (["sampler.m=16", "data.batch_size=32"], "sampler.m=16 is larger than the smallest training class (8 images"),
+    ],
+)
+def test_impossible_batch_setting_fails_at_start_up(tmp_path, data_dir, args, message):
+    result = run_train(args, tmp_path / "run", data_dir)
     assert result.returncode != 0
-    assert "data.batch_size=16 is not divisible by sampler.m=3" in result.stderr
+    assert message in result.stderr
 
 
 def test_checkpoint_from_another_backbone(tmp_path, data_dir):
