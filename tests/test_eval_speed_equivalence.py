@@ -7,6 +7,8 @@ they get cases of their own.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -269,15 +271,45 @@ def test_the_screen_is_a_fast_product_that_stays_within_the_margin(timings, accu
     assert screens.pick_screen(probes) == expected
 
 
-def test_the_screen_measurement_keeps_every_product_within_its_margin_on_any_cpu():
-    # What the measurement promises on every CPU, fast or emulated: float32 is always there and exact to within
-    # its margin; every screen it reports was timed, and its error is measured (not assumed) against float64.
+def test_the_screen_measurement_never_lets_an_inexact_product_decide_on_any_cpu():
+    # What the measurement promises on every CPU, fast or emulated, exact or not: float32 is always there and within
+    # its margin; every screen it reports was timed and its error measured (not assumed) against float64; and a
+    # product outside its margin (int8 saturating under AVX2, say) is never chosen, nor run when forced.
     probes = screens.measure_screens(64)
     assert probes["float32"].accurate
     assert set(probes) <= {"float32", "bfloat16", "int8"}
     for name, probe in probes.items():
         assert 0 < probe.seconds < float("inf"), name
         assert probe.error > 0 and probe.margin > 0, name  # rounding makes some error; a zero would be unmeasured
-        # The torch products round to nearest (or are exact in int32): they stay within the derived margins.
-        assert probe.accurate, name
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            assert screens.resolve_screen(name, 64, probes) == (name if probe.accurate else "float32")
+    assert probes[screens.pick_screen(probes)].accurate
     assert screens.choose_screen(64) in probes
+
+
+def test_an_int8_product_that_saturates_is_found_and_never_used(monkeypatch):
+    # A stand-in for torch's AVX2 int8 product: 16-bit lanes that saturate on large codes.
+    real_product = screens.screen_product
+
+    def saturating(precision, left, right, out):
+        real_product(precision, left, right, out)
+        if precision == "int8":
+            out.clamp_(-(2**15), 2**15 - 1)
+
+    monkeypatch.setattr(screens, "screen_product", saturating)
+    assert not screens.int8_product_is_exact(64)
+    probes = screens.measure_screens(64)
+    assert not probes["int8"].accurate and screens.pick_screen(probes) != "int8"
+
+
+def test_a_forced_screen_that_is_inexact_here_falls_back_to_float32_with_a_warning(monkeypatch):
+    x, labels = make_clustered_data(5, num_classes=40, dim=24)
+    expected = reference_metrics(x, labels, KS)
+    probe = screens.ScreenProbe(seconds=0.001, error=float("inf"), margin=0.04)
+    given = {"float32": screens.ScreenProbe(0.01, 1e-7, 1e-5), "int8": probe, "bfloat16": probe}
+    monkeypatch.setattr(screens, "measured_screens", lambda dim: given)
+    for screen in ("int8", "bfloat16"):
+        with pytest.warns(RuntimeWarning, match=f"the {screen} screen is not computed within its error bound"):
+            actual = calc_retrieval_metrics(x, labels, recall_at_k=KS, compute_nmi=False, screen=screen)
+        assert_metrics_equal(actual, expected)
