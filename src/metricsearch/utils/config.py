@@ -110,8 +110,10 @@ def report_user_errors(*kinds: type[BaseException]) -> Iterator[None]:
         cause = _wrapped_user_error(err, kinds)
         if cause is None:
             raise
-        message = str(cause)
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(cause, kinds):
+        # What _wrapped_user_error found is one of `kinds` or, failing that, a full disk.
+        if isinstance(cause, kinds):
+            message = str(cause)
+        else:
             message = f"disk full: {cause}; free space there or point hydra.run.dir at a disk with room"
     else:
         return
