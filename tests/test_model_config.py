@@ -39,6 +39,17 @@ STORED = {
     "mean": [0.485, 0.456, 0.406],
     "std": [0.229, 0.224, 0.225],
 }
+# The same network as training writes it now: BatchNorm mode, pooling and head initialisation spelled out
+# (``freeze_bn: false`` became ``bn_freeze: none``); both forms load.
+WRITTEN = {
+    **STORED,
+    "backbone": {
+        **{k: v for k, v in STORED["backbone"].items() if k != "freeze_bn"},
+        "bn_freeze": "none",
+        "global_pool": None,
+    },
+    "head": {**STORED["head"], "init": "default"},
+}
 
 
 def training_parts() -> tuple:
@@ -69,7 +80,7 @@ def test_training_writes_the_stored_format():
     model = build_embedding_model(backbone_cfg, head_cfg)
     backbone = {**to_plain(backbone_cfg), "pretrained": False, "weights_file": None}
     config = ModelConfig.describe(model, backbone, to_plain(head_cfg), image_size=32, resize_size=None)
-    assert config.to_dict() == STORED
+    assert config.to_dict() == WRITTEN
 
 
 def test_the_network_built_for_training_and_the_one_rebuilt_from_the_stored_config_are_the_same():

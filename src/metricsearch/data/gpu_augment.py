@@ -15,19 +15,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metricsearch.data.transforms import check_channel_order
+
 
 class BatchAugment(nn.Module):
     """Crop + resize + flip + normalize for a batch of uint8 images, or just normalize for evaluation.
 
     Args:
         image_size: output side.
-        mean: normalization mean (0-1 scale).
-        std: normalization std (0-1 scale).
+        mean: normalization mean (0-1 scale, in the network's channel order).
+        std: normalization std (0-1 scale, in the network's channel order).
+        channel_order: ``RGB``, or ``BGR`` to reverse the (RGB) cached channels before normalising.
     """
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float], channel_order: str = "RGB"
+    ) -> None:
         super().__init__()
         self.image_size = image_size
+        self.channel_order = check_channel_order(channel_order)
         std_tensor = torch.tensor(std, dtype=torch.float32)
         # Folded into one multiply-add: (x / 255 - mean) / std = x * scale + shift.
         self.register_buffer("scale", (1.0 / (255.0 * std_tensor)).view(1, 3, 1, 1), persistent=False)
@@ -36,6 +42,8 @@ class BatchAugment(nn.Module):
         )
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channel_order == "BGR":
+            images = images.flip(1)
         return images * self.scale.to(images.device) + self.shift.to(images.device)
 
     def forward(self, images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:

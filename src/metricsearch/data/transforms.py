@@ -19,6 +19,9 @@ from torchvision.transforms import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The channel order a network takes: RGB (almost all), or BGR (weights converted from Caffe, e.g. BN-Inception's).
+# Mean and std are always given in the network's channel order.
+CHANNEL_ORDERS = ("RGB", "BGR")
 # RandomResizedCrop's default aspect-ratio range.
 CROP_RATIO = (3 / 4, 4 / 3)
 
@@ -59,6 +62,33 @@ def sample_resized_crop(
     return (height - box_height) // 2, (width - box_width) // 2, box_height, box_width
 
 
+def check_channel_order(channel_order: str) -> str:
+    """``channel_order`` if it is one of ``CHANNEL_ORDERS``.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if channel_order not in CHANNEL_ORDERS:
+        raise ValueError(
+            f"channel_order={channel_order!r} is not one of {', '.join(CHANNEL_ORDERS)} (the backbone's data config "
+            "says which its weights expect)"
+        )
+    return channel_order
+
+
+class ToChannelOrder:
+    """An RGB tensor ``(3, H, W)`` (or ``(B, 3, H, W)``) in the network's channel order (reversed for BGR)."""
+
+    def __init__(self, channel_order: str = "RGB") -> None:
+        self.channel_order = check_channel_order(channel_order)
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.flip(-3) if self.channel_order == "BGR" else tensor
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.channel_order})"
+
+
 def rng_from_torch() -> np.random.Generator:
     """A generator seeded from torch's global RNG: for callers that pass no seed (follows ``seed_everything``)."""
     return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
@@ -71,8 +101,9 @@ class TrainTransform:
         image_size: output side.
         scale: range of the crop area as a fraction of the image.
         hflip: flip half of the images horizontally.
-        mean: normalization mean.
-        std: normalization std.
+        mean: normalization mean (0-1 scale, in the network's channel order).
+        std: normalization std (0-1 scale, in the network's channel order).
+        channel_order: ``RGB``, or ``BGR`` for networks that take the channels reversed.
     """
 
     def __init__(
@@ -82,12 +113,14 @@ class TrainTransform:
         hflip: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        channel_order: str = "RGB",
     ) -> None:
         self.image_size = image_size
         self.scale = tuple(scale)
         self.hflip = hflip
         self.mean = list(mean)
         self.std = list(std)
+        self.to_channel_order = ToChannelOrder(channel_order)
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         """Augments one image; ``rng`` defaults to one seeded from torch's global RNG."""
@@ -98,12 +131,12 @@ class TrainTransform:
         # NOTE: the flip is drawn even when it is off, so switching it does not shift the other draws.
         if rng.random() < 0.5 and self.hflip:
             image = TF.hflip(image)
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        return TF.normalize(self.to_channel_order(TF.to_tensor(image)), self.mean, self.std)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(image_size={self.image_size}, scale={self.scale}, hflip={self.hflip}, "
-            f"mean={self.mean}, std={self.std})"
+            f"mean={self.mean}, std={self.std}, channel_order={self.to_channel_order.channel_order})"
         )
 
 
@@ -113,9 +146,10 @@ def build_train_transform(
     hflip: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    channel_order: str = "RGB",
 ) -> TrainTransform:
     """RandomResizedCrop + optional horizontal flip + normalization (the usual recipe at 224)."""
-    return TrainTransform(image_size, scale, hflip, mean, std)
+    return TrainTransform(image_size, scale, hflip, mean, std, channel_order)
 
 
 def build_eval_resize(image_size: int, resize_size: int | None = None) -> T.Compose:
@@ -132,6 +166,11 @@ def build_eval_transform(
     resize_size: int | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    channel_order: str = "RGB",
 ) -> T.Compose:
-    """Resize the short side to ``resize_size`` then centre-crop ``image_size`` (256 -> 224 in the recipe)."""
-    return T.Compose([*build_eval_resize(image_size, resize_size).transforms, T.ToTensor(), T.Normalize(mean, std)])
+    """Resize the short side to ``resize_size`` then centre-crop ``image_size`` (256 -> 224 in the recipe).
+
+    ``mean`` and ``std`` are in the network's ``channel_order``; for BGR the channels are reversed before them.
+    """
+    to_tensor = [T.ToTensor()] if check_channel_order(channel_order) == "RGB" else [T.ToTensor(), ToChannelOrder("BGR")]
+    return T.Compose([*build_eval_resize(image_size, resize_size).transforms, *to_tensor, T.Normalize(mean, std)])

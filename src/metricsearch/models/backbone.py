@@ -1,4 +1,4 @@
-"""Any timm backbone by name, returning pooled features."""
+"""Any timm backbone by name, returning pooled features; BN-Inception (:mod:`.bn_inception`) among them."""
 
 from __future__ import annotations
 
@@ -8,27 +8,101 @@ from urllib.error import URLError
 import timm
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
+from timm.layers import SelectAdaptivePool2d
 from torch import nn
+
+from metricsearch.models import bn_inception  # noqa: F401 - registers "bn_inception" with timm
 
 # What the hub download raises when the weights are neither cached nor reachable (offline mode, no network,
 # a URL-hosted file that cannot be fetched).
-_UNREACHABLE_WEIGHTS = (LocalEntryNotFoundError, ConnectionError, TimeoutError, URLError)
+UNREACHABLE_WEIGHTS = (LocalEntryNotFoundError, ConnectionError, TimeoutError, URLError)
+
+# none: BatchNorm trains as usual. stats: running statistics frozen (layers in eval mode), affine weights trained
+# (Multi-Similarity's code). all: eval mode and frozen affine weights (Proxy-Anchor's --bn-freeze 1).
+BN_FREEZE_MODES = ("none", "stats", "all")
+# The one pooling choice of ours; every other value is timm's own (avg, max, avgmax = (avg + max) / 2, catavgmax,
+# token for ViTs, ...) and goes to timm unchanged.
+AVG_PLUS_MAX = "avg+max"
 
 
 class PretrainedWeightsError(FileNotFoundError):
     """Pretrained weights that are not on this machine: not in the hub cache and unreachable, or a missing file."""
 
 
+class AvgPlusMaxPool(nn.Module):
+    """Global average pooling plus global max pooling, summed (Proxy-Anchor's ``code/net/resnet.py``).
+
+    Not timm's ``avgmax``, which halves the sum; the factor matters to a following linear layer's initial scale.
+
+    Args:
+        flatten: return ``(B, C)`` rather than ``(B, C, 1, 1)``.
+        input_fmt: ``NCHW`` or ``NHWC``, the layout of the feature map the model produces.
+    """
+
+    pool_type = AVG_PLUS_MAX
+
+    def __init__(self, flatten: bool = True, input_fmt: str = "NCHW") -> None:
+        super().__init__()
+        self.flatten = flatten
+        self.input_fmt = input_fmt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = (2, 3) if self.input_fmt == "NCHW" else (1, 2)
+        keep = not self.flatten
+        pooled = x.mean(dims, keepdim=keep) + x.amax(dims, keepdim=keep)
+        return pooled if self.flatten or self.input_fmt == "NCHW" else pooled.permute(0, 3, 1, 2)
+
+    def feat_mult(self) -> int:
+        return 1
+
+
+def resolve_bn_freeze(bn_freeze: str | None, freeze_bn: bool | None) -> str:
+    """The BatchNorm mode from ``bn_freeze`` and the deprecated boolean ``freeze_bn`` (true = ``all``).
+
+    Model configs written before ``bn_freeze`` existed (in checkpoints and index folders) hold only ``freeze_bn``.
+
+    Raises:
+        ValueError: an unknown mode, or both given and contradicting each other.
+    """
+    if bn_freeze is not None and bn_freeze not in BN_FREEZE_MODES:
+        raise ValueError(f"backbone.bn_freeze={bn_freeze!r} is not one of {', '.join(BN_FREEZE_MODES)}")
+    if freeze_bn is None:
+        return bn_freeze or "none"
+    from_alias = "all" if freeze_bn else "none"
+    if bn_freeze is not None and bn_freeze != from_alias:
+        raise ValueError(
+            f"backbone.freeze_bn={str(freeze_bn).lower()} (deprecated, means bn_freeze={from_alias}) contradicts "
+            f"backbone.bn_freeze={bn_freeze}: drop freeze_bn (backbone.freeze_bn=null) and set bn_freeze to one of "
+            f"{', '.join(BN_FREEZE_MODES)}"
+        )
+    return from_alias
+
+
+def weights_source(model_name: str) -> str:
+    """Where ``pretrained=true`` fetches the model's weights from: the Hugging Face hub, or a URL."""
+    cfg = timm.models.get_pretrained_cfg(model_name, allow_unregistered=True)
+    if cfg is not None and cfg.url and not cfg.hf_hub_id:
+        return cfg.url
+    return "Hugging Face hub"
+
+
 class TimmBackbone(nn.Module):
     """A timm model without its classifier: ``forward`` returns pooled features of size ``num_features``.
 
     Args:
-        model_name: any name ``timm.list_models()`` knows, e.g. ``resnet50`` or ``vit_small_patch16_224``.
-        pretrained: load ImageNet weights (from the Hugging Face hub unless ``weights_file`` is given).
+        model_name: any name ``timm.list_models()`` knows, e.g. ``resnet50.tv_in1k``, ``vit_small_patch16_224.dino``
+            or ``bn_inception``.
+        pretrained: load ImageNet weights (from the Hugging Face hub or the model's URL unless ``weights_file``
+            is given).
         weights_file: a local weights file, loaded offline instead of the hub.
-        freeze_bn: keep BatchNorm layers in eval mode with frozen affine parameters, the usual choice when
-            fine-tuning with small per-class batches (the running statistics stay those of ImageNet).
+        bn_freeze: ``none``, ``stats`` (BatchNorm running statistics frozen, affine weights trained) or ``all``
+            (statistics and affine weights frozen): fine-tuning with small per-class batches usually keeps
+            ImageNet's statistics.
+        global_pool: ``avg+max`` (average and max pooling summed, Proxy-Anchor's), or any of timm's choices for the
+            model (``avg``, ``max``, ``avgmax``, ``catavgmax``; ``token`` or ``avg`` for ViTs); None keeps the
+            model's own.
         img_size: input size for models that need it fixed at creation (ViTs); ignored by CNNs.
+        freeze_bn: deprecated boolean form of ``bn_freeze`` (true = ``all``), still read from older model configs.
     """
 
     def __init__(
@@ -36,10 +110,13 @@ class TimmBackbone(nn.Module):
         model_name: str,
         pretrained: bool = False,
         weights_file: str | None = None,
-        freeze_bn: bool = False,
+        bn_freeze: str | None = None,
+        global_pool: str | None = None,
         img_size: int | None = None,
+        freeze_bn: bool | None = None,
     ) -> None:
         super().__init__()
+        self.bn_freeze = resolve_bn_freeze(bn_freeze, freeze_bn)
         kwargs = {}
         if weights_file:
             path = Path(weights_file).expanduser()
@@ -52,14 +129,16 @@ class TimmBackbone(nn.Module):
             pretrained = True
         if img_size is not None and "img_size" in _creation_args(model_name):
             kwargs["img_size"] = img_size
+        if global_pool is not None and global_pool != AVG_PLUS_MAX:
+            kwargs["global_pool"] = global_pool
         try:
             self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
-        except _UNREACHABLE_WEIGHTS as err:
+        except UNREACHABLE_WEIGHTS as err:
             raise PretrainedWeightsError(
                 f"backbone {model_name} with backbone.pretrained=true needs its ImageNet weights from the internet "
-                f"(Hugging Face hub), which cannot be reached and are not cached here ({type(err).__name__}): connect "
-                "once (they are then cached), or pass a local copy with backbone.weights_file=PATH, or train from "
-                "scratch with backbone.pretrained=false"
+                f"({weights_source(model_name)}), which cannot be reached and are not cached here "
+                f"({type(err).__name__}): connect once (they are then cached), or pass a local copy with "
+                "backbone.weights_file=PATH, or train from scratch with backbone.pretrained=false"
             ) from None
         except RuntimeError as err:
             if "Unknown model" in str(err):
@@ -67,25 +146,72 @@ class TimmBackbone(nn.Module):
                     f"backbone.model_name={model_name!r} is not a timm model; see timm.list_models('{model_name[:4]}*')"
                 ) from err
             raise
+        except (AssertionError, TypeError) as err:
+            if "global_pool" not in kwargs:
+                raise
+            raise ValueError(
+                f"backbone.global_pool={global_pool!r} is not a pooling {model_name} supports ({err}); use "
+                f"{AVG_PLUS_MAX} (CNNs) or one of timm's: avg, max, avgmax, catavgmax (CNNs), token or avg (ViTs)"
+            ) from None
+        if global_pool == AVG_PLUS_MAX:
+            self._use_avg_plus_max(model_name)
         self.model_name = model_name
-        self.num_features: int = self.model.num_features
-        self.freeze_bn = freeze_bn
-        if freeze_bn:
-            for module in self._batch_norms():
-                for param in module.parameters():
-                    param.requires_grad_(False)
+        pool = getattr(self.model, "global_pool", None)
+        # catavgmax concatenates the two poolings: twice the model's feature size.
+        mult = pool.feat_mult() if isinstance(pool, SelectAdaptivePool2d | AvgPlusMaxPool) else 1
+        self.num_features: int = self.model.num_features * mult
+        self.frozen = False
+        # The mode last asked for with train(): a released backbone returns to it.
+        self._train_mode = True
+        self.set_frozen(False)
+
+    def _use_avg_plus_max(self, model_name: str) -> None:
+        pool = getattr(self.model, "global_pool", None)
+        if not isinstance(pool, SelectAdaptivePool2d):
+            raise ValueError(
+                f"backbone.global_pool={AVG_PLUS_MAX} pools a CNN's feature map, and {model_name} has none to pool "
+                f"(its pooling is {pool!r}); use one of its own choices (ViTs: token or avg) or a CNN backbone"
+            )
+        flatten = isinstance(pool.flatten, nn.Flatten) or bool(getattr(pool.pool, "flatten", False))
+        self.model.global_pool = AvgPlusMaxPool(flatten=flatten, input_fmt=getattr(pool.pool, "input_fmt", "NCHW"))
+
+    @property
+    def global_pool(self) -> str:
+        """The pooling in use (timm's name, or ``avg+max``)."""
+        pool = getattr(self.model, "global_pool", None)
+        return str(getattr(pool, "pool_type", pool))
 
     @property
     def data_config(self) -> dict:
-        """Input size, interpolation, mean and std the backbone expects (timm's resolved data config)."""
-        return timm.data.resolve_data_config({}, model=self.model)
+        """Input size, interpolation, mean, std and channel order the backbone expects.
+
+        timm's resolved data config plus ``channel_order`` (``RGB``, or ``BGR`` for Caffe-converted weights such as
+        BN-Inception's); mean and std are in the model's channel order.
+        """
+        channel_order = getattr(self.model, "pretrained_cfg", {}).get("channel_order", "RGB")
+        return {**timm.data.resolve_data_config({}, model=self.model), "channel_order": channel_order}
 
     def _batch_norms(self) -> list[nn.Module]:
         return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
+    def set_frozen(self, frozen: bool) -> None:
+        """Freezes the whole backbone (no gradients, every layer in eval mode: a warm-up) or releases it.
+
+        Released, every parameter trains again except BatchNorm's affine weights under ``bn_freeze=all``.
+        """
+        self.frozen = frozen
+        for param in self.model.parameters():
+            param.requires_grad_(not frozen)
+        if self.bn_freeze == "all":
+            for module in self._batch_norms():
+                for param in module.parameters():
+                    param.requires_grad_(False)
+        self.train(self._train_mode)
+
     def train(self, mode: bool = True) -> TimmBackbone:
-        super().train(mode)
-        if self.freeze_bn:
+        self._train_mode = mode
+        super().train(mode and not self.frozen)
+        if self.bn_freeze != "none":
             for module in self._batch_norms():
                 module.eval()
         return self

@@ -6,6 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# default: PyTorch's Linear initialisation. kaiming_fan_out: kaiming-normal weights (mode fan_out, gain for ReLU)
+# and zero bias, Proxy-Anchor's embedding layer.
+HEAD_INITS = ("default", "kaiming_fan_out")
+
 
 class EmbeddingHead(nn.Module):
     """Projects pooled backbone features to ``embedding_dim`` and L2-normalises them.
@@ -15,13 +19,27 @@ class EmbeddingHead(nn.Module):
         embedding_dim: output size, 128 or 512 in most papers.
         batch_norm: a BatchNorm1d after the projection (helps proxy and classification losses).
         normalize: L2-normalise the output so inner product equals cosine similarity.
+        init: the projection's initialisation, ``default`` or ``kaiming_fan_out`` (see ``HEAD_INITS``).
     """
 
-    def __init__(self, in_features: int, embedding_dim: int = 128, batch_norm: bool = False, normalize: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        embedding_dim: int = 128,
+        batch_norm: bool = False,
+        normalize: bool = True,
+        init: str = "default",
+    ):
         super().__init__()
+        if init not in HEAD_INITS:
+            raise ValueError(f"head.init={init!r} is not one of {', '.join(HEAD_INITS)}")
         self.in_features = in_features
         self.embedding_dim = embedding_dim
         self.projection = nn.Linear(in_features, embedding_dim)
+        if init == "kaiming_fan_out":
+            # std = sqrt(2 / fan_out), fan_out being embedding_dim for a Linear weight (out x in).
+            nn.init.kaiming_normal_(self.projection.weight, mode="fan_out")
+            nn.init.zeros_(self.projection.bias)
         self.batch_norm = nn.BatchNorm1d(embedding_dim) if batch_norm else nn.Identity()
         self.normalize = normalize
 

@@ -6,6 +6,10 @@ Training stores it in every checkpoint (``hyper_parameters.model_config``), an i
     {"backbone": {"_target_": ..., ...}, "head": {"_target_": ..., "_partial_": true, "in_features": ..., ...},
      "image_size": 224, "resize_size": 256, "mean": [...], "std": [...]}
 
+plus ``"channel_order": "BGR"`` for a network that takes its channels reversed (BN-Inception's Caffe weights); the
+key is written only then, so an RGB model's config, and the weight fingerprint computed over its preprocessing,
+are the same as before the key existed, and a config without it means RGB.
+
 A config read back from a file is data someone may have handed over: :meth:`ModelConfig.from_dict` admits only the
 ``_target_``\\ s of the project's own backbone and head options and no ``${...}`` interpolation (see
 :func:`check_model_config`), because Hydra would instantiate or resolve anything else.
@@ -20,11 +24,15 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from metricsearch.data.transforms import CHANNEL_ORDERS
 from metricsearch.models.embedding_model import EmbeddingModel
 from metricsearch.utils.config import CONFIG_DIR
 from metricsearch.utils.messages import shorten
 
 PREPROCESSING_KEYS = ("image_size", "resize_size", "mean", "std")
+# Optional preprocessing key, absent for the default (RGB).
+CHANNEL_ORDER_KEY = "channel_order"
+DEFAULT_CHANNEL_ORDER = "RGB"
 # The head that turns a pretrained backbone's pooled features into embeddings without training.
 NORMALIZE_HEAD_TARGET = "metricsearch.models.pretrained.NormalizeHead"
 # The config groups whose options are the project's model parts: only their _target_s are ever instantiated from a
@@ -41,23 +49,33 @@ class ModelConfigError(ValueError):
 def preprocessing_of(model_config: dict[str, Any], origin: str = "") -> dict[str, Any]:
     """The part of a model config that decides how an image becomes the network's input, with plain types.
 
+    ``channel_order`` is included only when it is not RGB (see the module docstring).
+
     Args:
         model_config: a model config dict (see the module docstring).
         origin: where it came from (``ckpt=PATH``), to start an error message with; nothing when empty.
 
     Raises:
-        ModelConfigError: a preprocessing key is missing or is not a number (a list of numbers for mean and std).
+        ModelConfigError: a preprocessing key is missing or is not a number (a list of numbers for mean and std),
+            or the channel order is neither RGB nor BGR.
     """
     where = f"{origin}: " if origin else ""
     missing = [k for k in PREPROCESSING_KEYS if k not in model_config]
     if missing:
         raise ModelConfigError(f"{where}the model config has no {', '.join(missing)}; cannot preprocess images for it")
+    channel_order = model_config.get(CHANNEL_ORDER_KEY, DEFAULT_CHANNEL_ORDER)
+    if channel_order not in CHANNEL_ORDERS:
+        raise ModelConfigError(
+            f"{where}the model config's channel_order {shorten(channel_order)} is not one of "
+            f"{', '.join(CHANNEL_ORDERS)}; the file is damaged or not to be trusted"
+        )
     try:
         return {
             "image_size": int(model_config["image_size"]),
             "resize_size": None if model_config["resize_size"] is None else int(model_config["resize_size"]),
             "mean": [float(v) for v in model_config["mean"]],
             "std": [float(v) for v in model_config["std"]],
+            **_channel_order_entry(channel_order),
         }
     except (TypeError, ValueError, OverflowError):
         values = ", ".join(f"{key} {shorten(model_config[key])}" for key in PREPROCESSING_KEYS)
@@ -65,6 +83,10 @@ def preprocessing_of(model_config: dict[str, Any], origin: str = "") -> dict[str
             f"{where}the model config's preprocessing is malformed ({values}): image_size and resize_size should be "
             "integers, mean and std lists of numbers; the file is damaged or not to be trusted"
         ) from None
+
+
+def _channel_order_entry(channel_order: str) -> dict[str, str]:
+    return {} if channel_order == DEFAULT_CHANNEL_ORDER else {CHANNEL_ORDER_KEY: channel_order}
 
 
 @functools.cache
@@ -134,8 +156,9 @@ class ModelConfig:
         head: the head's ``_target_`` config, partial, with the backbone's feature size as ``in_features``.
         image_size: side of the square crop the network sees.
         resize_size: length the short side is resized to before the centre crop (None: ``image_size``).
-        mean: per-channel mean the pixels are normalised with.
-        std: per-channel standard deviation the pixels are normalised with.
+        mean: per-channel mean the pixels are normalised with (in the network's channel order).
+        std: per-channel standard deviation the pixels are normalised with (in the network's channel order).
+        channel_order: ``RGB``, or ``BGR`` for a network that takes the channels reversed.
     """
 
     backbone: dict[str, Any]
@@ -144,6 +167,7 @@ class ModelConfig:
     resize_size: int | None
     mean: list[float]
     std: list[float]
+    channel_order: str = DEFAULT_CHANNEL_ORDER
 
     @classmethod
     def describe(
@@ -156,7 +180,8 @@ class ModelConfig:
     ) -> ModelConfig:
         """The config of ``model``, built from ``backbone_cfg`` and ``head_cfg`` (plain dicts).
 
-        The head records the backbone's feature size; mean and std are the backbone's own (timm's data config).
+        The head records the backbone's feature size; mean, std and channel order are the backbone's own (its data
+        config).
         """
         data = model.backbone.data_config
         return cls(
@@ -166,13 +191,14 @@ class ModelConfig:
             resize_size=None if resize_size is None else int(resize_size),
             mean=[float(v) for v in data["mean"]],
             std=[float(v) for v in data["std"]],
+            channel_order=str(data.get(CHANNEL_ORDER_KEY, DEFAULT_CHANNEL_ORDER)),
         )
 
     @classmethod
     def from_dict(cls, config: Any, origin: str = "the model config") -> ModelConfig:
         """Reads the dict :meth:`to_dict` wrote (a checkpoint's, an index's), checking it can be trusted.
 
-        Keys other than the six of :meth:`to_dict` are ignored.
+        Keys other than those :meth:`to_dict` writes are ignored; a config without ``channel_order`` means RGB.
 
         Args:
             config: the dict.
@@ -199,12 +225,15 @@ class ModelConfig:
 
     @property
     def preprocessing(self) -> dict[str, Any]:
-        """How an image becomes the network's input: ``image_size``, ``resize_size``, ``mean``, ``std``."""
+        """How an image becomes the network's input: ``image_size``, ``resize_size``, ``mean``, ``std`` and, when not
+        RGB, ``channel_order`` (the keyword arguments of :func:`~metricsearch.data.transforms.build_eval_transform`).
+        """
         return {
             "image_size": self.image_size,
             "resize_size": self.resize_size,
             "mean": list(self.mean),
             "std": list(self.std),
+            **_channel_order_entry(self.channel_order),
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -117,8 +117,10 @@ def create_imagenet_classifier(weights_file: str | Path | None = None) -> nn.Mod
 def efficientnet_lite0_imagenet(
     pretrained: bool = True,
     weights_file: str | None = None,
-    freeze_bn: bool = False,
+    bn_freeze: str | None = None,
+    global_pool: str | None = None,
     img_size: int | None = None,
+    freeze_bn: bool | None = None,
 ) -> TimmBackbone:
     """EfficientNet-Lite0 backbone (1280 pooled features) with offline ImageNet weights.
 
@@ -129,10 +131,19 @@ def efficientnet_lite0_imagenet(
     Args:
         pretrained: copy the ImageNet weights in; False gives a randomly initialised network.
         weights_file: an EfficientNet-PyTorch-named weights file to use instead of the package's.
-        freeze_bn: as in :class:`TimmBackbone`.
+        bn_freeze: as in :class:`TimmBackbone`.
+        global_pool: as in :class:`TimmBackbone`.
         img_size: ignored (CNN); accepted for signature compatibility.
+        freeze_bn: deprecated boolean form of ``bn_freeze``, as in :class:`TimmBackbone`.
     """
-    backbone = TimmBackbone(TIMM_NAME, pretrained=False, freeze_bn=freeze_bn, img_size=img_size)
+    backbone = TimmBackbone(
+        TIMM_NAME,
+        pretrained=False,
+        bn_freeze=bn_freeze,
+        global_pool=global_pool,
+        img_size=img_size,
+        freeze_bn=freeze_bn,
+    )
     if pretrained or weights_file:
         weights = load_imagenet_state_dict(weights_file)
         classifier_keys = [k for k in weights if k.startswith("classifier.")]

@@ -109,7 +109,8 @@ class Embedder(ABC):
         """Embeddings (float32, on the CPU) of a batch of preprocessed images ``[B, 3, H, W]``."""
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """The network's input ``[len(images), 3, H, W]``: each RGB image resized, cropped and normalised."""
+        """The network's input ``[len(images), 3, H, W]``: each RGB image resized, cropped, put in the network's channel
+        order and normalised."""
         return torch.stack([self.transform(image) for image in images])
 
     @property
