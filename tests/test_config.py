@@ -12,7 +12,7 @@ import wandb
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from metricsearch.utils.config import CONFIG_DIR, instantiate_partial_with, normalize_overrides
+from metricsearch.utils.config import CONFIG_DIR, instantiate_partial_with, normalize_overrides, to_plain
 from tests.conftest import REPO_ROOT, compose_config
 
 GROUPS = [
@@ -139,7 +139,9 @@ def test_optimizer_and_schedulers(option, tmp_path):
         optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2))])
         if cfg.scheduler is not None:
             optimizer.step()
-            instantiate(cfg.scheduler)(optimizer).step()
+            # `interval` (epoch or step) is for Lightning; the pipeline pops it before instantiating.
+            scheduler = {k: v for k, v in to_plain(cfg.scheduler).items() if k != "interval"}
+            instantiate(scheduler)(optimizer).step()
 
 
 @pytest.mark.parametrize("option", _options("trainer"))

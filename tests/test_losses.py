@@ -41,9 +41,9 @@ def test_loss_trains_a_few_steps(loss, tmp_path, data_dir):
     if learnable:
         # Proxies / class weights are submodules: trained, in the checkpoint, and in their own param group.
         assert any(k.startswith("loss.") for k in changed), f"{loss}: loss parameters {learnable} did not change"
-        groups = trainer.optimizers[0].param_groups
-        assert len(groups) == 2
+        groups = {group["name"]: group for group in trainer.optimizers[0].param_groups}
+        assert groups.keys() == {"backbone", "head", "loss"}
         multiplier = cfg.loss.get("lr_multiplier", 1.0)
-        assert groups[1]["initial_lr" if "initial_lr" in groups[1] else "lr"] == pytest.approx(
-            groups[0].get("initial_lr", groups[0]["lr"]) * multiplier
+        assert groups["loss"].get("initial_lr", groups["loss"]["lr"]) == pytest.approx(
+            groups["head"].get("initial_lr", groups["head"]["lr"]) * multiplier
         )

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMemory
 from pytorch_metric_learning.miners import BaseMiner
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
 from torch import nn
@@ -17,10 +17,20 @@ from torch import nn
 from metricsearch.data.dataset import IMAGE, INDEX, LABEL
 from metricsearch.metrics import CollectedEmbeddings, RetrievalMetric
 from metricsearch.models.embedding_model import EmbeddingModel
+from metricsearch.utils.config import ConfigError
+
+# The parts of the model that get their own optimizer parameter group (``lr_multipliers``); the loss's parameters
+# form a third group with ``loss_lr_multiplier``.
+MODEL_PARTS = ("backbone", "head")
+SCHEDULER_INTERVALS = ("epoch", "step")
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced NaN / inf losses too many times in a row."""
+
+
+class XBMConfigError(ConfigError):
+    """Cross-batch memory asked of a loss it cannot wrap, or a memory smaller than the global batch."""
 
 
 class MetricLearningModule(L.LightningModule):
@@ -53,6 +63,22 @@ class MetricLearningModule(L.LightningModule):
         gather_across_ranks: under multi-process training, let the loss and miner see the embeddings of every
             process (pytorch-metric-learning's distributed wrappers), so pairs and triplets are mined over the
             global batch, as in one process with the global batch.
+        warmup_epochs: for this many first epochs the backbone is frozen (no gradient, all its layers in eval mode,
+            so BatchNorm statistics stay put) while the head and the loss's parameters train; then it is released
+            (Proxy-Anchor's ``--warm``). Its parameters are in the optimizer throughout: without a gradient
+            the optimizer neither steps nor decays them, and their state starts when they first train.
+        lr_multipliers: learning rate of the backbone's and the head's parameters relative to the optimizer's
+            (keys ``backbone`` and ``head``, each 1.0 when left out). Each part is its own parameter group, named
+            after it; parameters that do not train (``requires_grad`` false) are in none.
+        scheduler_interval: step the scheduler every ``epoch`` or every optimizer ``step`` (milestones in
+            iterations).
+        xbm_memory_size: cross-batch memory (XBM, Wang et al. 2020): the pair loss also compares the batch with
+            the embeddings of this many recent training images (pytorch-metric-learning's ``CrossBatchMemory``;
+            the miner mines against the memory). 0 turns it off. Under DDP the memory receives every process's
+            embeddings, in rank order, so it is the same on every process. Not saved in checkpoints: a resumed
+            run refills it within ``xbm_memory_size / global batch`` steps.
+        xbm_start_step: optimizer steps trained without the memory first (XBM fills it only once the embeddings
+            have settled: its paper's warm-up of iterations).
     """
 
     def __init__(
@@ -71,8 +97,22 @@ class MetricLearningModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool | str = False,
         gather_across_ranks: bool = True,
+        warmup_epochs: int = 0,
+        lr_multipliers: Mapping[str, float] | None = None,
+        scheduler_interval: str = "epoch",
+        xbm_memory_size: int = 0,
+        xbm_start_step: int = 0,
     ) -> None:
         super().__init__()
+        unknown = set(lr_multipliers or {}) - set(MODEL_PARTS)
+        if unknown:
+            raise ConfigError(
+                f"module.lr_multipliers has {', '.join(sorted(unknown))}: its keys are {' and '.join(MODEL_PARTS)} "
+                "(the loss's multiplier is loss.lr_multiplier)"
+            )
+        if scheduler_interval not in SCHEDULER_INTERVALS:
+            raise ConfigError(f"scheduler.interval={scheduler_interval} must be epoch or step")
+        lr_multipliers = {part: float((lr_multipliers or {}).get(part, 1.0)) for part in MODEL_PARTS}
         self.save_hyperparameters(ignore=["model", "loss", "miner", "optimizer", "scheduler"])
         self.model = model
         self.loss = loss
@@ -97,6 +137,12 @@ class MetricLearningModule(L.LightningModule):
         # The factor by which the cross-rank loss wrapper scales the loss (the world size once wrapped).
         self._loss_scale = 1
         self._compiled = False
+        # Backbone parameters that warm-up froze and will release (those that trained before it).
+        self._backbone_frozen = False
+        self._warmup_frozen: list[nn.Parameter] = []
+        self._world_size = 1
+        if xbm_memory_size:
+            self._train_parts["xbm"] = _cross_batch_memory(loss, miner, model.embedding_dim, xbm_memory_size)
 
     def setup(self, stage: str) -> None:
         """Applies the memory-format, compile and cross-process options once the process group exists."""
@@ -109,7 +155,8 @@ class MetricLearningModule(L.LightningModule):
             self.model.compile(backend=backend)
             self._compiled = True
         if dist.is_available() and dist.is_initialized() and not self._ranks_checked:
-            self._wrap_for_ranks(dist.get_world_size())
+            self._world_size = dist.get_world_size()
+            self._wrap_for_ranks(self._world_size)
 
     def _wrap_for_ranks(self, world_size: int) -> None:
         """Makes the loss and miner see the embeddings of every rank (pytorch-metric-learning's wrappers).
@@ -153,9 +200,13 @@ class MetricLearningModule(L.LightningModule):
         buffers = [b.detach().clone() for b in self.model.buffers()]
         embeddings = self.model(self._inputs(batch[IMAGE]))
         labels = batch[LABEL]
-        miner, loss_fn = self._train_parts["miner"], self._train_parts["loss"]
-        indices_tuple = miner(embeddings, labels) if miner is not None else None
-        loss = loss_fn(embeddings, labels, indices_tuple)
+        indices_tuple = None
+        if "xbm" in self._train_parts and self.global_step >= self.hparams.xbm_start_step:
+            loss, scale = self._cross_batch_loss(embeddings, labels)
+        else:
+            miner, loss_fn = self._train_parts["miner"], self._train_parts["loss"]
+            indices_tuple = miner(embeddings, labels) if miner is not None else None
+            loss, scale = loss_fn(embeddings, labels, indices_tuple), self._loss_scale
         batch_size = len(labels)
         if not torch.isfinite(loss):
             with torch.no_grad():
@@ -163,11 +214,31 @@ class MetricLearningModule(L.LightningModule):
                     buffer.copy_(saved)
             return self._skip_nonfinite(loss, batch_idx)
         self.nonfinite_in_a_row = 0
-        # The cross-rank wrapper scales the loss by the world size (see _wrap_for_ranks); log the loss itself.
-        self.log("train/loss", loss.detach() / self._loss_scale, prog_bar=True, batch_size=batch_size)
+        # The cross-rank wrappers scale the loss by the world size (see _wrap_for_ranks); log the loss itself.
+        self.log("train/loss", loss.detach() / scale, prog_bar=True, batch_size=batch_size)
         if indices_tuple is not None:
             self.log("train/mined", float(len(indices_tuple[0])), batch_size=batch_size)
         return loss
+
+    def _cross_batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The loss of the batch against the cross-batch memory, and the factor it is scaled by.
+
+        Under DDP the memory takes the embeddings of every rank, concatenated in rank order, so that each rank
+        enqueues the same rows in the same places. (pytorch-metric-learning 2.9's ``DistributedLossWrapper`` puts
+        the calling rank's first, so the ranks' memories end up in different orders: its issue #639.) As with
+        the other losses (see :meth:`_wrap_for_ranks`), each rank computes the loss of the global batch with
+        gradients into its own embeddings only, scaled by the world size for DDP's averaging.
+        """
+        memory = self._train_parts["xbm"]
+        world_size = self._world_size
+        if world_size > 1:
+            embeddings, labels = _gather_in_rank_order(embeddings, labels)
+        if len(embeddings) > memory.memory_size:
+            raise XBMConfigError(
+                f"module.xbm_memory_size={memory.memory_size} is smaller than the global batch ({len(embeddings)} "
+                f"embeddings): the memory must hold at least one batch of every process; raise module.xbm_memory_size"
+            )
+        return memory(embeddings, labels) * world_size, world_size
 
     def _skip_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
         """Skips the update of a NaN / inf loss; stops training when they keep coming.
@@ -211,13 +282,104 @@ class MetricLearningModule(L.LightningModule):
         # Values are already computed over every process's embeddings, so no further reduction is needed.
         self.log_dict({f"{prefix}/{name}": float(value) for name, value in values.items()}, sync_dist=False)
 
+    def on_train_epoch_start(self) -> None:
+        # Decided from the epoch, so that a run resumed during or after the warm-up freezes or releases alike.
+        self._freeze_backbone(self.current_epoch < self.hparams.warmup_epochs)
+
+    def on_fit_end(self) -> None:
+        self._freeze_backbone(False)
+
+    def _freeze_backbone(self, frozen: bool) -> None:
+        """Stops (or restarts) the backbone's training: no gradient, and eval mode for all its layers.
+
+        Only parameters that trained before are released (a BatchNorm frozen by the backbone stays frozen).
+        """
+        if frozen == self._backbone_frozen:
+            return
+        if frozen:
+            self._warmup_frozen = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        for parameter in self._warmup_frozen:
+            parameter.requires_grad_(not frozen)
+        if not frozen:
+            self._warmup_frozen = []
+        self._backbone_frozen = frozen
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MetricLearningModule:
+        # NOTE: Lightning calls train() at the start of fit and after every validation; the frozen backbone must
+        # stay in eval mode through those, or its BatchNorm statistics would move during the warm-up.
+        super().train(mode)
+        if mode and getattr(self, "_backbone_frozen", False):
+            self.model.backbone.eval()
+        return self
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters as optimizer groups: backbone, head and loss, each with its lr multiplier.
+
+        Every parameter that trains is in exactly one group; a part with none is left out. A frozen warm-up
+        backbone is in its group (it is frozen only once training starts).
+        """
+        multipliers = self.hparams.lr_multipliers
+        backbone = list(self.model.backbone.parameters())
+        taken = {id(p) for p in backbone}
+        parts = {
+            "backbone": (backbone, multipliers["backbone"]),
+            "head": ([p for p in self.model.parameters() if id(p) not in taken], multipliers["head"]),
+            "loss": (list(self.loss.parameters()), self.hparams.loss_lr_multiplier),
+        }
+        groups = []
+        for name, (parameters, multiplier) in parts.items():
+            trainable = [p for p in parameters if p.requires_grad]
+            if trainable:
+                groups.append({"params": trainable, "name": name, "lr_multiplier": float(multiplier)})
+        return groups
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
-        loss_params = [p for p in self.loss.parameters() if p.requires_grad]
-        if loss_params:
-            lr = optimizer.defaults["lr"] * self.hparams.loss_lr_multiplier
-            optimizer.add_param_group({"params": loss_params, "lr": lr})
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        for group in optimizer.param_groups:
+            group["lr"] = optimizer.defaults["lr"] * group["lr_multiplier"]
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        interval = self.hparams.scheduler_interval
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def _cross_batch_memory(loss: nn.Module, miner: nn.Module | None, embedding_dim: int, size: int) -> CrossBatchMemory:
+    """pytorch-metric-learning's ``CrossBatchMemory`` around a pair loss, with the miner mining against it."""
+    name = type(loss).__name__
+    if any(True for _ in loss.parameters()) or name not in CrossBatchMemory.supported_losses():
+        raise XBMConfigError(
+            f"module.xbm_memory_size={size} needs a pair loss, and loss {name} is a proxy or classification loss "
+            f"or one CrossBatchMemory cannot wrap; use one of {', '.join(CrossBatchMemory.supported_losses())} "
+            "(e.g. loss=contrastive or loss=multi_similarity), or set module.xbm_memory_size=0"
+        )
+    if miner is not None and not isinstance(miner, BaseMiner):
+        raise XBMConfigError(
+            f"module.xbm_memory_size needs a pytorch-metric-learning miner, not {type(miner).__name__}; set miner=null"
+        )
+    return CrossBatchMemory(loss, embedding_size=embedding_dim, memory_size=size, miner=miner)
+
+
+def _gather_in_rank_order(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's embeddings and labels, rank 0's first; gradients flow into this rank's own embeddings.
+
+    Ranks may hold batches of different sizes (a last, smaller batch): rows are padded to the largest for the
+    collective and cut back after.
+    """
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.long, device=labels.device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([len(labels)], device=labels.device))
+    largest = int(max(sizes).item())
+    padded_embeddings = embeddings.new_zeros(largest, embeddings.shape[1])
+    padded_embeddings[: len(embeddings)] = embeddings.detach()
+    padded_labels = labels.new_zeros(largest)
+    padded_labels[: len(labels)] = labels
+    all_embeddings = [torch.empty_like(padded_embeddings) for _ in range(world_size)]
+    all_labels = [torch.empty_like(padded_labels) for _ in range(world_size)]
+    dist.all_gather(all_embeddings, padded_embeddings)
+    dist.all_gather(all_labels, padded_labels)
+    all_embeddings = [e[: int(n.item())] for e, n in zip(all_embeddings, sizes, strict=True)]
+    all_labels = [lab[: int(n.item())] for lab, n in zip(all_labels, sizes, strict=True)]
+    all_embeddings[rank] = embeddings
+    return torch.cat(all_embeddings), torch.cat(all_labels)

@@ -78,16 +78,20 @@ def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
         image_size=cfg.data.image_size,
         resize_size=cfg.data.get("resize_size"),
     )
+    # `interval` (epoch or step) tells Lightning when to step the scheduler; the scheduler class does not take it.
+    scheduler_cfg = to_plain(cfg.get("scheduler")) or {}
+    scheduler_interval = scheduler_cfg.pop("interval", "epoch")
     module = MetricLearningModule(
         model=model,
         loss=loss,
         miner=miner,
         optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        scheduler=instantiate(scheduler_cfg) if scheduler_cfg else None,
         loss_lr_multiplier=loss_lr_multiplier,
+        scheduler_interval=scheduler_interval,
         recall_at_k=datamodule.recall_at_k,
         model_config=model_config.to_dict(),
-        **cfg.get("module", {}),
+        **(to_plain(cfg.get("module")) or {}),
     )
     return module, datamodule
 

@@ -150,6 +150,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+# How a run's tested model is chosen (see metricsearch.pipelines.selection).
+SELECTIONS = ("val", "last", "test_best")
 # Whole-number settings: (key, smallest valid value, example shown in the message).
 _WHOLE_NUMBERS = (
     ("seed", None, 42),
@@ -161,6 +163,9 @@ _WHOLE_NUMBERS = (
     ("head.embedding_dim", 1, 128),
     ("trainer.max_epochs", -1, 10),
     ("module.max_nonfinite_steps", 1, 10),
+    ("module.warmup_epochs", 0, 5),
+    ("module.xbm_memory_size", 0, 8192),
+    ("module.xbm_start_step", 0, 1000),
 )
 # Number settings: (key, smallest valid value, whether the smallest is excluded, example).
 _NUMBERS = (
@@ -168,6 +173,8 @@ _NUMBERS = (
     ("optimizer.weight_decay", 0.0, False, 0.0001),
     ("optimizer.momentum", 0.0, False, 0.9),
     ("loss.lr_multiplier", 0.0, True, 1.0),
+    ("module.lr_multipliers.backbone", 0.0, False, 1.0),
+    ("module.lr_multipliers.head", 0.0, False, 1.0),
     ("data.val_fraction", 0.0, False, 0.2),
 )
 # Settings that may be left out (null) without it being a mistake.
@@ -208,6 +215,8 @@ def validate_config(cfg: DictConfig) -> None:
             "validation); set e.g. data.val_fraction=0.2"
         )
     _validate_sampler(cfg)
+    _validate_training_options(cfg)
+    _validate_selection(cfg, fraction)
     if OmegaConf.select(cfg, "monitor_mode", default="max") not in ("min", "max"):
         raise ConfigError(f"monitor_mode={_shown(cfg.monitor_mode)} must be min or max")
     for key in ("ckpt_path", "resume"):
@@ -219,6 +228,55 @@ def validate_config(cfg: DictConfig) -> None:
             if key == "resume":
                 choices = "null (start afresh), auto (continue an unfinished run of this config) or a checkpoint file"
             raise ConfigError(f"{key}={_shown(value)} does not exist; {key} takes {choices}")
+
+
+def _validate_selection(cfg: DictConfig, val_fraction: float | None) -> None:
+    """``selection`` is one of :data:`SELECTIONS`, and ``val`` has validation classes to select on."""
+    selection = OmegaConf.select(cfg, "selection", default=None) or "val"
+    if selection not in SELECTIONS:
+        raise ConfigError(
+            f"selection={_shown(selection)} is not one of {', '.join(SELECTIONS)}; set e.g. selection=val"
+        )
+    if selection == "val" and val_fraction is not None and val_fraction <= 0:
+        raise ConfigError(
+            "selection=val chooses the checkpoint on held-out training classes, but data.val_fraction=0 holds none "
+            "out: set data.val_fraction=0.2, or selection=last to train on every class and test the final model"
+        )
+
+
+def _validate_training_options(cfg: DictConfig) -> None:
+    """The scheduler's interval, the parts that take a learning-rate multiplier, the XBM memory and DDP warm-up."""
+    interval = OmegaConf.select(cfg, "scheduler.interval", default="epoch")
+    if interval not in ("epoch", "step"):
+        raise ConfigError(
+            f"scheduler.interval={_shown(interval)} must be epoch or step (when the scheduler steps; with step its "
+            "milestones count iterations)"
+        )
+    multipliers = OmegaConf.select(cfg, "module.lr_multipliers", default=None) or {}
+    unknown = sorted(set(multipliers) - {"backbone", "head"})
+    if unknown:
+        raise ConfigError(
+            f"module.lr_multipliers.{unknown[0]} is not a part of the model: the keys are backbone and head (the "
+            "loss's parameters take loss.lr_multiplier)"
+        )
+    memory = OmegaConf.select(cfg, "module.xbm_memory_size", default=0)
+    batch_size = OmegaConf.select(cfg, "data.batch_size", default=None)
+    if memory and _is_whole(batch_size) and memory < batch_size:
+        raise ConfigError(
+            f"module.xbm_memory_size={memory} is smaller than data.batch_size={batch_size}: the memory holds whole "
+            f"batches (of every process under DDP); set e.g. module.xbm_memory_size={max(8192, batch_size * 8)}"
+        )
+    strategy = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    if (
+        OmegaConf.select(cfg, "module.warmup_epochs", default=0)
+        and isinstance(strategy, str)
+        and strategy.startswith("ddp")
+        and "find_unused_parameters_true" not in strategy
+    ):
+        raise ConfigError(
+            f"module.warmup_epochs with trainer.strategy={strategy}: DDP needs to be told that the frozen backbone "
+            "gets no gradient during the warm-up; set trainer.strategy=ddp_find_unused_parameters_true"
+        )
 
 
 def _validate_sampler(cfg: DictConfig) -> None:
