@@ -18,8 +18,8 @@ from metricsearch.models.bn_inception import WEIGHTS_URL, BNInception, WeightsFi
 from metricsearch.models.embedding_model import build_embedding_model
 from metricsearch.models.head import EmbeddingHead
 from metricsearch.models.model_config import ModelConfig, ModelConfigError
-from metricsearch.search.export import export_onnx
-from metricsearch.search.model_loading import OnnxEmbedder, load_embedder
+from metricsearch.search.export import check_parity, export_onnx
+from metricsearch.search.model_loading import OnnxEmbedder, TorchEmbedder, load_embedder
 from tests.conftest import compose_config
 
 # BN-Inception's Caffe preprocessing: BGR, 0-255, minus this mean (BGR order), std 1; in timm's 0-1 convention.
@@ -389,3 +389,16 @@ def test_checkpoint_and_onnx_embedders_apply_the_channel_order(tmp_path):
     rgb_config = {k: v for k, v in model_config.items() if k != "channel_order"}
     torch.save({"state_dict": state, "hyper_parameters": {"model_config": rgb_config}}, tmp_path / "rgb.ckpt")
     assert load_embedder(ckpt=tmp_path / "rgb.ckpt").fingerprint != embedder.fingerprint
+
+
+def test_bn_inception_with_summed_pooling_exports_to_onnx(tmp_path):
+    backbone = {"_target_": "metricsearch.models.backbone.TimmBackbone", "model_name": "bn_inception"}
+    backbone["global_pool"] = "avg+max"
+    head = {"_target_": "metricsearch.models.head.EmbeddingHead", "_partial_": True, "embedding_dim": 8}
+    model = build_embedding_model(backbone, head)
+    embedder = TorchEmbedder(
+        model, ModelConfig.describe(model, backbone, head, 64, 64), {"kind": "backbone", "path": "x"}
+    )
+    onnx_embedder = OnnxEmbedder(export_onnx(embedder, tmp_path / "bn_inception.onnx"))
+    assert onnx_embedder.preprocessing["channel_order"] == "BGR"
+    assert check_parity(embedder, onnx_embedder, torch.randn(2, 3, 64, 64)) < 1e-4

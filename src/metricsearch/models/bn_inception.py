@@ -153,15 +153,16 @@ class BNInception(nn.Module):
         branches.append(layers.double_2(layers.double_1(layers.reduce_double(x))))
         pooled = layers.pool(x)
         branches.append(pooled if layers.pool_proj is None else layers.pool_proj(pooled))
-        sizes = {tuple(b.shape[-2:]) for b in branches}
-        if len(sizes) > 1:
+        try:
+            return torch.cat(branches, 1)
+        except RuntimeError as err:
             # NOTE: the ceil-mode max pool and the strided 3x3 of a reduction block disagree on odd sizes, as in the
             # Caffe model; 224 and 227 (the papers' sizes) and every multiple of 32 work.
+            shapes = ", ".join("x".join(str(int(d)) for d in b.shape[-2:]) for b in branches)
             raise ValueError(
-                f"BN-Inception cannot take this input size: a reduction block gets a {x.shape[-2]}x{x.shape[-1]} map "
-                "and its branches disagree; use an image size like 224, 227 or a multiple of 32"
-            )
-        return torch.cat(branches, 1)
+                f"BN-Inception cannot take this input size: a block gets a {x.shape[-2]}x{x.shape[-1]} map and its "
+                f"branches give {shapes}; use an image size like 224, 227 or a multiple of 32"
+            ) from err
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last Inception block's map, ``(B, 1024, H/32, W/32)``."""
