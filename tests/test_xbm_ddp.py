@@ -4,6 +4,9 @@ After each step, every rank's memory holds the embeddings and labels of both ran
 the same rows on both ranks (pytorch-metric-learning 2.9's distributed wrapper puts each rank's own first, so the
 memories drift apart: its issue #639). The weights after two ranks' steps equal those of one process training on
 the concatenated batches with a plain ``CrossBatchMemory``: the loss scaling and DDP's gradient averaging are right.
+
+Also the backbone warm-up under DDP (``module.warmup_epochs`` with ``find_unused_parameters``): no rank updates the
+frozen backbone or its BatchNorm statistics, and all do once it is released.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-from pytorch_metric_learning.losses import ContrastiveLoss, CrossBatchMemory
+from pytorch_metric_learning.losses import ContrastiveLoss, CrossBatchMemory, ProxyAnchorLoss
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -134,3 +137,54 @@ def test_memory_holds_both_ranks_embeddings_in_the_same_order(tmp_path):
     after = module.state_dict()
     for name, expected in reference.state_dict().items():
         torch.testing.assert_close(after[name], expected, atol=1e-6, rtol=1e-5, msg=name)
+
+
+class SaveEpochState(L.Callback):
+    """Each rank's module state at the end of every epoch, in a file per rank and epoch."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, self.folder / f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.pt")
+
+
+def test_warmup_under_ddp_freezes_the_backbone_on_every_rank_then_releases_it(tmp_path):
+    """With DDP told of unused parameters (what validate_config asks for), the frozen backbone gets no update."""
+    generator = torch.Generator().manual_seed(7)
+    batches = [
+        [{IMAGE: torch.randn(8, 6, generator=generator), LABEL: torch.arange(8) % 3, INDEX: torch.arange(8)}] * STEPS
+        for _ in range(2)
+    ]
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU())
+    module = MetricLearningModule(
+        model=EmbeddingModel(backbone, EmbeddingHead(16, 5)),
+        loss=ProxyAnchorLoss(num_classes=3, embedding_size=5),
+        miner=None,
+        optimizer=functools.partial(torch.optim.AdamW, lr=0.01),
+        recall_at_k=[1],
+        compute_nmi=False,
+        warmup_epochs=1,
+    )
+    start = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    trainer = L.Trainer(
+        strategy="ddp_spawn_find_unused_parameters_true",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=2,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        callbacks=[SaveEpochState(tmp_path)],
+        **quiet_trainer_settings(),
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(RankBatches(batches), batch_size=None))
+
+    for rank in range(2):
+        warm = torch.load(tmp_path / f"rank{rank}_epoch0.pt")
+        released = torch.load(tmp_path / f"rank{rank}_epoch1.pt")
+        changed = {k for k in start if not torch.equal(warm[k], start[k])}
+        assert changed == {"model.head.projection.weight", "model.head.projection.bias", "loss.proxies"}, rank
+        assert not torch.equal(released["model.backbone.0.weight"], warm["model.backbone.0.weight"])
+        assert not torch.equal(released["model.backbone.1.running_mean"], warm["model.backbone.1.running_mean"])
