@@ -150,19 +150,6 @@ def test_freeze_bn_is_still_read_from_older_model_configs():
         TimmBackbone("resnet10t", bn_freeze="yes")
 
 
-def test_a_frozen_backbone_stays_in_eval_mode_and_released_keeps_bn_freeze_all():
-    backbone = TimmBackbone("resnet10t", bn_freeze="all")
-    backbone.set_frozen(True)
-    backbone.train()
-    assert not any(p.requires_grad for p in backbone.parameters())
-    assert not any(m.training for m in backbone.modules())
-    backbone.set_frozen(False)
-    conv_weights = [m.weight for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert conv_weights and all(p.requires_grad for p in conv_weights)
-    assert not any(p.requires_grad for m in backbone._batch_norms() for p in m.parameters())
-    assert backbone.training and not any(m.training for m in backbone._batch_norms())
-
-
 # Head initialisation
 
 

@@ -160,10 +160,10 @@ class TimmBackbone(nn.Module):
         # catavgmax concatenates the two poolings: twice the model's feature size.
         mult = pool.feat_mult() if isinstance(pool, SelectAdaptivePool2d | AvgPlusMaxPool) else 1
         self.num_features: int = self.model.num_features * mult
-        self.frozen = False
-        # The mode last asked for with train(): a released backbone returns to it.
-        self._train_mode = True
-        self.set_frozen(False)
+        if self.bn_freeze == "all":
+            for module in self._batch_norms():
+                for param in module.parameters():
+                    param.requires_grad_(False)
 
     def _use_avg_plus_max(self, model_name: str) -> None:
         pool = getattr(self.model, "global_pool", None)
@@ -194,23 +194,8 @@ class TimmBackbone(nn.Module):
     def _batch_norms(self) -> list[nn.Module]:
         return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
-    def set_frozen(self, frozen: bool) -> None:
-        """Freezes the whole backbone (no gradients, every layer in eval mode: a warm-up) or releases it.
-
-        Released, every parameter trains again except BatchNorm's affine weights under ``bn_freeze=all``.
-        """
-        self.frozen = frozen
-        for param in self.model.parameters():
-            param.requires_grad_(not frozen)
-        if self.bn_freeze == "all":
-            for module in self._batch_norms():
-                for param in module.parameters():
-                    param.requires_grad_(False)
-        self.train(self._train_mode)
-
     def train(self, mode: bool = True) -> TimmBackbone:
-        self._train_mode = mode
-        super().train(mode and not self.frozen)
+        super().train(mode)
         if self.bn_freeze != "none":
             for module in self._batch_norms():
                 module.eval()
