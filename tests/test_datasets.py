@@ -532,22 +532,6 @@ def test_data_configs_follow_the_recipe(option, recall_at_k, root_name, tmp_path
     assert Path(cfg.data.source.root) == tmp_path / root_name
 
 
-@pytest.mark.parametrize(
-    ("experiment", "loss"),
-    [
-        ("cub_proxy_anchor_r50", "ProxyAnchorLoss"),
-        ("cars196_proxy_anchor_r50", "ProxyAnchorLoss"),
-        ("sop_proxy_anchor_r50", "ProxyAnchorLoss"),
-        ("cub_multi_similarity_r50", "MultiSimilarityLoss"),
-    ],
-)
-def test_published_recipes_compose(experiment, loss, tmp_path):
-    cfg = compose_config([f"experiment={experiment}"], tmp_path, tmp_path, tiny=False)
-    assert cfg.backbone.model_name == "resnet50" and cfg.head.embedding_dim == 512
-    assert cfg.loss._target_.endswith(loss)
-    assert cfg.data.source._target_.split(".")[-1] in ("CUBSource", "Cars196Source", "SOPSource")
-
-
 def test_sop_datamodule_batches_with_two_images_per_class(sop_copy, tmp_path):
     overrides = [
         "data=sop",

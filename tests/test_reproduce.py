@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from metricsearch.analysis.results import RunResult, format_results_markdown, summarize_results
-from metricsearch.pipelines.reproduce import Cell, cell_overrides, dataset_availability
+from metricsearch.pipelines.reproduce import Cell, cell_overrides, dataset_availability, grid_cells
 from tests.conftest import REPO_ROOT, TINY
 
 
@@ -57,6 +57,61 @@ def test_cells_get_the_short_setting_and_the_users_extras_last(tmp_path):
         f"hydra.run.dir={tmp_path / 'runs/synthetic/triplet/seed1'}",
     } <= set(overrides)
     assert "sampler.m=2" in cell_overrides(Cell("sop", "triplet", 0), tmp_path, None, [])
+
+
+def test_real_datasets_run_their_paper_recipes_and_builtin_data_the_losses():
+    cub = {cell.loss for cell in grid_cells("cub", None, [0])}
+    assert {"cub_proxy_anchor_r50", "cub_proxy_anchor_bninception", "cub_multi_similarity_bninception"} <= cub
+    assert all(cell.recipe == cell.loss for cell in grid_cells("cub", None, [0]))
+    assert {cell.loss for cell in grid_cells("sop", ["proxy_anchor"], [0, 1])} == {"sop_proxy_anchor_bninception"}
+    assert len(grid_cells("sop", ["proxy_anchor"], [0, 1])) == 2
+    assert [c.loss for c in grid_cells("synthetic", ["triplet", "arcface"], [0])] == ["triplet", "arcface"]
+    # A real dataset without a recipe of the asked loss falls back to the plain loss grid.
+    assert [(c.loss, c.recipe) for c in grid_cells("cub", ["lifted_structure"], [0])] == [("lifted_structure", None)]
+
+
+def test_a_recipe_cell_runs_the_experiment_with_the_users_extras_last(tmp_path):
+    cell = Cell("cub", "cub_proxy_anchor_r50", 2, recipe="cub_proxy_anchor_r50")
+    overrides = cell_overrides(cell, tmp_path, None, ["trainer.max_epochs=3"])
+    assert "experiment=cub_proxy_anchor_r50" in overrides and "seed=2" in overrides
+    assert not any(o.startswith(("data=", "loss=", "sampler.")) for o in overrides)
+    assert overrides[-1] == "trainer.max_epochs=3"
+    assert f"hydra.run.dir={tmp_path / 'runs/cub/cub_proxy_anchor_r50/seed2'}" in overrides
+
+
+def test_the_table_shows_the_selection_and_the_published_number():
+    metrics = {"recall@1": 0.688, "map@r": 0.25, "r_precision": 0.36}
+    rows = summarize_results(
+        [
+            RunResult("cub", "cub_proxy_anchor_r50", 0, metrics, selection="test_best"),
+            RunResult("cub", "triplet", 0, {**metrics, "recall@1": 0.6}),
+        ]
+    )
+    rows[0].published = {"recall@1": 69.9}
+    table = format_results_markdown(rows)
+    assert "| loss | seeds | selection | paper R@1 | R@1 | MAP@R | R-Precision |" in table
+    assert "| cub_proxy_anchor_r50 | 1 | test_best (optimistic) | 69.9 | 68.8 | 25.0 | 36.0 |" in table
+    assert "| triplet | 1 | val |  | 60.0 |" in table
+
+
+def test_dry_run_lists_the_recipes_of_a_dataset_on_disk(tmp_path):
+    (tmp_path / "CUB_200_2011").mkdir()
+    result = run_reproduce(
+        [
+            "--datasets",
+            "cub",
+            "--seeds",
+            "0",
+            "--dry-run",
+            "--results-dir",
+            str(tmp_path / "results"),
+            "--extra",
+            f"paths.data_dir={tmp_path}",
+        ]
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "would run cub / cub_proxy_anchor_r50 / seed 0" in result.stdout
+    assert "experiment=cub_multi_similarity_bninception" in result.stdout
 
 
 def test_datasets_without_data_are_left_out(tmp_path):

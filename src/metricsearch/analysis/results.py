@@ -25,6 +25,8 @@ SUMMARY_METRICS = ("map@r", "r_precision", "nmi")
 MARKDOWN_METRICS = ("map@r", "r_precision")
 METRIC_TITLES = {"map@r": "MAP@R", "r_precision": "R-Precision", "nmi": "NMI"}
 CELL_INFO_NAME = "reproduce.json"
+# How a run's tested model was chosen, as the tables print it (see metricsearch.pipelines.selection).
+SELECTION_LABELS = {"val": "val", "last": "last", "test_best": "test_best (optimistic)", "mixed": "mixed"}
 _SEED_DIR = re.compile(r"^seed(-?\d+)$")
 
 
@@ -37,6 +39,8 @@ class RunResult:
     seed: int
     metrics: dict[str, float]
     seconds: float | None = None
+    # How the tested model was chosen (metrics.json's selection): val, last or test_best (optimistic).
+    selection: str = "val"
 
 
 @dataclass
@@ -48,6 +52,9 @@ class SummaryRow:
     seeds: list[int]
     mean: dict[str, float] = field(default_factory=dict)
     std: dict[str, float] = field(default_factory=dict)
+    # The runs' selection mode ("mixed" when they differ) and, for a paper recipe, the published numbers.
+    selection: str = "val"
+    published: dict[str, float] = field(default_factory=dict)
 
 
 def cell_dir(results_dir: str | Path, dataset: str, loss: str, seed: int) -> Path:
@@ -61,13 +68,14 @@ def read_run_result(run_dir: str | Path, dataset: str, loss: str, seed: int) -> 
     try:
         summary = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         metrics = {k: float(v) for k, v in summary["metrics"]["test"].items()}
-    except (OSError, ValueError, KeyError, TypeError):
+        selection = str((summary.get("selection") or {}).get("mode", "val"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     seconds = None
     # The training time is recorded by `make reproduce` only; a run folder from elsewhere has none.
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         seconds = float(json.loads((run_dir / CELL_INFO_NAME).read_text(encoding="utf-8"))["seconds"])
-    return RunResult(dataset, loss, seed, metrics, seconds)
+    return RunResult(dataset, loss, seed, metrics, seconds, selection)
 
 
 def collect_results(results_dir: str | Path) -> list[RunResult]:
@@ -104,7 +112,10 @@ def summarize_results(results: Sequence[RunResult]) -> list[SummaryRow]:
         groups.setdefault((result.dataset, result.loss), []).append(result)
     rows = []
     for (dataset, loss), runs in groups.items():
-        row = SummaryRow(dataset, loss, sorted(r.seed for r in runs))
+        modes = {r.selection for r in runs}
+        row = SummaryRow(
+            dataset, loss, sorted(r.seed for r in runs), selection=modes.pop() if len(modes) == 1 else "mixed"
+        )
         names = dict.fromkeys(name for r in runs for name in r.metrics)
         for name in names:
             values = np.array([r.metrics[name] for r in runs if name in r.metrics], dtype=np.float64)
@@ -148,17 +159,29 @@ def metric_title(name: str) -> str:
 
 
 def format_results_markdown(rows: Sequence[SummaryRow], *, header: str = "", footer: str = "") -> str:
-    """One markdown table per dataset: loss, seeds, Recall@K, MAP@R and R-Precision as mean ± std in percent."""
+    """One markdown table per dataset: loss, seeds, Recall@K, MAP@R and R-Precision as mean ± std in percent.
+
+    A dataset whose rows include a paper recipe or a selection other than ``val`` gets two more columns: how the
+    tested model was chosen (``test_best`` marked optimistic) and the paper's Recall@1 beside ours.
+    """
     lines = [header.rstrip(), ""] if header else []
     for dataset in dict.fromkeys(row.dataset for row in rows):
         dataset_rows = [row for row in rows if row.dataset == dataset]
         metrics = summary_columns(dataset_rows, MARKDOWN_METRICS)
+        with_protocol = any(row.published or row.selection != "val" for row in dataset_rows)
+        extra_titles = ["selection", "paper R@1"] if with_protocol else []
         lines.append(f"### {dataset}")
         lines.append("")
-        lines.append("| loss | seeds | " + " | ".join(metric_title(m) for m in metrics) + " |")
-        lines.append("|---|---:|" + "---:|" * len(metrics))
+        lines.append("| " + " | ".join(["loss", "seeds", *extra_titles, *map(metric_title, metrics)]) + " |")
+        lines.append("|---|---:|" + "---|---:|" * bool(extra_titles) + "---:|" * len(metrics))
         for row in dataset_rows:
             cells = [_pm(row.mean.get(m), row.std.get(m), len(row.seeds)) for m in metrics]
+            if with_protocol:
+                paper = row.published.get("recall@1")
+                cells = [
+                    SELECTION_LABELS.get(row.selection, row.selection),
+                    "" if paper is None else f"{paper:.1f}",
+                ] + cells
             lines.append(f"| {row.loss} | {len(row.seeds)} | " + " | ".join(cells) + " |")
         lines.append("")
     if footer:

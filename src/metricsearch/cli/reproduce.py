@@ -31,7 +31,11 @@ REPRODUCE = Command(
             ",".join(DEFAULT_DATASETS),
             "comma-separated conf/data names; real datasets run only when their data is on disk",
         ),
-        "losses": Option(",".join(DEFAULT_LOSSES), "comma-separated conf/loss names"),
+        "losses": Option(
+            None,
+            f"comma-separated conf/loss names (none: {','.join(DEFAULT_LOSSES)} on built-in data; every paper "
+            "recipe of conf/experiment on CUB, Cars196 and SOP, or only the recipes of the losses given)",
+        ),
         "seeds": Option(",".join(map(str, DEFAULT_SEEDS)), "comma-separated seeds"),
         "epochs": Option(
             None,
@@ -53,7 +57,7 @@ REPRODUCE = Command(
 def _reproduce(args: Arguments, command: str) -> int:
     return reproduce(
         datasets=_split(args["datasets"]),
-        losses=_split(args["losses"]),
+        losses=_split(args["losses"]) or None,
         seeds=_seeds(args["seeds"]),
         results_dir=args["results_dir"],
         epochs=args["epochs"],

@@ -64,8 +64,10 @@ class MetricDataModule(L.LightningDataModule):
         resize_size: evaluation resize of the short side before the centre crop.
         train_scale: RandomResizedCrop scale range.
         hflip: random horizontal flips in training.
-        mean: normalization mean (the pipeline passes the backbone's).
-        std: normalization std (the pipeline passes the backbone's).
+        mean: normalization mean (the pipeline passes the backbone's), in the network's channel order.
+        std: normalization std (the pipeline passes the backbone's), in the network's channel order.
+        channel_order: ``RGB``, or ``BGR`` for networks that take the channels reversed (the pipeline passes the
+            backbone's).
         recall_at_k: the K of Recall@K customary for this dataset.
         seed: seed of the validation-class choice, of the sampler and of every sample's augmentation.
         cache: None for the PIL path (decode + augment every image in DataLoader workers); ``"uint8"`` for the fast
@@ -74,6 +76,8 @@ class MetricDataModule(L.LightningDataModule):
             (:mod:`metricsearch.data.gpu_augment`), evaluation reading the stored centre crops.
         cache_dir: where the caches live; default: ``cache`` inside the source's ``root``.
         pin_memory: page-locked batches for faster host-to-GPU copies; default: when CUDA is available.
+        validate_on_test: evaluate the TEST classes after every epoch instead of held-out training classes
+            (``selection=test_best``, the papers' optimistic protocol; set by the pipeline, not by hand).
     """
 
     def __init__(
@@ -90,11 +94,13 @@ class MetricDataModule(L.LightningDataModule):
         hflip: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        channel_order: str = "RGB",
         recall_at_k: Sequence[int] = (1, 2, 4, 8),
         seed: int = 0,
         cache: str | None = None,
         cache_dir: str | None = None,
         pin_memory: bool | None = None,
+        validate_on_test: bool = False,
     ) -> None:
         super().__init__()
         if cache not in CACHE_MODES:
@@ -109,14 +115,15 @@ class MetricDataModule(L.LightningDataModule):
         self.resize_size = resize_size
         self.train_scale = tuple(train_scale)
         self.hflip = hflip
-        self.train_transform = build_train_transform(image_size, train_scale, hflip, mean, std)
-        self.eval_transform = build_eval_transform(image_size, resize_size, mean, std)
+        self.train_transform = build_train_transform(image_size, train_scale, hflip, mean, std, channel_order)
+        self.eval_transform = build_eval_transform(image_size, resize_size, mean, std, channel_order)
         self.recall_at_k = list(recall_at_k)
         self.seed = seed
         self.cache = cache
         self.cache_dir = cache_dir
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.augment = BatchAugment(image_size, mean, std)
+        self.validate_on_test = validate_on_test
+        self.augment = BatchAugment(image_size, mean, std, channel_order)
         self.split: DatasetSplit | None = None
         self.train_records: ImageRecords | None = None
         self.val_records: ImageRecords | None = None
@@ -213,6 +220,8 @@ class MetricDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
+        if self.validate_on_test:
+            return self._eval_loader(self.split.test, "test")
         return self._eval_loader(self.val_records, "val") if len(self.val_records) else []
 
     def test_dataloader(self) -> DataLoader:

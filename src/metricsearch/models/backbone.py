@@ -189,7 +189,13 @@ class TimmBackbone(nn.Module):
         BN-Inception's); mean and std are in the model's channel order.
         """
         channel_order = getattr(self.model, "pretrained_cfg", {}).get("channel_order", "RGB")
-        return {**timm.data.resolve_data_config({}, model=self.model), "channel_order": channel_order}
+        config = {**timm.data.resolve_data_config({}, model=self.model), "channel_order": channel_order}
+        # A ViT built for another size (backbone.img_size) takes only that size, whatever its weights were made at.
+        patch_embed = getattr(self.model, "patch_embed", None)
+        img_size = getattr(patch_embed, "img_size", None)
+        if img_size is not None and not getattr(patch_embed, "dynamic_img_size", False):
+            config["input_size"] = (3, *img_size)
+        return config
 
     def _batch_norms(self) -> list[nn.Module]:
         return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

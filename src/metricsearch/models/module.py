@@ -79,6 +79,8 @@ class MetricLearningModule(L.LightningModule):
             run refills it within ``xbm_memory_size / global batch`` steps.
         xbm_start_step: optimizer steps trained without the memory first (XBM fills it only once the embeddings
             have settled: its paper's warm-up of iterations).
+        val_prefix: the prefix the per-epoch evaluation is logged under: ``val``, or ``test_epoch`` when it runs on
+            the test classes (``selection=test_best``; see ``metricsearch.pipelines.selection``).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class MetricLearningModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         xbm_memory_size: int = 0,
         xbm_start_step: int = 0,
+        val_prefix: str = "val",
     ) -> None:
         super().__init__()
         unknown = set(lr_multipliers or {}) - set(MODEL_PARTS)
@@ -268,7 +271,7 @@ class MetricLearningModule(L.LightningModule):
         self.test_metric.update(self(batch[IMAGE]), batch[LABEL], batch[INDEX])
 
     def on_validation_epoch_end(self) -> None:
-        self._log_retrieval(self.val_metric, "val")
+        self._log_retrieval(self.val_metric, self.hparams.val_prefix)
 
     def on_test_epoch_end(self) -> None:
         self._log_retrieval(self.test_metric, self.test_prefix)

@@ -1,7 +1,10 @@
 """``make reproduce``: a loss x dataset x seed grid of training runs, resumable, summarized into ``results/``.
 
 Every cell is one ``python train.py data=D loss=L seed=S hydra.run.dir=results/runs/D/L/seedS`` in a subprocess,
-so a crash in one cell cannot take the grid down and every cell is an ordinary run folder. A cell whose
+so a crash in one cell cannot take the grid down and every cell is an ordinary run folder. On the real datasets
+(CUB, Cars196, SOP) the cells are the paper recipes of ``conf/experiment/`` instead (``python train.py
+experiment=R seed=S``, folder ``results/runs/D/R/seedS``): pretrained backbones with the official settings, their
+published numbers shown beside ours (see :mod:`metricsearch.utils.recipes`). A cell whose
 ``metrics.json`` exists is finished and skipped, which makes the grid safe to interrupt and run again; a cell
 folder without one is the remains of an interrupted run: it continues from its ``last.ckpt`` (``resume=auto``),
 or starts over when it has none. When all cells are done (or at any point, with ``aggregate_only``) the finished
@@ -44,6 +47,7 @@ from metricsearch.analysis.results import (
 from metricsearch.pipelines.resume import LAST_CHECKPOINT
 from metricsearch.utils.atomic_io import atomic_write_text
 from metricsearch.utils.config import CONFIG_DIR, REPO_ROOT, normalize_overrides
+from metricsearch.utils.recipes import recipe_cards, recipes_for
 
 # Seven losses covering the families: triplet / pair (triplet, contrastive, multi-similarity), batch-level
 # contrastive (supcon), proxy (proxy_anchor) and classification (arcface, normalized_softmax).
@@ -85,12 +89,25 @@ class Cell:
     dataset: str
     loss: str
     seed: int
+    # A paper recipe (conf/experiment name) that sets data, model, loss and schedule; then `loss` is its name.
+    recipe: str | None = None
 
     def folder(self, results_dir: Path) -> Path:
         return cell_dir(results_dir, self.dataset, self.loss, self.seed)
 
     def __str__(self) -> str:
         return f"{self.dataset} / {self.loss} / seed {self.seed}"
+
+
+def grid_cells(dataset: str, losses: Sequence[str] | None, seeds: Sequence[int]) -> list[Cell]:
+    """The cells of one dataset: its paper recipes when it has any (restricted to ``losses`` when given), else
+    one cell per loss (``losses``, or the default losses) and seed."""
+    recipes = [] if dataset in BUILTIN_DATASETS else recipes_for(dataset, list(losses) if losses else None)
+    if recipes:
+        return [Cell(dataset, card.name, seed, recipe=card.name) for card in recipes for seed in dict.fromkeys(seeds)]
+    return [
+        Cell(dataset, loss, seed) for loss in dict.fromkeys(losses or DEFAULT_LOSSES) for seed in dict.fromkeys(seeds)
+    ]
 
 
 def dataset_availability(dataset: str, overrides: Sequence[str] = ()) -> tuple[bool, str]:
@@ -128,6 +145,13 @@ def dataset_availability(dataset: str, overrides: Sequence[str] = ()) -> tuple[b
 def cell_overrides(cell: Cell, results_dir: Path, epochs: int | None, extra: Sequence[str]) -> list[str]:
     """The Hydra overrides of one cell: grid settings, dataset needs, the cell itself, then the user's extras."""
     overrides = list(COMMON_OVERRIDES)
+    if cell.recipe is not None:
+        # The recipe brings its own data, model, loss, sampler and schedule; only the grid's bookkeeping is added.
+        overrides += [f"experiment={cell.recipe}", f"seed={cell.seed}"]
+        if epochs is not None:
+            overrides.append(f"trainer.max_epochs={epochs}")
+        overrides.append(f"hydra.run.dir={cell.folder(results_dir).resolve()}")
+        return overrides + list(extra)
     if cell.dataset == "synthetic" and epochs is None:
         epochs = DEFAULT_SYNTHETIC_EPOCHS
     if epochs is not None:
@@ -191,10 +215,16 @@ def write_results(results_dir: Path, command: str = "") -> list:
     write_csv(results_dir / "results.csv", csv_rows, columns)
     total = sum(r.seconds or 0.0 for r in results)
     datasets = sorted({r.dataset for r in results})
+    cards = recipe_cards()
+    for row in rows:
+        if row.loss in cards:
+            row.published = dict(cards[row.loss].published)
     header = (
         "## Reproduce: retrieval on unseen test classes\n\n"
-        f"{len(results)} finished runs ({', '.join(datasets) or 'none'}); mean ± sample std over seeds, in %, of the "
-        "best checkpoint (selected on validation classes held out of training) on the test classes."
+        f"{len(results)} finished runs ({', '.join(datasets) or 'none'}); mean ± sample std over seeds, in %, on the "
+        "test classes. Unless a selection column says otherwise, the tested model is the best checkpoint on "
+        "validation classes held out of training (val); `last` tests the final model; `test_best` reports the best "
+        "of the per-epoch test evaluations, as the papers did: optimistic. Paper recipes show the published R@1."
     )
     footer_lines = [f"Training time of these runs: {total / 60:.1f} min in total ({_per_run(total, results)} per run)."]
     if command:
@@ -208,7 +238,7 @@ def write_results(results_dir: Path, command: str = "") -> list:
 
 def run_grid(
     datasets: Sequence[str],
-    losses: Sequence[str],
+    losses: Sequence[str] | None,
     seeds: Sequence[int],
     results_dir: Path,
     *,
@@ -231,7 +261,7 @@ def run_grid(
             available.append(dataset)
         else:
             console.print(f"[yellow]skipping dataset {dataset}: {reason}[/yellow]")
-    cells = [Cell(d, loss, seed) for d in available for loss in dict.fromkeys(losses) for seed in dict.fromkeys(seeds)]
+    cells = [cell for dataset in available for cell in grid_cells(dataset, losses, seeds)]
     failed: list[Cell] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -260,7 +290,7 @@ def run_grid(
 
 def reproduce(
     datasets: Sequence[str] = DEFAULT_DATASETS,
-    losses: Sequence[str] = DEFAULT_LOSSES,
+    losses: Sequence[str] | None = None,
     seeds: Sequence[int] = DEFAULT_SEEDS,
     results_dir: str | Path | None = None,
     *,
@@ -275,7 +305,8 @@ def reproduce(
 
     Args:
         datasets: conf/data names; real datasets run only when their data is on disk.
-        losses: conf/loss names.
+        losses: conf/loss names (none: :data:`DEFAULT_LOSSES` on built-in data, every recipe on real datasets; on
+            a real dataset, only the recipes of these losses).
         seeds: the seeds of every (dataset, loss).
         results_dir: where ``runs/`` and the tables go (default: the repository's ``results/``).
         epochs: ``trainer.max_epochs`` of every cell (default: 8 on synthetic, conf/trainer's elsewhere).

@@ -21,6 +21,7 @@ from metricsearch.models.embedding_model import build_embedding_model
 from metricsearch.models.model_config import ModelConfig
 from metricsearch.models.module import MetricLearningModule, NonFiniteLossError
 from metricsearch.pipelines.resume import LAST_CHECKPOINT, CheckpointError, check_checkpoint_matches, find_resumable_run
+from metricsearch.pipelines.selection import TEST_EPOCH_PREFIX, apply_selection, selection_record
 from metricsearch.utils.atomic_io import atomic_write_text
 from metricsearch.utils.checkpoint_io import CheckpointWriteError
 from metricsearch.utils.config import ConfigError, instantiate_partial_with, to_plain, validate_config
@@ -55,7 +56,11 @@ def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
     data_config = model.backbone.data_config
     sampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
     datamodule: MetricDataModule = instantiate(
-        cfg.data, sampler=sampler, mean=list(data_config["mean"]), std=list(data_config["std"])
+        cfg.data,
+        sampler=sampler,
+        mean=list(data_config["mean"]),
+        std=list(data_config["std"]),
+        channel_order=data_config.get("channel_order", "RGB"),
     )
     datamodule.prepare_data()
     datamodule.setup()
@@ -107,7 +112,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     Order: evaluate the untrained model on the test classes, fit with checkpoint selection on validation
     classes, evaluate the best checkpoint on the test classes, write ``metrics.json`` and print a table.
+    ``selection=last`` tests the final model instead, and ``selection=test_best`` reports the best per-epoch
+    test evaluation (optimistic; see :mod:`metricsearch.pipelines.selection`).
     """
+    selection = apply_selection(cfg)
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = cfg.get("ckpt_path")
@@ -152,16 +160,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
-    if checkpoint is not None and checkpoint.best_model_score is not None:
-        results["val_best"] = {cfg.monitor.split("/", 1)[1]: float(checkpoint.best_model_score)}
+    # The monitored value of the selected checkpoint: on validation classes, or (test_best) on the test classes.
+    best_key = f"{TEST_EPOCH_PREFIX}_best" if selection == "test_best" else "val_best"
+    if checkpoint is not None and checkpoint.monitor is not None and checkpoint.best_model_score is not None:
+        results[best_key] = {cfg.monitor.split("/", 1)[1]: float(checkpoint.best_model_score)}
     # Read before testing: the test evaluation replaces trainer.callback_metrics.
     selected_val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
-    if "val_best" in results:
-        selected_val = {cfg.monitor: results["val_best"][cfg.monitor.split("/", 1)[1]]}
+    if best_key in results:
+        selected_val = {cfg.monitor: results[best_key][cfg.monitor.split("/", 1)[1]]}
     if cfg.get("test"):
         results["test"] = _test(trainer, module, datamodule, "test", ckpt_path=best_path or None)
 
     summary = {
+        "selection": selection_record(selection, cfg.monitor),
         "metrics": results,
         "best_checkpoint": best_path,
         "epochs_trained": trainer.current_epoch,
@@ -169,7 +180,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     }
     if trainer.is_global_zero:
         atomic_write_text(output_dir / "metrics.json", json.dumps(summary, indent=2))
-        print(format_metrics_table(results, title=f"{cfg.get('task_name', 'train')}: {output_dir}"))
+        title = f"{cfg.get('task_name', 'train')}: {output_dir} (selection={selection})"
+        print(format_metrics_table(results, title=title))
+        if selection == "test_best":
+            print(f"selection=test_best: {summary['selection']['description']}.")
     flat = {f"{split}/{name}": value for split, values in results.items() for name, value in values.items()}
     # The sweepers' objective (`optimized_metric: ${monitor}`): the validation metric of the checkpoint that was
     # selected and tested, never a later epoch's. Only the monitored value of the best epoch is known; without

@@ -1,0 +1,155 @@
+"""The paper recipes in conf/experiment/: each card's official settings hold in the composed config, and each recipe
+runs a few steps on a miniature copy of its dataset (random weights instead of the pretrained ones)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from metricsearch.utils.config import CONFIG_DIR
+from tests.conftest import compose_config
+from tests.dataset_fixtures import make_cars_flat, make_cub, make_sop
+
+EXPERIMENTS = CONFIG_DIR / "experiment"
+# The recipes issue 14 asks for: Proxy-Anchor R50 (CUB, Cars) and BN-Inception (CUB, Cars, SOP), Multi-Similarity
+# BN-Inception (CUB, Cars, SOP), the Reality Check's shared base, XBM on SOP, ViT-S/16 DINO (CUB, Cars, SOP).
+REQUIRED = (
+    "cub_proxy_anchor_r50",
+    "cars196_proxy_anchor_r50",
+    "cub_proxy_anchor_bninception",
+    "cars196_proxy_anchor_bninception",
+    "sop_proxy_anchor_bninception",
+    "cub_multi_similarity_bninception",
+    "cars196_multi_similarity_bninception",
+    "sop_multi_similarity_bninception",
+    "mlrc_base",
+    "sop_contrastive_xbm_r50",
+    "cub_ntxent_vits_dino",
+    "cars196_ntxent_vits_dino",
+    "sop_ntxent_vits_dino",
+)
+CARD_FIELDS = ("title", "paper", "code", "published", "published_protocol", "official", "differences")
+
+
+def recipes() -> list[str]:
+    """Every experiment whose YAML carries a recipe card."""
+    return sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if "recipe" in OmegaConf.load(p))
+
+
+def same(actual, expected) -> bool:
+    if isinstance(expected, float) and isinstance(actual, int | float) and not isinstance(actual, bool):
+        return math.isclose(actual, expected, rel_tol=1e-9)
+    if isinstance(expected, list):
+        return isinstance(actual, list) and len(actual) == len(expected) and all(map(same, actual, expected))
+    return actual == expected
+
+
+def test_every_recipe_of_the_issue_ships_with_a_card():
+    assert set(REQUIRED) <= set(recipes())
+
+
+@pytest.mark.parametrize("recipe", recipes())
+def test_the_card_opens_the_file_and_says_everything(recipe):
+    text = (EXPERIMENTS / f"{recipe}.yaml").read_text()
+    assert text.index("\nrecipe:") < text.index("\ndefaults:"), "the recipe card must open the YAML"
+    card = OmegaConf.to_container(OmegaConf.load(EXPERIMENTS / f"{recipe}.yaml").recipe)
+    assert [field for field in CARD_FIELDS if field not in card] == []
+    assert card["official"], "a card lists the official settings it follows"
+    assert card["code"].startswith("https://github.com/")
+    assert card["published_protocol"] in ("val", "last", "test_best")
+    assert isinstance(card["differences"], list) and all(isinstance(d, str) and d for d in card["differences"])
+    published = card["published"]
+    assert published is None or all(0 < value <= 100 for value in published.values())
+
+
+@pytest.mark.parametrize("recipe", recipes())
+def test_every_carded_value_is_what_the_recipe_runs(recipe, tmp_path):
+    cfg = compose_config([f"experiment={recipe}"], tmp_path, tmp_path, tiny=False)
+    official = OmegaConf.to_container(cfg.recipe.official, resolve=False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    wrong = {}
+    for key, expected in official.items():
+        node: object = resolved
+        for part in key.split("."):
+            node = node.get(part, "<missing>") if isinstance(node, dict) else "<missing>"
+        if not same(node, expected):
+            wrong[key] = (node, expected)
+    assert wrong == {}, f"{recipe}: setting (composed, carded official) that differ"
+
+
+def test_a_card_that_disagrees_with_its_settings_is_caught(tmp_path):
+    cfg = compose_config(["experiment=cub_proxy_anchor_r50", "optimizer.lr=0.5"], tmp_path, tmp_path, tiny=False)
+    assert not same(cfg.optimizer.lr, cfg.recipe.official["optimizer.lr"])
+
+
+# --- every recipe runs a few steps on a miniature copy of its dataset, with random weights ---
+
+
+@pytest.fixture(scope="module")
+def miniature_roots(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("recipe_data")
+    # Enough images per class for the recipes' m (5), few test classes to keep the evaluations short.
+    make_cub(base / "CUB_200_2011", images_per_class=5, num_classes=110)
+    make_cars_flat(base / "cars196", images_per_class=5)
+    make_sop(base / "Stanford_Online_Products", classes_per_side=12)
+    return {"cub": base / "CUB_200_2011", "cars196": base / "cars196", "sop": base / "Stanford_Online_Products"}
+
+
+def run_overrides(recipe: str, cfg, root: Path) -> list[str]:
+    """The recipe shrunk to two training steps at 32 px on the CPU, validation and test included."""
+    m = OmegaConf.select(cfg, "sampler.m", default=None)
+    batch = 2 * m if m else 8
+    overrides = [
+        f"data.root={root}",
+        "backbone.pretrained=false",
+        "backbone.weights_file=null",
+        "data.image_size=32",
+        "data.resize_size=32",
+        f"data.batch_size={batch}",
+        "data.eval_batch_size=64",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+        "trainer.max_steps=2",
+        "trainer.limit_train_batches=2",
+        "trainer.val_check_interval=1.0",
+        "trainer.check_val_every_n_epoch=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        "test_untrained=false",
+        "module.compute_nmi=false",
+        "callbacks.visualization.every_n_epochs=0",
+        "callbacks.visualization.method=pca",
+    ]
+    if OmegaConf.select(cfg, "module.xbm_memory_size", default=0):
+        overrides.append("module.xbm_start_step=0")  # so that the two steps use the memory
+    return overrides
+
+
+@pytest.mark.parametrize("recipe", recipes())
+def test_the_recipe_runs_on_a_miniature_copy(recipe, miniature_roots, tmp_path):
+    from metricsearch.pipelines.train import train
+
+    extra = ["data=cub"] if recipe == "mlrc_base" else []
+    cfg = compose_config([f"experiment={recipe}", *extra], tmp_path, tmp_path, tiny=False)
+    dataset = str(cfg.data.source._target_).rsplit(".", 1)[-1]
+    root = {"CUBSource": "cub", "Cars196Source": "cars196", "SOPSource": "sop"}[dataset]
+    cfg = compose_config(
+        [f"experiment={recipe}", *extra, *run_overrides(recipe, cfg, miniature_roots[root])],
+        tmp_path,
+        tmp_path,
+        tiny=False,
+    )
+    metrics = train(cfg)
+
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["global_step"] == 2
+    assert 0.0 <= summary["metrics"]["test"]["recall@1"] <= 1.0
+    assert summary["selection"]["mode"] == cfg.selection
+    assert summary["selection"]["optimistic"] == (cfg.selection == "test_best")
+    if cfg.selection == "test_best":
+        assert any(key.startswith("test_epoch/") for key in metrics)
