@@ -1,4 +1,5 @@
-"""The datamodule of every dataset: zero-shot split, validation classes held out of training, m-per-class batches."""
+"""The datamodule of every dataset: zero-shot split, validation classes held out of training (a fraction of them or
+one of K class-disjoint folds), m-per-class batches."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from metricsearch.data.gpu_augment import BatchAugment
 from metricsearch.data.records import DatasetError, DatasetSplit, ImageRecords
 from metricsearch.data.samplers import RandomBatchSampler, SeededBatchSampler
 from metricsearch.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
+from metricsearch.utils.config import ConfigError
 
 log = logging.getLogger(__name__)
 CACHE_MODES = (None, "uint8")
@@ -50,6 +52,66 @@ def split_validation_classes(records: ImageRecords, fraction: float, seed: int) 
     return records.select(~is_val), records.select(is_val)
 
 
+def check_fold_setting(num_folds: int, fold: int | None = None) -> None:
+    """Raises :class:`ConfigError` unless ``num_folds`` is a whole number of at least 2 and ``fold`` one of 0..K-1."""
+    if isinstance(num_folds, bool) or not isinstance(num_folds, int | np.integer) or num_folds < 2:
+        raise ConfigError(
+            f"data.num_folds={num_folds} cannot split classes into folds: set data.num_folds to 2 or more "
+            "(e.g. 4), or to 0 to hold out data.val_fraction of the classes instead"
+        )
+    if fold is not None and (
+        isinstance(fold, bool) or not isinstance(fold, int | np.integer) or not 0 <= fold < num_folds
+    ):
+        raise ConfigError(f"data.fold={fold} is not a fold of data.num_folds={num_folds}; set 0..{num_folds - 1}")
+
+
+def class_folds(classes: Sequence[int] | np.ndarray, num_folds: int, seed: int = 0) -> list[np.ndarray]:
+    """Splits classes into ``num_folds`` class-disjoint folds of sizes differing by at most one.
+
+    The folds of cross-validation over classes ("A Metric Learning Reality Check", Musgrave et al. 2020): each
+    fold in turn is validated on while the others are trained on. They depend only on the set of classes and
+    ``seed`` (not on their order, nor on a run's seed), so every run of a comparison sees the same folds.
+
+    Args:
+        classes: The training classes (duplicates are ignored).
+        num_folds: K, at least 2 and at most the number of classes.
+        seed: Seed of the permutation that deals the classes into folds.
+
+    Returns:
+        K sorted arrays of class ids, disjoint, together holding every class.
+
+    Raises:
+        ConfigError: K is below 2 or larger than the number of classes.
+
+    Example:
+        >>> [fold.tolist() for fold in class_folds(range(5), 2, seed=0)]
+        [[2, 3, 4], [0, 1]]
+    """
+    classes = np.unique(np.asarray(classes))
+    check_fold_setting(num_folds)
+    if num_folds > len(classes):
+        raise ConfigError(
+            f"data.num_folds={num_folds} is larger than the {len(classes)} training classes (each fold needs at "
+            f"least one); set data.num_folds to at most {len(classes)}"
+        )
+    permuted = np.random.default_rng(seed).permutation(classes)
+    return [np.sort(fold) for fold in np.array_split(permuted, num_folds)]
+
+
+def split_fold_classes(
+    records: ImageRecords, num_folds: int, fold: int, seed: int = 0
+) -> tuple[ImageRecords, ImageRecords]:
+    """Validates on the classes of fold ``fold`` of :func:`class_folds` and trains on those of the other folds.
+
+    Raises:
+        ConfigError: ``fold`` is not one of 0..K-1, or K cannot split these classes (see :func:`class_folds`).
+    """
+    check_fold_setting(num_folds, fold)
+    folds = class_folds(records.classes, num_folds, seed)
+    is_val = np.isin(records.labels, folds[fold])
+    return records.select(~is_val), records.select(is_val)
+
+
 class MetricDataModule(L.LightningDataModule):
     """Builds train / val / test loaders from a :class:`DatasetSource`.
 
@@ -59,7 +121,12 @@ class MetricDataModule(L.LightningDataModule):
         sampler: partial batch-sampler constructor taking ``labels`` and ``batch_size`` (e.g. m-per-class).
         eval_batch_size: images per batch when embedding val / test sets.
         num_workers: DataLoader worker processes.
-        val_fraction: fraction of the training classes held out for checkpoint selection.
+        val_fraction: fraction of the training classes held out for checkpoint selection (when ``num_folds`` is 0).
+        num_folds: 0 to hold out ``val_fraction`` of the training classes; K >= 2 to split the training classes into
+            K class-disjoint folds (:func:`class_folds`), validate on fold ``fold`` and train on the other K - 1.
+            The test classes are the same either way.
+        fold: which of the ``num_folds`` folds is validated on (0..K-1).
+        fold_seed: seed of the folds, separate from ``seed`` so that runs of different seeds share the same folds.
         image_size: training crop and evaluation centre-crop size.
         resize_size: evaluation resize of the short side before the centre crop.
         train_scale: RandomResizedCrop scale range.
@@ -101,8 +168,14 @@ class MetricDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         pin_memory: bool | None = None,
         validate_on_test: bool = False,
+        num_folds: int = 0,
+        fold: int = 0,
+        fold_seed: int = 0,
     ) -> None:
         super().__init__()
+        if num_folds != 0:
+            # Checked before any data is read; the number of classes is checked once they are known.
+            check_fold_setting(num_folds, fold)
         if cache not in CACHE_MODES:
             raise ValueError(f"data.cache={cache!r} is not one of {CACHE_MODES} (null: decode with PIL every time)")
         self.source = source
@@ -123,6 +196,9 @@ class MetricDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.validate_on_test = validate_on_test
+        self.num_folds = num_folds
+        self.fold = fold
+        self.fold_seed = fold_seed
         self.augment = BatchAugment(image_size, mean, std, channel_order)
         self.split: DatasetSplit | None = None
         self.train_records: ImageRecords | None = None
@@ -146,7 +222,12 @@ class MetricDataModule(L.LightningDataModule):
             if len(records) == 0:
                 raise DatasetError(f"the {name} split of {type(self.source).__name__} is empty; check data.root")
         self.split = split
-        self.train_records, self.val_records = split_validation_classes(split.train, self.val_fraction, self.seed)
+        if self.num_folds:
+            self.train_records, self.val_records = split_fold_classes(
+                split.train, self.num_folds, self.fold, self.fold_seed
+            )
+        else:
+            self.train_records, self.val_records = split_validation_classes(split.train, self.val_fraction, self.seed)
         # Proxy and classification losses need contiguous class indices 0..C-1 over the training classes.
         self.class_to_index = {int(c): i for i, c in enumerate(self.train_records.classes)}
         if self.cache is not None:

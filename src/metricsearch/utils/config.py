@@ -217,6 +217,7 @@ def validate_config(cfg: DictConfig) -> None:
     _validate_sampler(cfg)
     _validate_training_options(cfg)
     _validate_selection(cfg, fraction)
+    _validate_folds(cfg)
     if OmegaConf.select(cfg, "monitor_mode", default="max") not in ("min", "max"):
         raise ConfigError(f"monitor_mode={_shown(cfg.monitor_mode)} must be min or max")
     for key in ("ckpt_path", "resume"):
@@ -237,11 +238,33 @@ def _validate_selection(cfg: DictConfig, val_fraction: float | None) -> None:
         raise ConfigError(
             f"selection={_shown(selection)} is not one of {', '.join(SELECTIONS)}; set e.g. selection=val"
         )
-    if selection == "val" and val_fraction is not None and val_fraction <= 0:
+    folds = OmegaConf.select(cfg, "data.num_folds", default=0)
+    if selection == "val" and val_fraction is not None and val_fraction <= 0 and not folds:
         raise ConfigError(
             "selection=val chooses the checkpoint on held-out training classes, but data.val_fraction=0 holds none "
             "out: set data.val_fraction=0.2, or selection=last to train on every class and test the final model"
         )
+
+
+def _validate_folds(cfg: DictConfig) -> None:
+    """``data.num_folds`` is 0 or K >= 2 and ``data.fold`` one of 0..K-1; ``save_test_embeddings`` needs ``test``."""
+    num_folds = OmegaConf.select(cfg, "data.num_folds", default=0)
+    fold = OmegaConf.select(cfg, "data.fold", default=0)
+    if not _is_whole(num_folds) or num_folds < 0 or num_folds == 1:
+        raise ConfigError(
+            f"data.num_folds={_shown(num_folds)} must be 0 (hold out data.val_fraction of the training classes) or "
+            "2 or more class-disjoint folds; set e.g. data.num_folds=4"
+        )
+    if num_folds and (not _is_whole(fold) or not 0 <= fold < num_folds):
+        raise ConfigError(
+            f"data.fold={_shown(fold)} is not a fold of data.num_folds={num_folds}; set 0..{num_folds - 1}"
+        )
+    if not _is_whole(OmegaConf.select(cfg, "data.fold_seed", default=0)):
+        raise ConfigError(
+            f"data.fold_seed={_shown(cfg.data.fold_seed)} is not a whole number; set e.g. data.fold_seed=0"
+        )
+    if OmegaConf.select(cfg, "save_test_embeddings", default=False) and not OmegaConf.select(cfg, "test", default=True):
+        raise ConfigError("save_test_embeddings=true writes the test evaluation's embeddings, but test=false skips it")
 
 
 def _validate_training_options(cfg: DictConfig) -> None:
