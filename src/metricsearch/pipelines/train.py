@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from metricsearch.analysis.compare import TEST_EMBEDDINGS_FILE, save_embeddings
 from metricsearch.data.datamodule import MetricDataModule
 from metricsearch.data.records import DatasetError
 from metricsearch.data.samplers import SamplerConfigError
@@ -170,6 +171,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         selected_val = {cfg.monitor: results[best_key][cfg.monitor.split("/", 1)[1]]}
     if cfg.get("test"):
         results["test"] = _test(trainer, module, datamodule, "test", ckpt_path=best_path or None)
+        if cfg.get("save_test_embeddings") and trainer.is_global_zero:
+            # Gathered over every process and sorted by dataset index, as the test metrics were computed from.
+            save_embeddings(output_dir / TEST_EMBEDDINGS_FILE, module.last_evaluation["test"])
 
     summary = {
         "selection": selection_record(selection, cfg.monitor),
