@@ -24,6 +24,8 @@ _NOT_IDENTITY = (
     "logger",
     "test_untrained",
     "test",
+    "save_test_embeddings",
+    "recipe",
     "optimized_metric",
     "callbacks.lr_monitor",
     "callbacks.throughput",
