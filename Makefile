@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 SUDO := $(shell test "$$(id -u)" -eq 0 || echo sudo)
 
-.PHONY: help install train test test-all check-data prepare-data chromium demo serve load-test bench-search benchmark device-wheels lint format clean reproduce
+.PHONY: help install train test test-all check-data prepare-data chromium demo serve load-test bench-search benchmark device-wheels lint format clean reproduce compare
 
 # `make reproduce`: DATASETS adds real datasets (cub,cars196,sop; only those on disk) to the built-in synthetic
 # data; LOSSES, SEEDS and EPOCHS replace the grid's defaults; EXTRA is passed to every run as Hydra overrides.
@@ -17,6 +17,12 @@ LOSSES ?=
 SEEDS ?=
 EPOCHS ?=
 EXTRA ?=
+# `make compare` (the fair comparison, conf/compare/) takes the same five, plus the protocol's size: TRIALS per loss,
+# FOLDS of the training classes, WORKERS (trials at once), IMAGE_SIZE; left empty, conf/compare/protocol.yaml decides.
+TRIALS ?=
+FOLDS ?=
+WORKERS ?=
+IMAGE_SIZE ?=
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -45,6 +51,12 @@ test-all: install chromium ## Run every test that can run on this machine, slow 
 reproduce: install ## Loss x dataset x seed grid into results/ (resumable; DATASETS=cub,cars196,sop LOSSES= SEEDS= EPOCHS= EXTRA=)
 	$(PY) scripts/reproduce.py --datasets "synthetic,$(DATASETS)" $(if $(LOSSES),--losses "$(LOSSES)") \
 		$(if $(SEEDS),--seeds "$(SEEDS)") $(if $(EPOCHS),--epochs $(EPOCHS)) --extra "$(EXTRA)"
+
+compare: install ## Fair loss comparison into results/compare/ (resumable; DATASETS= LOSSES= TRIALS= FOLDS= SEEDS= EPOCHS= IMAGE_SIZE= WORKERS= EXTRA=)
+	$(PY) scripts/compare.py --datasets "synthetic,$(DATASETS)" $(if $(LOSSES),--losses "$(LOSSES)") \
+		$(if $(TRIALS),--trials $(TRIALS)) $(if $(FOLDS),--folds $(FOLDS)) $(if $(SEEDS),--seeds "$(SEEDS)") \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) \
+		$(if $(WORKERS),--workers $(WORKERS)) --extra "$(EXTRA)"
 
 demo: install ## Train (or reuse) a short default run, index its unseen test classes, search, write outputs/demo/search_grid.png
 	$(PY) scripts/demo.py $(ARGS)

@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,17 +167,26 @@ def is_finished(folder: Path) -> bool:
     return read_run_result(folder, "", "", 0) is not None
 
 
-def run_cell(cell: Cell, overrides: list[str], folder: Path, timeout: float | None = None) -> tuple[bool, float]:
+def run_cell(
+    cell: Cell,
+    overrides: list[str],
+    folder: Path,
+    timeout: float | None = None,
+    finished: Callable[[Path], bool] = is_finished,
+) -> tuple[bool, float]:
     """Trains one cell in a subprocess, its output appended to ``<cell>/reproduce.log``; returns (success, seconds).
 
     A cell interrupted during training left its ``last.ckpt`` behind and continues from it (``resume=auto``);
     a folder without one, or a resume that fails (a checkpoint cut off mid-write), starts over from scratch.
+    ``finished`` tells a completed run folder (default: one with test metrics; ``make compare``'s search runs,
+    which never test, pass their own).
     """
     start = time.perf_counter()
     resumable = (folder / LAST_CHECKPOINT).is_file()
-    ok = _train(folder, [*overrides, "resume=auto"] if resumable else overrides, timeout, fresh=not resumable)
+    command = [*overrides, "resume=auto"] if resumable else overrides
+    ok = _train(folder, command, timeout, fresh=not resumable, finished=finished)
     if not ok and resumable:
-        ok = _train(folder, overrides, timeout, fresh=True)
+        ok = _train(folder, overrides, timeout, fresh=True, finished=finished)
     seconds = time.perf_counter() - start
     if ok:
         info = {"seconds": round(seconds, 1), "overrides": overrides, "cell": cell.__dict__}
@@ -185,7 +194,9 @@ def run_cell(cell: Cell, overrides: list[str], folder: Path, timeout: float | No
     return ok, seconds
 
 
-def _train(folder: Path, overrides: list[str], timeout: float | None, fresh: bool) -> bool:
+def _train(
+    folder: Path, overrides: list[str], timeout: float | None, fresh: bool, finished: Callable[[Path], bool]
+) -> bool:
     if fresh and folder.exists():
         # Remains of an interrupted run without a checkpoint to continue: start over rather than mix old files in.
         shutil.rmtree(folder)
@@ -200,7 +211,7 @@ def _train(folder: Path, overrides: list[str], timeout: float | None, fresh: boo
             )
         except subprocess.TimeoutExpired:
             return False
-    return result.returncode == 0 and is_finished(folder)
+    return result.returncode == 0 and finished(folder)
 
 
 def write_results(results_dir: Path, command: str = "") -> list:

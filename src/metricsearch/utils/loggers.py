@@ -92,6 +92,7 @@ def build_wandb_logger(
     tags: list[str] | None = None,
     log_model: bool | str = False,
     probe_timeout: float = 3.0,
+    job_type: str | None = None,
 ) -> WandbLogger:
     """A Lightning ``WandbLogger`` in the mode :func:`resolve_wandb_mode` picks.
 
@@ -105,6 +106,7 @@ def build_wandb_logger(
         log_model: Lightning's own upload of every checkpoint at the end of fitting; the default callbacks
             already upload the best checkpoint (``RunTrackingCallback``), so this stays off.
         probe_timeout: Seconds to wait for the W&B host in ``auto`` mode.
+        job_type: W&B job type within the group (``make compare``: ``search`` or ``final``).
     """
     import wandb
 
@@ -126,6 +128,7 @@ def build_wandb_logger(
         save_dir=save_dir,
         name=name,
         group=group,
+        job_type=job_type,
         tags=list(tags or []),
         mode=mode,
         log_model=log_model,
