@@ -35,6 +35,7 @@ from metricsearch.pipelines.compare import (
     format_params,
     load_protocol,
     load_search_space,
+    occupied_trials,
     params_key,
     parse_search_space,
     reclaim_dead_trials,
@@ -154,6 +155,9 @@ def test_search_runs_never_test_and_final_runs_keep_their_embeddings(tmp_path):
     cfg = compose_config([o for o in search if not o.startswith("hydra.")], tmp_path / "run", tmp_path / "data")
     assert cfg.test is False and cfg.data.num_folds == 3 and cfg.data.fold == 2
     assert (cfg.loss.pos_margin, cfg.miner.pos_margin, cfg.miner.neg_margin) == (0.25, 0.25, 0.75)
+    cfg = compose_config([o for o in final if not o.startswith("hydra.")], tmp_path / "run", tmp_path / "data")
+    assert cfg.save_test_embeddings is True and cfg.test is True
+    assert (cfg.logger.wandb.group, cfg.logger.wandb.job_type) == ("synthetic/contrastive", "final")
 
 
 def _trial(number: int, state: str, value: float | None = None) -> optuna.trial.FrozenTrial:
@@ -198,6 +202,13 @@ def test_a_trial_of_a_dead_process_is_failed_and_retried_with_its_parameters(tmp
     retry = next(t for t in study.trials if t.state.name == "WAITING")
     assert retry.params == {"loss.margin": margin} and retry.system_attrs["failed_trial"] == dead.number
     assert reclaim_dead_trials(study) == []
+    assert retry.user_attrs["worker"] == ""  # not the dead process's
+    assert occupied_trials(study.trials) == 2  # the live running trial and the waiting retry
+    # A trial started (here: the retry) but stopped before its objective recorded a worker holds no place in the
+    # budget; it is failed once older than the grace period (not yet).
+    assert study.ask().number == retry.number
+    assert occupied_trials(study.trials) == 1
+    assert reclaim_dead_trials(study, grace_period=3600) == []
 
 
 def test_the_table_shows_intervals_marks_and_the_search():
@@ -308,9 +319,10 @@ def test_the_protocol_end_to_end_killed_and_resumed(tmp_path, data_dir):
     trials = {row["trial"]: row for row in read_csv(results / "trials.csv") if row["loss"] == "triplet"}
     complete = [row for row in trials.values() if row["state"] == "COMPLETE"]
     assert len(complete) == 2 and len({row["key"] for row in complete}) == 2
-    assert all(row["state"] in ("COMPLETE", "FAIL") for row in trials.values())
+    # A trial killed before it drew its parameters stays RUNNING (without parameters, it holds no budget).
+    assert all(row["state"] in ("COMPLETE", "FAIL") or row["params"] == "{}" for row in trials.values())
     for row in trials.values():
-        if row["state"] == "FAIL":  # killed mid-trial: retried with the same parameters, reusing its folder
+        if row["state"] == "FAIL" and row["params"] != "{}":  # killed mid-trial: retried with its parameters
             retry = next(r for r in complete if r["retry_of"] == row["trial"])
             assert retry["key"] == row["key"]
     for loss in ("triplet", "ntxent"):
@@ -365,3 +377,19 @@ def test_the_protocol_end_to_end_killed_and_resumed(tmp_path, data_dir):
     assert (results / "synthetic" / "triplet" / "search_history.png").stat().st_size > 1000
     runs = read_csv(results / "runs.csv")
     assert len(runs) == 8 and all((results / r["config"]).is_file() for r in runs)
+
+
+def test_a_study_continues_only_under_its_own_settings(tmp_path):
+    from metricsearch.pipelines.compare import open_storage, open_study
+
+    protocol = load_protocol(folds=2, epochs=1)
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", protocol)
+    space = load_search_space("triplet")
+    study = open_study(storage, "synthetic", space, protocol, ["logger=csv"])
+    # The same settings (from a fresh storage object, as a rerun opens it) and other loggers continue the study.
+    again = open_study(
+        open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", protocol), "synthetic", space, protocol, ["logger=wandb"]
+    )
+    assert again._study_id == study._study_id
+    with pytest.raises(CompareError, match="run with other settings.*trainer.max_epochs=1.*trainer.max_epochs=3"):
+        open_study(storage, "synthetic", space, load_protocol(folds=2, epochs=3), [])

@@ -38,6 +38,7 @@ Its command line is :mod:`metricsearch.cli.compare`.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -448,7 +449,8 @@ def search_fingerprint(dataset: str, space: SearchSpace, protocol: Protocol, ext
     overrides = run_overrides(template, protocol, space.overrides, {}, Path("/"), ())
     overrides = [o for o in overrides if not o.startswith("hydra.run.dir=")]
     extra = [o for o in extra if not o.lstrip("+~").startswith("logger")]
-    return {"space": space.as_dict(), "overrides": overrides, "extra": extra}
+    # As the storage gives it back (JSON: tuples become lists), so that equal settings compare equal.
+    return json.loads(json.dumps({"space": space.as_dict(), "overrides": overrides, "extra": extra}))
 
 
 def open_study(
@@ -512,7 +514,7 @@ def _worker_alive(worker: str) -> bool:
         return False
 
 
-def reclaim_dead_trials(study: optuna.Study) -> list[int]:
+def reclaim_dead_trials(study: optuna.Study, grace_period: float = 180.0) -> list[int]:
     """Fails the RUNNING trials of processes of this machine that are gone, and queues their retry.
 
     Optuna's heartbeat does the same for any machine once ``grace_period`` has passed; a process of this machine
@@ -531,12 +533,36 @@ def reclaim_dead_trials(study: optuna.Study) -> list[int]:
         callback = storage.get_failed_trial_callback() or optuna.storages.RetryFailedTrialCallback()
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             worker = trial.user_attrs.get("worker")
-            if worker is None or _worker_alive(worker):
+            if worker:
+                dead = not _worker_alive(worker)
+            else:
+                # Stopped between its creation and its objective's first step, which records the worker within
+                # milliseconds: only an old one is known to be dead.
+                age = (datetime.datetime.now() - trial.datetime_start).total_seconds() if trial.datetime_start else 0
+                dead = age > grace_period
+            if not dead or not storage.set_trial_state(trial._trial_id, optuna.trial.TrialState.FAIL):
                 continue
-            if storage.set_trial_state(trial._trial_id, optuna.trial.TrialState.FAIL):
-                reclaimed.append(trial.number)
+            reclaimed.append(trial.number)
+            if trial.params:
+                before = {t.number for t in study.get_trials(deepcopy=False)}
                 callback(study, storage.get_trial(trial._trial_id))
+                # The retry is a copy of the trial's attributes: it must not carry the dead process as its worker.
+                for retry in study.get_trials(deepcopy=False):
+                    if retry.number not in before:
+                        storage.set_trial_user_attr(retry._trial_id, "worker", "")
     return reclaimed
+
+
+def occupied_trials(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
+    """Trials that hold a place in the budget: finished, waiting for a retry, or running in a live process (a
+    trial stopped before its first step holds none)."""
+
+    def holds(t: optuna.trial.FrozenTrial) -> bool:
+        if t.state.name == "RUNNING":
+            return bool(t.user_attrs.get("worker")) and _worker_alive(t.user_attrs["worker"])
+        return t.state.name in (*FINISHED_STATES, "WAITING")
+
+    return sum(holds(t) for t in trials)
 
 
 def budget_trials(trials: Sequence[optuna.trial.FrozenTrial], budget: int) -> list[optuna.trial.FrozenTrial]:
@@ -604,15 +630,15 @@ def run_search(study: optuna.Study, dataset: str, space: SearchSpace, ctx: Conte
     def loop() -> None:
         worker_study = optuna.load_study(study_name=study.study_name, storage=study._storage, pruner=pruner)
         while not failures or len(failures) < protocol.max_failures:
-            reclaimed = reclaim_dead_trials(worker_study)
+            reclaimed = reclaim_dead_trials(worker_study, protocol.grace_period)
             if reclaimed:
                 ctx.say(f"retry  {worker_study.study_name}: trials {reclaimed} of a stopped process, same parameters")
             trials = worker_study.get_trials(deepcopy=False)
-            finished = sum(t.state in states for t in trials)
-            running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
-            waiting = sum(t.state == optuna.trial.TrialState.WAITING for t in trials)
-            if finished >= protocol.trials or (finished + running >= protocol.trials and not waiting):
+            waiting = any(t.state == optuna.trial.TrialState.WAITING for t in trials)
+            if sum(t.state in states for t in trials) >= protocol.trials:
                 return
+            if occupied_trials(trials) >= protocol.trials and not waiting:
+                return  # the remaining budget is being used by live trials (other workers)
             worker_study.sampler = optuna.samplers.TPESampler(
                 seed=protocol.sampler_seed + len(trials),
                 n_startup_trials=protocol.startup_trials,
