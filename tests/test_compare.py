@@ -41,6 +41,7 @@ from metricsearch.pipelines.compare import (
     reclaim_dead_trials,
     run_overrides,
     sample_params,
+    trial_rows,
     worker_id,
 )
 from tests.conftest import REPO_ROOT, TINY, compose_config
@@ -108,6 +109,16 @@ def test_the_protocol_file_and_command_line_values():
     assert "experiment=mlrc_base" in protocol.dataset_overrides["cub"]
     with pytest.raises(CompareError, match="at least 2 class-disjoint folds"):
         load_protocol(folds=1)
+
+
+def test_a_trial_killed_before_recording_its_key_still_names_its_folder():
+    distributions = {"loss.margin": optuna.distributions.UniformDistribution(0.0, 1.0)}
+    killed = optuna.trial.create_trial(
+        params={"loss.margin": 0.25}, distributions=distributions, state=optuna.trial.TrialState.FAIL
+    )
+    (row,) = trial_rows("synthetic", "triplet", [killed], budget=2, folds=2)
+    assert row["key"] == params_key({"loss.margin": 0.25})
+    assert row["folder"] == str(Path("synthetic") / "triplet" / "search" / row["key"])
 
 
 def test_trial_folders_are_named_by_the_parameters():

@@ -231,7 +231,9 @@ def test_wandb_offline_run_without_account(tmp_path, data_dir):
     assert len(retrieval) == 8 * 5 and {r["correct"] for r in retrieval} <= {"True", "False"}
     assert draw_run_retrieval(run_dir / "tables" / "retrieval_test.csv").width > 100
     csv_header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"train/loss", "train/images_per_sec", "lr-AdamW", "val/recall@1", "test/map@r"} <= set(csv_header)
+    # One learning rate per optimizer parameter group, named after the part it trains.
+    lrs = {"lr-AdamW/backbone", "lr-AdamW/head"}
+    assert {"train/loss", "train/images_per_sec", *lrs, "val/recall@1", "test/map@r"} <= set(csv_header)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
     # The offline W&B run: media files, tables, and the records of the .wandb file.
@@ -261,7 +263,8 @@ def test_wandb_offline_run_without_account(tmp_path, data_dir):
     for key in (
         "train/loss",
         "train/images_per_sec",
-        "lr-AdamW",
+        "lr-AdamW/backbone",
+        "lr-AdamW/head",
         "val/recall@1",
         "val/map@r",
         "val/r_precision",

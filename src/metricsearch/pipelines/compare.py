@@ -925,7 +925,9 @@ def trial_rows(
     counted = {t.number for t in budget_trials(trials, budget)}
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
-        key = t.user_attrs.get("key", "")
+        # A trial killed between drawing its parameters and recording their key still names its folder: the key is
+        # a function of the parameters.
+        key = t.user_attrs.get("key") or (params_key(t.params) if t.params else "")
         row: dict[str, Any] = {
             "dataset": dataset,
             "loss": loss,
