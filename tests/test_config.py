@@ -73,8 +73,10 @@ def test_loss_composes_and_instantiates(option, tmp_path):
     loss = instantiate_partial_with(loss_cfg, num_classes=5, embedding_size=16)
     assert isinstance(loss, torch.nn.Module)
     miner = instantiate(cfg.miner) if cfg.miner else None
-    embeddings = torch.nn.functional.normalize(torch.randn(20, 16, requires_grad=True), dim=1)
-    labels = torch.arange(5).repeat_interleave(4)
+    # The example's anchor/positive loss takes batches of exactly two images per class (sampler.m=2).
+    per_class = 2 if option == "anchor_positive_softmax" else 4
+    embeddings = torch.nn.functional.normalize(torch.randn(5 * per_class, 16, requires_grad=True), dim=1)
+    labels = torch.arange(5).repeat_interleave(per_class)
     value = loss(embeddings, labels, miner(embeddings, labels) if miner else None)
     assert torch.isfinite(value)
 

@@ -17,7 +17,11 @@ LOSSES = sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml"))
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_loss_trains_a_few_steps(loss, tmp_path, data_dir):
-    cfg = compose_config([f"loss={loss}", "trainer.max_steps=3", "trainer.limit_val_batches=0"], tmp_path, data_dir)
+    overrides = [f"loss={loss}", "trainer.max_steps=3", "trainer.limit_val_batches=0"]
+    if loss == "anchor_positive_softmax":
+        # One anchor and one positive per class: sampler.m=2, and the tiny data's 4 training classes fill a batch of 8.
+        overrides += ["sampler.m=2", "data.batch_size=8"]
+    cfg = compose_config(overrides, tmp_path, data_dir)
     with open_dict(cfg):
         cfg.trainer.limit_train_batches = 3
     L.seed_everything(0)
