@@ -5,7 +5,7 @@ A reader (CUB, Cars196, SOP, a plain image folder) only parses its annotation fo
 broken copy fail at start-up with a message naming the problem instead of minutes into training:
 
 1. the data root exists (an archive's top folder inside it is found too);
-2. both splits have images;
+2. both splits have images (and the gallery, for a query/gallery dataset such as In-Shop);
 3. every listed image file exists (one directory listing per folder, so 120k images take about a second);
 4. optionally, every image decodes (``verify_images``; slow, so off by default and run once by
    ``scripts/check_data.py --verify``);
@@ -34,25 +34,68 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SplitCounts:
-    """Images and classes on each side of the zero-shot split."""
+    """Images and classes on each side of a dataset's split.
+
+    Under the ``query_gallery`` protocol (In-Shop) ``test_images`` counts the queries, as ``DatasetSplit.test``
+    holds them, ``gallery_images`` the gallery, and ``test_classes`` the classes of queries and gallery together;
+    :meth:`as_dict` then reports ``query_images`` and ``gallery_images`` instead of ``test_images``. Build those
+    with :meth:`query_gallery`.
+    """
 
     train_images: int
     test_images: int
     train_classes: int
     test_classes: int
+    gallery_images: int | None = None
+
+    @classmethod
+    def query_gallery(
+        cls, train_images: int, query_images: int, gallery_images: int, train_classes: int, test_classes: int
+    ) -> SplitCounts:
+        """The counts of a query/gallery dataset, named as :meth:`as_dict` reports them."""
+        return cls(train_images, query_images, train_classes, test_classes, gallery_images)
 
     @classmethod
     def of(cls, split: DatasetSplit) -> SplitCounts:
-        return cls(len(split.train), len(split.test), len(split.train.classes), len(split.test.classes))
+        if split.gallery is None:
+            return cls(len(split.train), len(split.test), len(split.train.classes), len(split.test.classes))
+        return cls.query_gallery(
+            len(split.train),
+            len(split.test),
+            len(split.gallery),
+            len(split.train.classes),
+            len(split.evaluation.classes),
+        )
+
+    @property
+    def is_query_gallery(self) -> bool:
+        return self.gallery_images is not None
 
     def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+        if not self.is_query_gallery:
+            return {
+                "train_images": self.train_images,
+                "test_images": self.test_images,
+                "train_classes": self.train_classes,
+                "test_classes": self.test_classes,
+            }
+        return {
+            "train_images": self.train_images,
+            "query_images": self.test_images,
+            "gallery_images": int(self.gallery_images or 0),
+            "train_classes": self.train_classes,
+            "test_classes": self.test_classes,
+        }
 
     def describe(self) -> str:
-        """E.g. ``train 5,864 images / 100 classes, test 5,924 images / 100 classes``."""
+        """E.g. ``train 5,864 images / 100 classes, test 5,924 images / 100 classes``, or for In-Shop
+        ``train 25,882 images / 3,997 classes, test 14,218 queries + 12,612 gallery images / 3,985 classes``."""
+        train = f"train {self.train_images:,} images / {self.train_classes:,} classes"
+        if not self.is_query_gallery:
+            return f"{train}, test {self.test_images:,} images / {self.test_classes:,} classes"
         return (
-            f"train {self.train_images:,} images / {self.train_classes:,} classes, "
-            f"test {self.test_images:,} images / {self.test_classes:,} classes"
+            f"{train}, test {self.test_images:,} queries + {self.gallery_images:,} gallery images / "
+            f"{self.test_classes:,} classes"
         )
 
 
@@ -87,8 +130,11 @@ class DiskSource:
     #: Which classes make up each split, as said in messages.
     train_description: ClassVar[str] = "training classes"
     test_description: ClassVar[str] = "test classes"
+    gallery_description: ClassVar[str] = "gallery images"
     #: One line describing the expected layout, appended to layout errors.
     layout_help: ClassVar[str] = ""
+    #: Whether a copy without training images is valid (a folder of one's own photos, for evaluation only).
+    train_optional: ClassVar[bool] = False
 
     # Filled in by load().
     layout: str | None = field(default=None, init=False)
@@ -98,26 +144,31 @@ class DiskSource:
     _split: DatasetSplit | None = field(default=None, init=False, repr=False, compare=False)
 
     def load(self) -> DatasetSplit:
-        """Parse the annotations, check the copy and return the zero-shot split (cached after the first call).
+        """Parse the annotations, check the copy and return the split (cached after the first call).
 
         Raises:
             DatasetError: The root, an annotation file or an image is missing, the layout is not recognised,
-                a split is empty, or (with ``strict``) the counts differ from the complete dataset.
+                a split (or the gallery of a query/gallery dataset) is empty, or (with ``strict``) the counts
+                differ from the complete dataset.
             ImageLoadError: With ``verify_images``, an image cannot be decoded.
         """
         if self._split is not None:
             return self._split
         folder = self.find_dataset_dir()
         split, layout = self._read(folder)
-        for records, side, description in (
-            (split.train, "training", self.train_description),
-            (split.test, "test", self.test_description),
-        ):
-            if len(records) == 0:
+        sides = [(split.train, "training", self.train_description)]
+        if split.gallery is None:
+            sides.append((split.test, "test", self.test_description))
+        else:
+            sides.append((split.test, "query", self.test_description))
+            sides.append((split.gallery, "gallery", self.gallery_description))
+        for records, side, description in sides:
+            if len(records) == 0 and not (records is split.train and self.train_optional):
                 raise DatasetError(f"{self.name}: no {side} images ({description}) in {folder} ({layout} layout)")
-        check_images_exist([*split.train.paths, *split.test.paths], dataset=self.name, root=folder)
+        paths = listed_paths(split)
+        check_images_exist(paths, dataset=self.name, root=folder)
         if self.verify_images:
-            verify_images([*split.train.paths, *split.test.paths], root=folder, workers=self.workers)
+            verify_images(paths, root=folder, workers=self.workers)
             self.images_verified = True
         self.count_mismatch = check_counts(split, self.expected, dataset=self.name, root=folder, strict=self.strict)
         self.layout, self.dataset_dir, self._split = layout, folder, split
@@ -152,6 +203,11 @@ class DiskSource:
     def fresh(self) -> DiskSource:
         """A new, unloaded reader with the same settings (e.g. after the files on disk changed)."""
         return dataclasses.replace(self)
+
+
+def listed_paths(split: DatasetSplit) -> list[Path]:
+    """Every image a split lists: training, then test (or queries, then gallery)."""
+    return [*split.train.paths, *split.evaluation.paths]
 
 
 def _has_any(folder: Path, names: Iterable[str]) -> bool:
@@ -295,7 +351,9 @@ def check_counts(
 
 
 def summarize(source: Any, split: DatasetSplit) -> dict[str, Any]:
-    """The facts ``scripts/check_data.py`` prints: counts found and expected, layout, whether images decoded."""
+    """The facts ``scripts/check_data.py`` prints: protocol, counts found and expected, layout, whether images
+    decoded (under ``query_gallery`` the counts are ``query_images`` and ``gallery_images`` instead of
+    ``test_images``; see :class:`SplitCounts`)."""
     found = SplitCounts.of(split)
     expected = getattr(source, "expected", None)
     dataset_dir = getattr(source, "dataset_dir", None) or getattr(source, "root", None)
@@ -303,6 +361,7 @@ def summarize(source: Any, split: DatasetSplit) -> dict[str, Any]:
         "dataset": getattr(source, "name", type(source).__name__),
         "root": str(dataset_dir) if dataset_dir is not None else None,
         "layout": getattr(source, "layout", None),
+        "protocol": split.protocol,
         **found.as_dict(),
         "expected": expected.as_dict() if expected is not None else None,
         "matches_expected": None if expected is None else found == expected,

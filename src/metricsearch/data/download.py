@@ -187,6 +187,19 @@ DISTRIBUTIONS: dict[str, Distribution] = {
         "(the Stanford_Online_Products folder of the archive)",
         elsewhere=("the project page above links the archive",),
     ),
+    # No variants: the files sit in a Google Drive folder that the project page opens only after a form.
+    "inshop": Distribution(
+        name="DeepFashion In-Shop Clothes Retrieval",
+        homepage="https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html",
+        variants=(),
+        layout="ROOT/Eval/list_eval_partition.txt and ROOT/img/WOMEN/Dresses/id_00000002/02_1_front.jpg ... "
+        "(Img/img.zip unpacked beside Eval/; ROOT/Img/img/... is found too)",
+        elsewhere=(
+            "the page above links the dataset's Google Drive folder after a short agreement form; from its "
+            "'In-shop Clothes Retrieval Benchmark' folder take Img/img.zip and "
+            "Eval/list_eval_partition.txt (no published checksum: check_data checks the layout and counts)",
+        ),
+    ),
 }
 
 
@@ -473,6 +486,8 @@ def prepare_dataset(
             return {**summarize(existing, existing.load()), "status": "already prepared"}
         except DatasetError as exc:
             log.info("no usable copy in %s yet, downloading (%s)", root, exc)
+    if not dist.variants:
+        raise DownloadError(f"{dist.name} cannot be downloaded automatically; get it from {dist.homepage}")
     downloads = downloads or root.parent / "downloads"
     failures = []
     for variant in dist.variants:

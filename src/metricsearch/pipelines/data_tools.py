@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf.errors import OmegaConfBaseException
 
-from metricsearch.data.disk_source import DiskSource, SplitCounts, summarize, verify_images
+from metricsearch.data.disk_source import DiskSource, SplitCounts, listed_paths, summarize, verify_images
 from metricsearch.data.download import DISTRIBUTIONS, DownloadError, describe_distribution
 from metricsearch.data.download import prepare_dataset as download_and_prepare
 from metricsearch.data.records import DatasetError
@@ -68,7 +68,7 @@ def check_data(overrides: Sequence[str], verify: bool = False, strict: bool = Fa
     summary = summarize(source, split)
     if verify and not summary["images_verified"]:
         # Sources that are not DiskSources (built-in data) are verified here, with the same decoder.
-        verify_images([*split.train.paths, *split.test.paths])
+        verify_images(listed_paths(split))
         summary["images_verified"] = True
     print(json.dumps(summary))
 
@@ -121,7 +121,10 @@ def prepare_data(
         )
     except DownloadError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        print("\nThe dataset could not be downloaded (no internet, or every source is gone). Get it by hand:\n")
+        if dist.variants:
+            print("\nThe dataset could not be downloaded (no internet, or every source is gone). Get it by hand:\n")
+        else:
+            print("\nThis dataset cannot be downloaded automatically. Get it by hand:\n")
         print(describe_distribution(dist, root))
         _print_expected(source)
         return 1
