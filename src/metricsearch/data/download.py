@@ -187,6 +187,40 @@ DISTRIBUTIONS: dict[str, Distribution] = {
         "(the Stanford_Online_Products folder of the archive)",
         elsewhere=("the project page above links the archive",),
     ),
+    "cifar10": Distribution(
+        name="CIFAR-10",
+        homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
+        variants=(
+            (
+                RemoteFile(
+                    "cifar-10-python.tar.gz",
+                    ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",),
+                    md5="c58f30108f718f92721af3b95e74349a",
+                    strip_prefix="cifar-10-batches-py/",
+                ),
+            ),
+        ),
+        layout="ROOT/data_batch_1 ... ROOT/data_batch_5, ROOT/test_batch, ROOT/batches.meta (the cifar-10-batches-py "
+        "folder of the archive; the images are written once as PNG files into ROOT/cifar10-png-v1/ on first use)",
+        elsewhere=("the page above links the archive (the 'CIFAR-10 python version', 163 MB)",),
+    ),
+    "cifar100": Distribution(
+        name="CIFAR-100",
+        homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
+        variants=(
+            (
+                RemoteFile(
+                    "cifar-100-python.tar.gz",
+                    ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",),
+                    md5="eb9058c3a382ffc7106e4002c42a8d85",
+                    strip_prefix="cifar-100-python/",
+                ),
+            ),
+        ),
+        layout="ROOT/train, ROOT/test, ROOT/meta (the cifar-100-python folder of the archive; the images are written "
+        "once as PNG files into ROOT/cifar100-png-v1/ on first use)",
+        elsewhere=("the page above links the archive (the 'CIFAR-100 python version', 161 MB)",),
+    ),
     # No variants: the files sit in a Google Drive folder that the project page opens only after a form.
     "inshop": Distribution(
         name="DeepFashion In-Shop Clothes Retrieval",
