@@ -83,3 +83,86 @@ def assert_metrics_equal(actual: dict[str, float], expected: dict[str, float]) -
             assert actual[key] == value, key
         else:
             assert actual[key] == pytest.approx(value, abs=SUM_ORDER_TOL), key
+
+
+def brute_force_gallery_order(queries: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every query's gallery sorted by decreasing score, ties by increasing gallery index (no self-exclusion).
+
+    Scores are float64 sums of the (exact) float64 products of the float32 coordinates, computed row by row in the
+    same order for every pair, so that exact copies of a gallery item get equal scores and tie.
+    """
+    q64, g64 = queries.astype(np.float64), gallery.astype(np.float64)
+    similarity = np.stack([(g64 * q64[row]).sum(axis=1) for row in range(len(q64))])
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    return np.take_along_axis(similarity, order, axis=1), order
+
+
+def reference_query_gallery_metrics(
+    queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray, ks
+) -> dict[str, float]:
+    """Queries searched in a separate gallery, one at a time, from the definitions; R = the gallery items of the
+    query's class, and queries with R = 0 skipped."""
+    _, order = brute_force_gallery_order(queries, gallery)
+    hits = {k: 0 for k in ks}
+    r_precisions, average_precisions = [], []
+    for query in range(len(queries)):
+        num_relevant = int(np.sum(gallery_labels == query_labels[query]))
+        if num_relevant == 0:
+            continue
+        correct = [bool(gallery_labels[n] == query_labels[query]) for n in order[query]]
+        for k in ks:
+            hits[k] += any(correct[:k])
+        r_precisions.append(sum(correct[:num_relevant]) / num_relevant)
+        precision_sum, num_correct = 0.0, 0
+        for rank in range(1, num_relevant + 1):
+            if correct[rank - 1]:
+                num_correct += 1
+                precision_sum += num_correct / rank
+        average_precisions.append(precision_sum / num_relevant)
+    num_queries = len(r_precisions)
+    metrics = {f"recall@{k}": hits[k] / num_queries for k in ks}
+    metrics["precision@1"] = hits[1] / num_queries
+    metrics["r_precision"] = sum(r_precisions) / num_queries
+    metrics["map@r"] = sum(average_precisions) / num_queries
+    metrics["num_queries"] = float(num_queries)
+    return metrics
+
+
+def make_query_gallery_data(seed: int, num_classes: int = 50, dim: int = 16, noise: float = 1.2):
+    """Queries and a gallery around the same Gaussian class centres: 0-5 queries and 0-6 gallery items per class, so
+    that some queries' classes are missing from the gallery and some gallery classes have no query."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(num_classes, dim))
+    parts = []
+    for most in (5, 6):
+        labels = rng.permutation(np.repeat(np.arange(num_classes), rng.integers(0, most + 1, size=num_classes)))
+        parts += [normalize(centers[labels] + noise * rng.normal(size=(len(labels), dim))), labels]
+    return tuple(parts)
+
+
+def make_quantised_data(seed: int, num_queries: int = 120, num_gallery: int = 160, dim: int = 8, num_classes: int = 12):
+    """Unit vectors whose float32 inner products are exact (every coordinate in {0, +-1/2} with four nonzeros, or
+    +-1 on one axis), so that scores tie exactly in any kernel: a few dozen distinct vectors, many ties."""
+    rng = np.random.default_rng(seed)
+
+    def draw(count: int) -> np.ndarray:
+        x = np.zeros((count, dim), dtype=np.float32)
+        for row in range(count):
+            if rng.random() < 0.2:
+                x[row, rng.integers(dim)] = rng.choice([-1.0, 1.0])
+            else:
+                x[row, rng.choice(dim, size=4, replace=False)] = rng.choice([-0.5, 0.5], size=4)
+        return x
+
+    return (draw(num_queries), rng.integers(0, num_classes, num_queries),
+            draw(num_gallery), rng.integers(0, num_classes, num_gallery))  # fmt: skip
+
+
+def assert_no_deciding_gallery_near_ties(queries, query_labels, gallery, gallery_labels) -> None:
+    """Checks the test data: no two consecutive gallery items, one correct and one not, have true scores closer than
+    float32 rounding without being exactly equal (exact ties are decided by the index rule, not by rounding)."""
+    scores, order = brute_force_gallery_order(queries, gallery)
+    correct = gallery_labels[order] == query_labels[:, None]
+    gap = np.diff(-scores, axis=1)
+    deciding = (gap > 0) & (gap < NEAR_TIE) & (correct[:, 1:] != correct[:, :-1])
+    assert not deciding.any(), "the test data has a near-tie that decides a metric: pick another seed"

@@ -32,11 +32,18 @@ class RetrievalMetric(Metric):
     duplicates to the gallery; the dataset index of each sample identifies them, and only its first occurrence
     is kept.
 
+    By default the collected set is a query = gallery set (each item searched among all the others). With
+    ``num_queries`` set (an attribute the module may also set after construction), the items whose *dataset index*
+    is below it are the queries and the others the gallery, each query searched in the gallery only: the evaluation
+    dataset lists the queries first, then the gallery, and one DataLoader embeds both.
+
     Args:
         recall_at_k: The values of K for Recall@K.
-        compute_nmi: Whether to also cluster the embeddings for NMI.
+        compute_nmi: Whether to also cluster the embeddings for NMI (the queries only, with a gallery).
         nmi_max_macs: NMI's k-means budget on the CPU in multiply-adds (see ``calc_retrieval_metrics``).
         seed: Seed of the k-means clustering for NMI.
+        num_queries: None for a query = gallery set; else the number of queries, which hold dataset indices
+            ``0 .. num_queries - 1`` (the gallery the indices from ``num_queries`` on).
         **kwargs: Passed on to ``torchmetrics.Metric`` (e.g. ``compute_on_cpu``).
 
     Example:
@@ -45,6 +52,9 @@ class RetrievalMetric(Metric):
         >>> metric.update(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 0]), torch.tensor([2, 0]))
         >>> metric.compute()["num_queries"]
         2.0
+        >>> metric.num_queries = 1  # item 0 is the query, items 1 and 2 the gallery
+        >>> metric.compute()["num_queries"], metric.compute()["recall@1"]
+        (1.0, 1.0)
     """
 
     full_state_update = False
@@ -61,6 +71,7 @@ class RetrievalMetric(Metric):
         compute_nmi: bool = True,
         seed: int = 0,
         nmi_max_macs: float | None = None,
+        num_queries: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -68,9 +79,23 @@ class RetrievalMetric(Metric):
         self.compute_nmi = compute_nmi
         self.nmi_max_macs = nmi_max_macs
         self.seed = seed
+        self.num_queries = num_queries
         self.add_state("embeddings", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
         self.add_state("indices", default=[], dist_reduce_fx="cat")
+
+    @property
+    def num_queries(self) -> int | None:
+        """None for a query = gallery set; else the dataset indices below it are the queries, the rest the gallery."""
+        return self._num_queries
+
+    @num_queries.setter
+    def num_queries(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise ValueError(f"num_queries must be None or a positive integer, got {value!r}")
+        self._num_queries = None if value is None else int(value)
+        # torchmetrics caches the result of compute() until the next update: it was computed for the old split.
+        self._computed = None
 
     def update(self, embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
         """Stores one batch.
@@ -97,16 +122,46 @@ class RetrievalMetric(Metric):
         When the embeddings were collected on a GPU, the similarity blocks are computed there too: at SOP size
         that takes a fraction of a second instead of tens of seconds on the CPU.
         """
-        collected = self.collected()
+        gallery: dict[str, np.ndarray] = {}
+        if self.num_queries is None:
+            queries = self.collected()
+        else:
+            queries, gallery_part = self.split_queries()
+            gallery = {"gallery_embeddings": gallery_part.embeddings, "gallery_labels": gallery_part.labels}
         return calc_retrieval_metrics(
-            collected.embeddings,
-            collected.labels,
+            queries.embeddings,
+            queries.labels,
             self.recall_at_k,
             compute_nmi=self.compute_nmi,
             nmi_max_macs=self.nmi_max_macs,
             seed=self.seed,
             device=self.device if self.device.type == "cuda" else None,
+            **gallery,
         )
+
+    def split_queries(self, normalize: bool = True) -> tuple[CollectedEmbeddings, CollectedEmbeddings]:
+        """Returns :meth:`collected` split into (queries, gallery) by ``num_queries``.
+
+        Each part keeps its dataset indices: the gallery's start at ``num_queries`` (its item ``i`` in the gallery's
+        own order has index ``num_queries + i`` when the whole dataset was collected).
+
+        Raises:
+            ValueError: If ``num_queries`` is not set, or either part is empty.
+        """
+        if self.num_queries is None:
+            raise ValueError("num_queries is None: set it to the number of queries to split the collected set")
+        collected = self.collected(normalize=normalize)
+        is_query = collected.indices < self.num_queries
+        queries = CollectedEmbeddings(*(array[is_query] for array in collected))
+        gallery = CollectedEmbeddings(*(array[~is_query] for array in collected))
+        if len(queries.indices) == 0 or len(gallery.indices) == 0:
+            empty = "queries" if len(queries.indices) == 0 else "gallery"
+            raise ValueError(
+                f"no {empty} collected with num_queries={self.num_queries} ({len(collected.indices)} items, dataset "
+                f"indices {collected.indices.min()}..{collected.indices.max()}): the queries must have dataset "
+                "indices below num_queries and the gallery the indices from it on"
+            )
+        return queries, gallery
 
     def collected(self, normalize: bool = True) -> CollectedEmbeddings:
         """Returns the gathered set with one row per dataset index (the first occurrence), sorted by index.

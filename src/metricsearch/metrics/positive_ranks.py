@@ -33,6 +33,11 @@ Neighbours of exactly equal score are ordered by increasing index (the rule of
 :func:`metricsearch.metrics.retrieval.find_neighbors`), so duplicates of the query's classmates in other classes
 are ranked reproducibly.
 
+Queries searched in a separate gallery (DeepFashion In-Shop, a user's query/ and gallery/ folders) take the same two
+phases, rectangular: phase 1 scores each query against its class's gallery items (no self-exclusion: a query is not
+in the gallery, and an exact copy of it there is a real neighbour), and phase 2 passes over query x gallery blocks,
+updating their row queries only. R is then the number of gallery items of the query's class.
+
 The screen's arithmetic lives in :mod:`metricsearch.metrics.screen` and the compiled kernels in
 :mod:`metricsearch.metrics.rank_kernels`; this module holds the two phases and their drivers.
 
@@ -51,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metricsearch.metrics.rank_kernels import count_block, group_gram, numba
+from metricsearch.metrics.rank_kernels import count_block, count_gallery_block, cross_group_gram, group_gram, numba
 from metricsearch.metrics.screen import (
     SCREENS,
     int8_scale,
@@ -77,7 +82,8 @@ class PositiveRanks:
     """Per query: how many positives it has and how many negatives outrank each of them.
 
     Attributes:
-        num_relevant: Shape (N,): R, the number of other items of the query's class (0 for singletons).
+        num_relevant: Shape (N,): R, the number of other items of the query's class (0 for singletons); with a
+            separate gallery, the number of gallery items of the query's class (0 when it has none there).
         negatives_before: Shape (N, R_max), int64: entry ``[q, m]`` is the number of negatives ranked before the
             query's (m+1)-th best positive. Exact while it decides a metric: the first column is exact below
             ``max_k`` (beyond it the query misses every Recall@K anyway), and column m is exact while
@@ -113,17 +119,24 @@ def rank_positives(
     labels: np.ndarray,
     max_k: int,
     *,
+    gallery_embeddings: np.ndarray | None = None,
+    gallery_labels: np.ndarray | None = None,
     block_size: int | None = None,
     device: str | torch.device | None = None,
     screen: str = "auto",
 ) -> PositiveRanks:
-    """Counts, for every query of a query = gallery set, the negatives ranked before each of its positives.
+    """Counts, for every query, the negatives ranked before each of its positives.
+
+    Without a gallery the queries are the gallery (query = gallery set: each item is searched among the others);
+    with one, each query is searched in the gallery only.
 
     Args:
         embeddings: Shape (N, D), float32, C-contiguous and finite (as ``_as_embedding_matrix`` returns them);
             L2-normalised so that the inner product is the cosine similarity.
         labels: Shape (N,), the class of every item.
         max_k: The largest K of Recall@K; counts above the first positive are exact below it.
+        gallery_embeddings: Shape (G, D), prepared like ``embeddings``, or None for a query = gallery set.
+        gallery_labels: Shape (G,), the class of every gallery item (given with ``gallery_embeddings``).
         block_size: Rows of each block of the similarity matrix (default: 4096 on the CPU, 8192 on a GPU). On the
             CPU, blocks span at least 4096 columns, so that thin blocks do not cost a kernel call per few scores.
         device: None for the CPU (numba kernel); a torch device (e.g. ``"cuda"``) to run phase 2 with torch
@@ -136,10 +149,16 @@ def rank_positives(
     """
     if screen not in SCREENS:
         raise ValueError(f"screen must be one of {SCREENS}, got {screen!r}")
-    classes = np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    if (gallery_embeddings is None) != (gallery_labels is None):
+        raise ValueError("give gallery_embeddings and gallery_labels together, or neither")
     use_numba = device is None and numba is not None
     if device is None and not use_numba:
         device = "cpu"
+    if gallery_embeddings is not None:
+        return _rank_in_gallery(
+            embeddings, labels, gallery_embeddings, gallery_labels, max_k, block_size, device, screen, use_numba
+        )
+    classes = np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
     # NOTE: the scores that decide must all come from one computation, so that exact copies of an item tie
     # exactly: BLAS gives copies different roundings in different places of a product (edge tiles), so the kernel
     # rescores with exact_score, which phase 1 uses too.
@@ -156,6 +175,44 @@ def rank_positives(
         device = torch.device(device)
         size = block_size or (CUDA_BLOCK_SIZE if device.type == "cuda" else CPU_BLOCK_SIZE)
         counts = _count_with_torch(embeddings, classes, num_relevant, pos_scores, pos_index, size, device)
+    return PositiveRanks(num_relevant, np.cumsum(counts, axis=1))
+
+
+def _rank_in_gallery(
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    max_k: int,
+    block_size: int | None,
+    device: str | torch.device | None,
+    screen: str,
+    use_numba: bool,
+) -> PositiveRanks:
+    """:func:`rank_positives` for queries searched in a separate gallery (see its arguments)."""
+    both = np.unique(np.concatenate([np.asarray(query_labels), np.asarray(gallery_labels)]), return_inverse=True)[1]
+    both = both.reshape(-1).astype(np.int64)
+    query_classes, gallery_classes = both[: len(queries)], both[len(queries) :]
+    gram = cross_group_gram if use_numba else _matmul_cross_group_gram
+    num_relevant, pos_scores, pos_index = _sorted_gallery_positive_scores(
+        queries, query_classes, gallery, gallery_classes, gram
+    )
+    num_queries, max_r = pos_scores.shape
+    if max_r == 0:
+        return PositiveRanks(num_relevant, np.zeros((num_queries, 0), dtype=np.int64))
+    if use_numba:
+        size = block_size or CPU_BLOCK_SIZE
+        precision = resolve_screen(screen, queries.shape[1])
+        counts = _count_gallery_with_numba(
+            queries, query_classes, gallery, gallery_classes, num_relevant, pos_scores, pos_index, max_k, size,
+            precision,
+        )  # fmt: skip
+    else:
+        device = torch.device(device)
+        size = block_size or (CUDA_BLOCK_SIZE if device.type == "cuda" else CPU_BLOCK_SIZE)
+        counts = _count_gallery_with_torch(
+            queries, query_classes, gallery, gallery_classes, num_relevant, pos_scores, pos_index, size, device
+        )
     return PositiveRanks(num_relevant, np.cumsum(counts, axis=1))
 
 
@@ -207,6 +264,63 @@ def _sorted_positive_scores(
             rank = np.lexsort((member_index, -gram), axis=-1)[..., : size - 1]
             scores[members, : size - 1] = np.take_along_axis(gram, rank, axis=-1)
             indices[members, : size - 1] = np.take_along_axis(member_index, rank, axis=-1)
+    return num_relevant, scores, indices
+
+
+def _matmul_cross_group_gram(
+    queries: np.ndarray, query_members: np.ndarray, gallery: np.ndarray, gallery_members: np.ndarray
+) -> np.ndarray:
+    """Scores of each group's queries with its gallery items, shape (C, n_query, n_gallery), by BLAS.
+
+    In float64 rounded to float32, as :func:`_count_gallery_with_torch` scores the negatives (see there).
+    """
+    left = queries[query_members].astype(np.float64)
+    return np.matmul(left, gallery[gallery_members].astype(np.float64).transpose(0, 2, 1)).astype(np.float32)
+
+
+def _sorted_gallery_positive_scores(
+    queries: np.ndarray,
+    query_classes: np.ndarray,
+    gallery: np.ndarray,
+    gallery_classes: np.ndarray,
+    gram_of: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query's scores with the gallery items of its class, best first (ties: lower gallery index first).
+
+    The query / gallery counterpart of :func:`_sorted_positive_scores`: ``gram_of(queries, query_members, gallery,
+    gallery_members)`` scores a batch of classes with equal numbers of queries and of gallery items.
+
+    Returns:
+        ``(num_relevant, scores, indices)``: R per query (its class's gallery items), and arrays of shape
+        (Q, R_max) holding the positives' scores (float32, non-increasing; padding -inf) and gallery indices
+        (int64; padding -1).
+    """
+    num_classes = int(max(query_classes.max(initial=-1), gallery_classes.max(initial=-1))) + 1
+    query_sizes = np.bincount(query_classes, minlength=num_classes)
+    gallery_sizes = np.bincount(gallery_classes, minlength=num_classes)
+    num_relevant = gallery_sizes[query_classes].astype(np.int64)
+    max_r = int(num_relevant.max(initial=0))
+    scores = np.full((len(queries), max_r), -np.inf, dtype=np.float32)
+    indices = np.full((len(queries), max_r), -1, dtype=np.int64)
+    query_order = np.argsort(query_classes, kind="stable")  # each class's members in increasing index order
+    gallery_order = np.argsort(gallery_classes, kind="stable")
+    query_starts = np.concatenate([[0], np.cumsum(query_sizes)[:-1]])
+    gallery_starts = np.concatenate([[0], np.cumsum(gallery_sizes)[:-1]])
+    searched = (query_sizes > 0) & (gallery_sizes > 0)
+    # NOTE: classes with equal (query count, gallery count) are stacked and scored as one batch.
+    for num_q, num_g in np.unique(np.stack([query_sizes[searched], gallery_sizes[searched]], axis=1), axis=0):
+        group = np.flatnonzero(searched & (query_sizes == num_q) & (gallery_sizes == num_g))
+        per_batch = max(1, GRAM_BUDGET // int(num_q * num_g))
+        for begin in range(0, len(group), per_batch):
+            batch = group[begin : begin + per_batch]
+            query_members = query_order[query_starts[batch, None] + np.arange(num_q)]  # (C, num_q)
+            gallery_members = gallery_order[gallery_starts[batch, None] + np.arange(num_g)]  # (C, num_g)
+            gram = gram_of(queries, query_members, gallery, gallery_members)
+            member_index = np.broadcast_to(gallery_members[:, None, :], gram.shape)
+            # np.lexsort sorts by its last key first: decreasing score, then increasing gallery index.
+            rank = np.lexsort((member_index, -gram), axis=-1)
+            scores[query_members, :num_g] = np.take_along_axis(gram, rank, axis=-1)
+            indices[query_members, :num_g] = np.take_along_axis(member_index, rank, axis=-1)
     return num_relevant, scores, indices
 
 
@@ -286,6 +400,51 @@ def _count_with_numba(
     return counts
 
 
+def _count_gallery_with_numba(
+    queries: np.ndarray,
+    query_classes: np.ndarray,
+    gallery: np.ndarray,
+    gallery_classes: np.ndarray,
+    num_relevant: np.ndarray,
+    pos_scores: np.ndarray,
+    pos_index: np.ndarray,
+    max_k: int,
+    block_size: int,
+    precision: str,
+) -> np.ndarray:
+    """The histogram of :func:`_count_with_numba` for queries (rows) searched in a separate gallery (columns).
+
+    Blocks of queries x gallery items, each counted for its row queries only; a block of rows stops early once
+    none of its queries has a positive left that can change a metric.
+    """
+    num_queries, max_r = pos_scores.shape
+    margin = screen_margin(precision, queries, gallery)
+    scale = int8_scale(queries, gallery) if precision == "int8" else 1.0
+    counts = np.zeros((num_queries, max_r), dtype=np.int64)
+    last_live = num_relevant - 1  # as in _count_with_numba
+    block_rows = min(block_size, num_queries)
+    block_cols = min(max(block_size, CPU_BLOCK_SIZE), len(gallery))
+    query_operands, out_dtype = screen_operands(precision, queries, scale)
+    gallery_operands, _ = screen_operands(precision, gallery, scale)
+    buffer = torch.empty(block_rows * block_cols, dtype=out_dtype)
+    for row0 in range(0, num_queries, block_rows):
+        rows = slice(row0, min(row0 + block_rows, num_queries))
+        for col0 in range(0, len(gallery), block_cols):
+            live, threshold, tie = _thresholds(pos_scores, pos_index, last_live, rows)
+            if live.max() < 0:
+                break
+            cols = slice(col0, min(col0 + block_cols, len(gallery)))
+            shape = (rows.stop - rows.start, cols.stop - cols.start)
+            block = buffer[: shape[0] * shape[1]].view(shape)
+            screen_product(precision, query_operands[rows], gallery_operands[cols], block)
+            block = block.view(torch.int16).numpy() if precision == "bfloat16" else block.numpy()
+            keys = screen_keys(threshold, margin, precision, scale)
+            count_gallery_block(block, keys, queries, gallery, rows.start, cols.start, query_classes,
+                                gallery_classes, pos_scores, pos_index, live, threshold, tie, counts)  # fmt: skip
+            _update_liveness(counts, num_relevant, last_live, rows, max_k)
+    return counts
+
+
 def _thresholds(
     pos_scores: np.ndarray, pos_index: np.ndarray, last_live: np.ndarray, queries: slice
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -355,23 +514,15 @@ def _count_with_torch(
     bins = max_r + 1  # the last bin collects negatives that beat no positive, and same-class pairs
     xt = torch.from_numpy(x).to(device)
     cls = torch.from_numpy(classes).to(device)
-    # Ascending keys per query, padding (smaller than every real key) first: searchsorted needs ascending rows.
-    keys = _sortable_keys(torch.from_numpy(pos_scores).to(device), torch.from_numpy(pos_index).to(device))
-    keys = torch.where(torch.from_numpy(pos_index >= 0).to(device), keys, torch.iinfo(torch.int64).min)
-    ascending = keys.flip(1).contiguous()
+    ascending = _ascending_positive_keys(pos_scores, pos_index, device)
     relevant = torch.from_numpy(num_relevant).to(device)
     counts = torch.zeros(num_items * bins, dtype=torch.int64, device=device)
     item_ids = torch.arange(num_items, device=device)
 
     def add(scores: torch.Tensor, queries: slice, items: slice) -> None:
         """Bins every (query, item) pair of ``scores``, whose rows are the queries."""
-        negative_keys = _sortable_keys(scores, item_ids[items][None, :]).contiguous()  # rows of a transposed block
-        # The number of positive keys above the negative's key is the index of the first positive it beats.
-        first_beaten = max_r - torch.searchsorted(ascending[queries], negative_keys, right=True)
-        unused = (first_beaten >= relevant[queries, None]) | (cls[queries, None] == cls[None, items])
-        first_beaten = torch.where(unused, max_r, first_beaten)
-        flat = (item_ids[queries, None] * bins + first_beaten).reshape(-1)
-        counts.index_add_(0, flat, torch.ones_like(flat))
+        _bin_pairs(scores, item_ids[queries], cls[queries], item_ids[items], cls[items], ascending[queries],
+                   relevant[queries], counts, bins)  # fmt: skip
 
     with _exact_float32_matmul():
         for rows, cols, first in _upper_triangle_blocks(num_items, block_size, block_size):
@@ -380,3 +531,77 @@ def _count_with_torch(
             if first < scores.shape[1]:
                 add(scores[:, first:].T, slice(cols.start + first, cols.stop), rows)
     return counts.view(num_items, bins)[:, :max_r].cpu().numpy()
+
+
+def _count_gallery_with_torch(
+    queries: np.ndarray,
+    query_classes: np.ndarray,
+    gallery: np.ndarray,
+    gallery_classes: np.ndarray,
+    num_relevant: np.ndarray,
+    pos_scores: np.ndarray,
+    pos_index: np.ndarray,
+    block_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """The histogram of :func:`_count_gallery_with_numba`, counting every negative (exact everywhere).
+
+    The scores are float64 products rounded to float32: BLAS rounds a float32 product of exact copies of a gallery
+    item differently at different places of a matrix, and phase 1 scores the positives in another product
+    (:func:`_matmul_cross_group_gram`), so a copy would tie with its positive or not by chance. The float64 sums of
+    copies differ by far less than a float32 step, so they round to the same float32 score and tie (unless they
+    straddle a rounding boundary, about once in 10^9 pairs); the numba path ties them by construction.
+    """
+    num_queries, max_r = pos_scores.shape
+    bins = max_r + 1
+    qt = torch.from_numpy(queries).to(device, torch.float64)
+    gt = torch.from_numpy(gallery).to(device, torch.float64)
+    query_cls = torch.from_numpy(query_classes).to(device)
+    gallery_cls = torch.from_numpy(gallery_classes).to(device)
+    ascending = _ascending_positive_keys(pos_scores, pos_index, device)
+    relevant = torch.from_numpy(num_relevant).to(device)
+    counts = torch.zeros(num_queries * bins, dtype=torch.int64, device=device)
+    query_ids = torch.arange(num_queries, device=device)
+    gallery_ids = torch.arange(len(gallery), device=device)
+    for row0 in range(0, num_queries, block_size):
+        rows = slice(row0, min(row0 + block_size, num_queries))
+        for col0 in range(0, len(gallery), block_size):
+            cols = slice(col0, min(col0 + block_size, len(gallery)))
+            scores = (qt[rows] @ gt[cols].T).to(torch.float32)
+            _bin_pairs(scores, query_ids[rows], query_cls[rows], gallery_ids[cols], gallery_cls[cols],
+                       ascending[rows], relevant[rows], counts, bins)  # fmt: skip
+    return counts.view(num_queries, bins)[:, :max_r].cpu().numpy()
+
+
+def _ascending_positive_keys(pos_scores: np.ndarray, pos_index: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Each query's positive keys in ascending order, padding (smaller than every real key) first."""
+    keys = _sortable_keys(torch.from_numpy(pos_scores).to(device), torch.from_numpy(pos_index).to(device))
+    keys = torch.where(torch.from_numpy(pos_index >= 0).to(device), keys, torch.iinfo(torch.int64).min)
+    return keys.flip(1).contiguous()  # searchsorted needs ascending rows
+
+
+def _bin_pairs(
+    scores: torch.Tensor,
+    query_ids: torch.Tensor,
+    query_classes: torch.Tensor,
+    item_ids: torch.Tensor,
+    item_classes: torch.Tensor,
+    ascending: torch.Tensor,
+    relevant: torch.Tensor,
+    counts: torch.Tensor,
+    bins: int,
+) -> None:
+    """Bins every (query, item) pair of ``scores`` (rows: the queries, columns: the items) into ``counts``.
+
+    ``ascending`` and ``relevant`` are the rows' positive keys (:func:`_ascending_positive_keys`) and R; a pair
+    counts in the bin of the first positive its item beats, and same-class pairs and pairs that beat no positive
+    in the last bin.
+    """
+    max_r = bins - 1
+    negative_keys = _sortable_keys(scores, item_ids[None, :]).contiguous()  # rows of a transposed block too
+    # The number of positive keys above the negative's key is the index of the first positive it beats.
+    first_beaten = max_r - torch.searchsorted(ascending, negative_keys, right=True)
+    unused = (first_beaten >= relevant[:, None]) | (query_classes[:, None] == item_classes[None, :])
+    first_beaten = torch.where(unused, max_r, first_beaten)
+    flat = (query_ids[:, None] * bins + first_beaten).reshape(-1)
+    counts.index_add_(0, flat, torch.ones_like(flat))

@@ -1,8 +1,9 @@
 """The compiled (numba) kernels of the CPU evaluation: exact scores, per-class Gram matrices, and the screened count.
 
 Used by :mod:`metricsearch.metrics.positive_ranks`. Every score that decides a metric comes from
-:func:`exact_score`, one fixed float32 inner product, so that exact copies of an item tie exactly wherever their
-scores are computed.
+:func:`exact_score` (a query = gallery set) or :func:`exact_cross_score` (queries searched in a separate gallery),
+one fixed float32 inner product each, so that exact copies of an item tie exactly wherever their scores are
+computed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ try:  # numba ships with umap-learn; without it the torch implementation runs on
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ["count_block", "exact_score", "group_gram", "numba_available"]
+__all__ = [
+    "count_block",
+    "count_gallery_block",
+    "cross_group_gram",
+    "exact_cross_score",
+    "exact_score",
+    "group_gram",
+    "numba_available",
+]
 
 
 def numba_available() -> bool:
@@ -53,6 +62,20 @@ if numba is not None:
             total += p[k] * q[k]
         return total
 
+    @numba.njit(cache=True, fastmath={"reassoc"}, nogil=True)
+    def exact_cross_score(queries, a, gallery, b):  # pragma: no cover - compiled
+        """The float32 inner product of query ``a`` and gallery item ``b``: :func:`exact_score`'s loop, two matrices.
+
+        Every decision of a query / gallery search uses it (phase 1 and phase 2), so that a query's scores with
+        exact copies of a gallery item are equal.
+        """
+        p = queries[a]
+        q = gallery[b]
+        total = np.float32(0.0)
+        for k in range(p.shape[0]):
+            total += p[k] * q[k]
+        return total
+
     @numba.njit(cache=True, parallel=True, nogil=True)
     def group_gram(x, members):  # pragma: no cover - compiled
         """Exact scores among the members of each group, shape (C, n, n); the diagonal (the query) is -inf."""
@@ -65,6 +88,18 @@ if numba is not None:
                     s = exact_score(x, members[g, a], members[g, b])
                     gram[g, a, b] = s
                     gram[g, b, a] = s
+        return gram
+
+    @numba.njit(cache=True, parallel=True, nogil=True)
+    def cross_group_gram(queries, query_members, gallery, gallery_members):  # pragma: no cover - compiled
+        """Exact scores of each group's queries with the group's gallery items, shape (C, n_query, n_gallery)."""
+        num_groups, num_queries = query_members.shape
+        num_gallery = gallery_members.shape[1]
+        gram = np.empty((num_groups, num_queries, num_gallery), dtype=np.float32)
+        for g in numba.prange(num_groups):
+            for a in range(num_queries):
+                for b in range(num_gallery):
+                    gram[g, a, b] = exact_cross_score(queries, query_members[g, a], gallery, gallery_members[g, b])
         return gram
 
     @numba.njit(cache=True, inline="always")
@@ -136,9 +171,38 @@ if numba is not None:
                             m = _first_beaten(s, row_item, pos_scores, pos_index, item, col_live[q])
                             counts[item, m] += 1
 
+    @numba.njit(cache=True, parallel=True, nogil=True)
+    def count_gallery_block(
+        screen, row_keys, queries, gallery, row0, col0, query_classes, gallery_classes, pos_scores, pos_index,
+        row_live, row_threshold, row_tie, counts,
+    ):  # pragma: no cover - compiled  # fmt: skip
+        """One pass over a screened block of queries (rows) x gallery items (columns), for the row queries only.
+
+        The query / gallery counterpart of :func:`count_block`: the gallery items are not queries, so nothing is
+        counted for the columns. A pair whose screening key reaches the row's key gets its exact score
+        (:func:`exact_cross_score`), which alone decides whether and where it counts. The rows are split among the
+        threads, each owning its rows' counts; a finished row (no positive left that can change a metric) is
+        skipped whole.
+        """
+        num_rows, num_cols = screen.shape
+        for i in numba.prange(num_rows):
+            if row_live[i] < 0:
+                continue
+            row_key = row_keys[i]
+            query = row0 + i
+            query_class = query_classes[query]
+            for j in range(num_cols):
+                if _screen_key(screen[i, j]) >= row_key:
+                    item = col0 + j
+                    if gallery_classes[item] != query_class:
+                        s = exact_cross_score(queries, query, gallery, item)
+                        if s > row_threshold[i] or (s == row_threshold[i] and item < row_tie[i]):
+                            m = _first_beaten(s, item, pos_scores, pos_index, query, row_live[i])
+                            counts[query, m] += 1
+
 else:  # pragma: no cover
 
     def _missing(*args):
         raise RuntimeError("numba is not installed")
 
-    count_block = exact_score = group_gram = _missing
+    count_block = count_gallery_block = cross_group_gram = exact_cross_score = exact_score = group_gram = _missing

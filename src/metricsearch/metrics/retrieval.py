@@ -1,18 +1,21 @@
 """Retrieval metrics of the deep-metric-learning protocol, computed exactly.
 
-Every item of the evaluation set is a query and the gallery is the whole set minus that query (query set =
-gallery). The metrics follow Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020):
+By default every item of the evaluation set is a query and the gallery is the whole set minus that query (query
+set = gallery: CUB-200, Cars196, SOP). With a separate gallery (DeepFashion In-Shop's 14,218 queries and 12,612
+gallery images, or a user's query/ and gallery/ folders) each query is searched in the gallery only, and R counts
+the gallery items of its class; see :func:`calc_retrieval_metrics`. The metrics follow Musgrave et al., "A Metric
+Learning Reality Check" (ECCV 2020):
 
 - Recall@K: fraction of queries with at least one item of their class among the K nearest neighbours
   (the metric-learning sense, not IR recall); Precision@1 equals Recall@1.
-- R-Precision: with R the number of *other* items of the query's class, the fraction of correct items among
-  the R nearest neighbours.
+- R-Precision: with R the number of *other* items of the query's class (of gallery items of its class, with a
+  separate gallery), the fraction of correct items among the R nearest neighbours.
 - MAP@R: (1/R) * sum_{i<=R} P@i * [i-th neighbour is correct].
 - NMI: normalized mutual information between the labels and a k-means clustering with one cluster per class.
 
-Queries whose class has no other item (singleton classes) cannot retrieve anything correct; they are left out of
-the neighbour-based metrics, as pytorch-metric-learning's ``AccuracyCalculator`` does, and their number is
-reported through ``num_queries``.
+Queries whose class has no other item (singleton classes), or no gallery item with a separate gallery, cannot
+retrieve anything correct; they are left out of the neighbour-based metrics, as pytorch-metric-learning's
+``AccuracyCalculator`` does, and the number of queries kept is reported through ``num_queries``.
 
 The ``calc_*`` functions work on neighbour *labels*, so they can be checked by hand. ``calc_retrieval_metrics``
 computes them all without neighbour lists: every metric follows from the rank of each query's positives (see
@@ -105,21 +108,32 @@ def find_neighbors(embeddings: np.ndarray, k: int, *, chunk_size: int = 8192) ->
     return scores, indices
 
 
-def count_relevant(labels: np.ndarray) -> np.ndarray:
-    """Counts, for every item, the other items of its class: R of R-Precision and MAP@R.
+def count_relevant(labels: np.ndarray, gallery_labels: np.ndarray | None = None) -> np.ndarray:
+    """Counts, for every query, the items it should retrieve: R of R-Precision and MAP@R.
 
     Args:
-        labels: Array of shape (N,) with the class of every item of the query = gallery set.
+        labels: Array of shape (N,) with the class of every item of the query = gallery set, or of every query.
+        gallery_labels: Array of shape (G,) with the class of every item of a separate gallery, or None when the
+            queries are the gallery.
 
     Returns:
-        Int64 array of shape (N,); zero marks a singleton class, whose query cannot be answered.
+        Int64 array of shape (N,): the number of other items of each query's class, or of gallery items of its
+        class; zero marks a query that cannot be answered.
 
     Example:
         >>> count_relevant(np.array([3, 5, 3, 3, 7])).tolist()
         [2, 0, 2, 2, 0]
+        >>> count_relevant(np.array([3, 5, 3]), gallery_labels=np.array([3, 7, 3, 3])).tolist()
+        [3, 0, 3]
     """
-    _, inverse, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
-    return counts[inverse.reshape(-1)].astype(np.int64) - 1
+    labels = np.asarray(labels)
+    if gallery_labels is None:
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        return counts[inverse.reshape(-1)].astype(np.int64) - 1
+    _, inverse = np.unique(np.concatenate([labels, np.asarray(gallery_labels)]), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    gallery_counts = np.bincount(inverse[len(labels) :], minlength=int(inverse.max(initial=-1)) + 1)
+    return gallery_counts[inverse[: len(labels)]].astype(np.int64)
 
 
 def calc_recall_at_k(neighbor_labels: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
@@ -233,7 +247,7 @@ def calc_nmi(
         >>> calc_nmi(x, np.array([5, 5, 8, 8]))
         1.0
     """
-    x = _as_embedding_matrix(embeddings)
+    x = _as_embedding_matrix(embeddings, min_rows=1)
     labels = _as_label_vector(labels, len(x))
     num_classes = len(np.unique(labels))
     if num_classes == 1:
@@ -258,8 +272,10 @@ def calc_retrieval_metrics(
     device: str | torch.device | None = None,
     screen: str = "auto",
     nmi_max_macs: float | None = None,
+    gallery_embeddings: np.ndarray | None = None,
+    gallery_labels: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Computes all the retrieval metrics of a query = gallery set in one pass over the similarity matrix.
+    """Computes all the retrieval metrics of a query = gallery set, or of queries in a gallery, in one pass.
 
     The results are those of a neighbour search with k = max(max(recall_at_k), max R) clipped to N - 1 and
     equal scores ordered by index (see :func:`find_neighbors`), but no neighbour list is built: the rank of each
@@ -267,8 +283,16 @@ def calc_retrieval_metrics(
     K costs the same. Queries of singleton classes are left out of every neighbour-based metric;
     ``num_queries`` says how many were kept.
 
+    With ``gallery_embeddings`` and ``gallery_labels`` each query is searched in the gallery only: there is no
+    self-exclusion (the query is not in the gallery; an exact copy of it there is a real neighbour), R is the
+    number of gallery items of the query's class, equal scores are ordered by increasing gallery index, and
+    queries whose class has no gallery item are left out (as pytorch-metric-learning's ``AccuracyCalculator``
+    does with ``ref_includes_query=False``). NMI then clusters the query embeddings against the query labels,
+    as ``AccuracyCalculator`` does.
+
     Args:
-        embeddings: Array of shape (N, D), L2-normalised so that the inner product is the cosine similarity.
+        embeddings: Array of shape (N, D), L2-normalised so that the inner product is the cosine similarity: the
+            query = gallery set, or the queries when a gallery is given.
         labels: Array of shape (N,), the class of every item.
         recall_at_k: The values of K for Recall@K.
         compute_nmi: Whether to run k-means for NMI (the slowest part on large sets).
@@ -284,6 +308,9 @@ def calc_retrieval_metrics(
             rescored exactly in float32): ``"int8"``, ``"bfloat16"``, ``"float32"``, or ``"auto"``: the fastest on
             this CPU among those at least 1.5x faster than float32 (VNNI, AVX512-BF16, AMX). It changes the speed,
             not the metrics.
+        gallery_embeddings: Array of shape (G, D), prepared like ``embeddings``: the gallery the queries are
+            searched in, or None when the queries are the gallery.
+        gallery_labels: Array of shape (G,), the class of every gallery item (given with ``gallery_embeddings``).
 
     Returns:
         A dict with keys ``recall@{K}`` for each K, ``precision@1``, ``r_precision``, ``map@r``, ``nmi`` (when
@@ -291,29 +318,46 @@ def calc_retrieval_metrics(
         metrics are 0.0, with a warning.
 
     Raises:
-        ValueError: On embeddings that are not a finite 2D array with at least two rows, labels that are not a
-            1D array of the same length, or values of K smaller than 1.
+        ValueError: On embeddings that are not a finite 2D array with at least two rows (one query and one
+            gallery item with a gallery), labels that are not a 1D array of the same length, a gallery of another
+            dimension than the queries or given without its labels, or values of K smaller than 1.
 
     Example:
         >>> x = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]], dtype=np.float32)
         >>> metrics = calc_retrieval_metrics(x, np.array([0, 0, 1, 1]), recall_at_k=(1, 2), compute_nmi=False)
         >>> metrics["recall@1"], metrics["recall@2"], metrics["map@r"], metrics["num_queries"]
         (0.5, 1.0, 0.5, 4.0)
+
+        The first two items as queries, searched in the last two (query 0's class has no gallery item):
+
+        >>> metrics = calc_retrieval_metrics(
+        ...     x[:2], np.array([0, 1]), recall_at_k=(1, 2), compute_nmi=False,
+        ...     gallery_embeddings=x[2:], gallery_labels=np.array([1, 2]),
+        ... )
+        >>> metrics["recall@1"], metrics["map@r"], metrics["num_queries"]
+        (1.0, 1.0, 1.0)
     """
-    x = _as_embedding_matrix(embeddings)
+    gallery = _as_gallery(gallery_embeddings, gallery_labels)
+    x = _as_embedding_matrix(embeddings, min_rows=2 if gallery is None else 1)
     labels = _as_label_vector(labels, len(x))
+    if gallery is not None and gallery[0].shape[1] != x.shape[1]:
+        raise ValueError(
+            f"gallery_embeddings have {gallery[0].shape[1]} dimensions but the query embeddings {x.shape[1]}: "
+            "embed both with the same model"
+        )
     ks = _check_ks(recall_at_k)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
 
-    num_relevant = count_relevant(labels)
+    num_relevant = count_relevant(labels, None if gallery is None else gallery[1])
     answerable = num_relevant > 0
     num_queries = int(np.count_nonzero(answerable))
 
     metrics: dict[str, float] = {}
     if num_queries == 0:
         warnings.warn(
-            "No query has another item of its class: the retrieval metrics are set to 0.",
+            f"No query has {'another item' if gallery is None else 'a gallery item'} of its class: "
+            "the retrieval metrics are set to 0.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -321,10 +365,14 @@ def calc_retrieval_metrics(
         metrics.update({"precision@1": 0.0, "r_precision": 0.0, "map@r": 0.0})
     else:
         # NOTE: singletons stay in the gallery (they can outrank the positives of others); only their own rows,
-        # which have no positives, are left out.
-        ranks = rank_positives(x, labels, max_k=max(ks), block_size=chunk_size, device=device, screen=screen)
+        # which have no positives, are left out. The same holds for gallery items of classes without queries.
+        gallery_embeddings, gallery_labels = (None, None) if gallery is None else gallery
+        ranks = rank_positives(x, labels, max_k=max(ks), gallery_embeddings=gallery_embeddings,
+                               gallery_labels=gallery_labels, block_size=chunk_size, device=device,
+                               screen=screen)  # fmt: skip
         metrics.update(calc_metrics_from_positive_ranks(ranks, ks, answerable))
     if compute_nmi:
+        # With a gallery, the queries are clustered against their labels (as AccuracyCalculator does).
         num_classes = len(np.unique(labels))
         on_gpu = device is not None and torch.device(device).type != "cpu"
         budget = None if on_gpu else nmi_max_macs
@@ -448,29 +496,41 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
     return ks
 
 
-def _as_embedding_matrix(embeddings: np.ndarray) -> np.ndarray:
+def _as_embedding_matrix(embeddings: np.ndarray, min_rows: int = 2, name: str = "embeddings") -> np.ndarray:
     """Validates the embeddings and returns them as a C-contiguous float32 array, the layout faiss and BLAS need.
 
     Nothing here writes into the array, so float32 C-contiguous input is used as it is: at SOP size a copy would
-    add 120 MB to the peak memory.
+    add 120 MB to the peak memory. A query = gallery set needs two rows; queries or a gallery of their own, one.
     """
     x = np.asarray(embeddings)
     if x.ndim != 2:
-        raise ValueError(f"embeddings must be a 2D array (N, D), got shape {x.shape}")
-    if x.shape[0] < 2:
-        raise ValueError(f"need at least 2 embeddings to retrieve anything, got {x.shape[0]}")
+        raise ValueError(f"{name} must be a 2D array (N, D), got shape {x.shape}")
+    if x.shape[0] < min_rows:
+        raise ValueError(f"need at least {min_rows} {name} to retrieve anything, got {x.shape[0]}")
     if x.shape[1] < 1:
-        raise ValueError("embeddings must have at least one dimension")
+        raise ValueError(f"{name} must have at least one dimension")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
-        raise ValueError("embeddings contain NaN or infinite values")
+        raise ValueError(f"{name} contain NaN or infinite values")
     return x
 
 
-def _as_label_vector(labels: np.ndarray, num_items: int) -> np.ndarray:
+def _as_label_vector(labels: np.ndarray, num_items: int, name: str = "embeddings") -> np.ndarray:
     labels = np.asarray(labels)
+    kind = "labels" if name == "embeddings" else name.replace("embeddings", "labels")
     if labels.ndim != 1:
-        raise ValueError(f"labels must be a 1D array, got shape {labels.shape}")
+        raise ValueError(f"{kind} must be a 1D array, got shape {labels.shape}")
     if len(labels) != num_items:
-        raise ValueError(f"got {num_items} embeddings but {len(labels)} labels")
+        raise ValueError(f"got {num_items} {name} but {len(labels)} {kind}")
     return labels
+
+
+def _as_gallery(embeddings: np.ndarray | None, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The validated gallery (embeddings, labels), or None when there is none (the queries are the gallery)."""
+    if embeddings is None and labels is None:
+        return None
+    if embeddings is None or labels is None:
+        missing = "gallery_labels" if labels is None else "gallery_embeddings"
+        raise ValueError(f"{missing} missing: give gallery_embeddings and gallery_labels together, or neither")
+    x = _as_embedding_matrix(embeddings, min_rows=1, name="gallery_embeddings")
+    return x, _as_label_vector(labels, len(x), name="gallery_embeddings")

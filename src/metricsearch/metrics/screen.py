@@ -42,8 +42,11 @@ SCREEN_ROUNDOFF = {"bfloat16": 2.0**-8, "float32": 0.0}  # unit roundoff of the 
 CODE_CHUNK = 4096
 
 
-def screen_margin(precision: str, x: np.ndarray) -> float:
+def screen_margin(precision: str, x: np.ndarray, other: np.ndarray | None = None) -> float:
     """How far a screening score can lie from the exact score of the same pair, at most.
+
+    ``other`` holds the right-hand rows where they are not ``x``'s own (queries searched in a separate gallery):
+    the bound then takes the largest norms of both, and the int8 codes their common scale (``int8_scale(x, other)``).
 
     For rows of norm at most nu and unit roundoff u of the screen's inputs (2^-8 for bfloat16, 0 for float32),
     rounding the inputs moves each product x_k y_k by at most (2u + u^2)|x_k y_k|, and sum_k |x_k y_k| <= nu^2
@@ -56,20 +59,21 @@ def screen_margin(precision: str, x: np.ndarray) -> float:
     ``(s / 2)(|x|_1 + |y|_1) + (3/4) D s^2``, bounded with the largest L1 norm of the rows.
     """
     dim = x.shape[1]
-    nu_sq = float(np.max(np.einsum("ij,ij->i", x, x, dtype=np.float64))) if len(x) else 0.0
+    matrices = [x] if other is None else [x, other]
+    nu_sq = max(float(np.max(np.einsum("ij,ij->i", m, m, dtype=np.float64))) if len(m) else 0.0 for m in matrices)
     gamma = dim * 2.0**-24 / (1.0 - dim * 2.0**-24)
     if precision == "int8":
-        scale = int8_scale(x)
-        l1 = float(np.abs(x).sum(axis=1, dtype=np.float64).max()) if len(x) else 0.0
+        scale = int8_scale(x, other)
+        l1 = max(float(np.abs(m).sum(axis=1, dtype=np.float64).max()) if len(m) else 0.0 for m in matrices)
         return 1.01 * (scale * l1 + 0.75 * dim * scale * scale + gamma * nu_sq) + 1e-30
     u = SCREEN_ROUNDOFF[precision]
     bound = (2 * u + u * u) + gamma * (1 + u) ** 2 + u * (1 + u) ** 2 * (1 + gamma) + gamma
     return 1.01 * bound * max(nu_sq, 1e-30)
 
 
-def int8_scale(x: np.ndarray) -> float:
-    """The scale of the int8 screen's codes: the largest magnitude maps to 127."""
-    largest = float(np.abs(x).max()) if x.size else 0.0
+def int8_scale(x: np.ndarray, other: np.ndarray | None = None) -> float:
+    """The scale of the int8 screen's codes: the largest magnitude (of ``x``, and of ``other`` if given) maps to 127."""
+    largest = max(float(np.abs(m).max()) if m.size else 0.0 for m in ([x] if other is None else [x, other]))
     return largest / 127.0 if largest > 0 else 1.0
 
 
