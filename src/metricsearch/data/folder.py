@@ -117,8 +117,11 @@ class FolderSource(DiskSource):
             )
         return images
 
-    def _scan(self, folders: list[Path], labels_by_name: dict[str, int], root: Path) -> ImageRecords:
-        """The images of ``folders``, each labelled ``labels_by_name[folder name]``."""
+    def _scan(
+        self, folders: list[Path], labels_by_name: dict[str, int], root: Path, self_search: bool = True
+    ) -> ImageRecords:
+        """The images of ``folders``, each labelled ``labels_by_name[folder name]``; ``self_search``: warn of classes
+        of one image (searched against its own set, such an image has no correct answer)."""
         paths, labels, names = [], [], {}
         for class_folder in folders:
             images = self._scan_class(class_folder, root)
@@ -130,7 +133,7 @@ class FolderSource(DiskSource):
         singletons = [
             names[int(c)] for c, n in zip(*np.unique(records.labels, return_counts=True), strict=True) if n == 1
         ]
-        if singletons:
+        if singletons and self_search:
             log.warning(
                 "%s: %d classes have a single image (e.g. %s); they give no positive pair for training and no "
                 "correct answer when used as a query",
@@ -243,7 +246,10 @@ class FolderSource(DiskSource):
                 raise DatasetError(f"{self.name}: {folder / side} has no class sub-folders")
         names = {side: [p.name for p in classes] for side, classes in sides.items()}
         labels = _labels_by_name(names.get("train", []), names["query"] + names["gallery"])
-        records = {side: self._scan(classes, labels, folder) for side, classes in sides.items()}
+        # A query or gallery class of one image is fine: queries are answered from the gallery.
+        records = {
+            side: self._scan(classes, labels, folder, self_search=side == "train") for side, classes in sides.items()
+        }
         unanswerable = sorted(set(names["query"]) - set(names["gallery"]))
         if unanswerable:
             queries = int(np.isin(records["query"].labels, [labels[n] for n in unanswerable]).sum())
