@@ -223,7 +223,13 @@ def test_wandb_offline_run_without_account(tmp_path, data_dir):
     assert result.returncode == 0, result.stderr[-3000:]
 
     # Files in the run folder, with or without W&B.
-    for name in ("umap_epoch000.png", "retrieval_epoch000.png", "umap_test.png", "retrieval_test.png"):
+    for name in (
+        "umap_epoch000.png",
+        "retrieval_epoch000.png",
+        "umap_test.png",
+        "retrieval_test.png",
+        "confusion_test.png",
+    ):
         assert Image.open(run_dir / "plots" / name).size[0] > 100, name
     projection = read_csv(run_dir / "tables" / "projection_test.csv")
     assert len(projection) == 48 and {"index", "label", "path", "x", "y", "e0", "e15"} <= set(projection[0])
@@ -243,6 +249,8 @@ def test_wandb_offline_run_without_account(tmp_path, data_dir):
     for prefix in ("val", "test"):
         assert list((files / "media" / "images" / prefix).glob("umap_*.png")), prefix
         assert list((files / "media" / "images" / prefix).glob("retrieval_grid_*.png")), prefix
+        # 12 classes (at most callbacks.visualization.confusion_max_classes): the neighbour confusion matrix too.
+        assert list((files / "media" / "images" / prefix).glob("confusion_*.png")), prefix
         table = json.loads(next((files / "media" / "table" / prefix).glob("projection_*.table.json")).read_text())
         assert {"label", "image", "x", "y", "e0", "e15"} <= set(table["columns"])
         assert len(table["data"]) == (16 if prefix == "val" else 48)
@@ -250,8 +258,8 @@ def test_wandb_offline_run_without_account(tmp_path, data_dir):
         assert {"query_image", "result_1", "result_5", "hits"} <= set(table["columns"]) and len(table["data"]) == 8
 
     # W&B's service process may still be writing the run file for a moment after train.py exits (artifact records
-    # come last, and late on a busy machine): wait for the four tables and the checkpoint.
-    records = wait_for_records(next(offline_runs[0].glob("run-*.wandb")), expected_artifacts=5)
+    # come last, and late on a busy machine): wait for the six tables and the checkpoint.
+    records = wait_for_records(next(offline_runs[0].glob("run-*.wandb")), expected_artifacts=7)
     config_keys = {item.key for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}
     assert {"data", "backbone", "loss", "optimizer", "trainer", "seed"} <= config_keys  # the resolved config
     history_keys = {
@@ -284,7 +292,9 @@ def test_wandb_offline_run_without_account(tmp_path, data_dir):
     assert Path(entry.local_path).is_file()
     # Tables with images are uploaded as run_table artifacts; offline, their files are staged inside the run folder.
     tables = [a for a in artifacts if a.type == "run_table"]
-    assert len(tables) == 4
+    # val and test: the projection and retrieval tables, and (12 classes, at most 50) the confusion-matrix chart's.
+    assert len(tables) == 6
+    assert sum("confusion_matrix" in a.name for a in tables) == 2
     for artifact in tables:
         for item in artifact.manifest.contents:
             assert Path(item.local_path).is_file() and str(run_dir) in item.local_path

@@ -45,15 +45,17 @@ class RetrievalExamples:
         return self.neighbor_labels == self.query_labels[:, None]
 
 
-def choose_queries(labels: np.ndarray, num_queries: int, seed: int = 0) -> np.ndarray:
+def choose_queries(labels: np.ndarray, num_queries: int, seed: int = 0, *, min_class_size: int = 2) -> np.ndarray:
     """Positions of ``num_queries`` queries of distinct classes (classes repeat only when there are too few).
 
-    Only classes with at least two items are eligible: a singleton class has nothing to retrieve.
+    Only classes with at least ``min_class_size`` items are eligible: in a self-search a singleton class has
+    nothing to retrieve (queries searched in a separate gallery pass 1, having been filtered by the caller).
 
     Args:
         labels: Shape (N,), the class of every item of the evaluation set.
         num_queries: How many queries to pick.
         seed: Seed of the choice; the same labels and seed give the same queries.
+        min_class_size: Smallest class that may give a query.
 
     Returns:
         Sorted int64 positions into ``labels``.
@@ -64,7 +66,7 @@ def choose_queries(labels: np.ndarray, num_queries: int, seed: int = 0) -> np.nd
     """
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
-    eligible = classes[counts > 1]
+    eligible = classes[counts >= min_class_size]
     if len(eligible) == 0 or num_queries <= 0:
         return np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
@@ -88,10 +90,13 @@ def find_retrieval_examples(
     num_queries: int = 8,
     k: int = 5,
     seed: int = 0,
+    query_count: int | None = None,
 ) -> RetrievalExamples:
     """Searches the whole set (minus each query, by position) for the neighbours of a few fixed queries.
 
-    Only the chosen queries are searched, so this stays cheap on large evaluation sets.
+    Only the chosen queries are searched, so this stays cheap on large evaluation sets. With ``query_count``
+    (the query/gallery protocol) the rows whose dataset index is below it are the queries and the others the
+    gallery: queries are chosen among those whose class is in the gallery and searched in the gallery only.
 
     Args:
         embeddings: Shape (N, D), L2-normalised (inner product = cosine similarity).
@@ -101,6 +106,7 @@ def find_retrieval_examples(
         num_queries: Number of queries.
         k: Neighbours per query, clipped to N - 1.
         seed: Seed of the query choice.
+        query_count: None for a self-search; else the number of queries that come first in dataset order.
 
     Returns:
         The examples, with dataset indices.
@@ -108,21 +114,29 @@ def find_retrieval_examples(
     x = np.asarray(embeddings, dtype=np.float32)
     labels = np.asarray(labels)
     indices = np.arange(len(x)) if indices is None else np.asarray(indices)
-    queries = choose_queries(labels, num_queries, seed)
-    k = max(0, min(k, len(x) - 1))
-    similarities = x[queries] @ x.T
-    # The query is excluded by position (not "drop the first column"), which stays right with duplicate images.
-    similarities[np.arange(len(queries)), queries] = -np.inf
+    if query_count is None:
+        queries = choose_queries(labels, num_queries, seed)
+        gallery = np.arange(len(x))
+        k = max(0, min(k, len(x) - 1))
+    else:
+        gallery = np.flatnonzero(indices >= query_count)
+        candidates = np.flatnonzero((indices < query_count) & np.isin(labels, labels[gallery]))
+        queries = candidates[choose_queries(labels[candidates], num_queries, seed, min_class_size=1)]
+        k = max(0, min(k, len(gallery)))
+    similarities = x[queries] @ x[gallery].T
+    if query_count is None:
+        # The query is excluded by position (not "drop the first column"), which stays right with duplicate images.
+        similarities[np.arange(len(queries)), queries] = -np.inf
     # Sort by decreasing similarity, ties by increasing position, so the result does not depend on BLAS rounding
     # order between equal scores.
-    positions = np.broadcast_to(np.arange(len(x)), similarities.shape)
+    positions = np.broadcast_to(np.arange(len(gallery)), similarities.shape)
     order = np.lexsort((positions, -similarities), axis=-1)[:, :k]
     scores = np.take_along_axis(similarities, order, axis=1)
     return RetrievalExamples(
         query_indices=indices[queries],
         query_labels=labels[queries],
-        neighbor_indices=indices[order],
-        neighbor_labels=labels[order],
+        neighbor_indices=indices[gallery][order],
+        neighbor_labels=labels[gallery][order],
         scores=scores.astype(np.float32),
     )
 

@@ -7,7 +7,10 @@ embeddings the module gathered over all processes (``last_evaluation``) and writ
 - ``tables/projection_<tag>.csv``: that sample's dataset indices, labels, image paths, 2-D coordinates and
   embedding columns;
 - ``plots/retrieval_<tag>.png`` and ``tables/retrieval_<tag>.csv``: the top-k neighbours of a fixed set of
-  queries, correct ones framed green and wrong ones red;
+  queries, correct ones framed green and wrong ones red (under the query/gallery protocol, queries searched in the
+  gallery);
+- ``plots/confusion_<tag>.png`` and ``tables/confusion_<tag>.csv``, when the evaluation has at most
+  ``confusion_max_classes`` classes: the neighbour confusion matrix (:mod:`metricsearch.analysis.confusion`);
 
 where ``<tag>`` is ``epoch004`` (0-based, like the checkpoint names) for validation and ``test`` (or ``untrained``)
 for test evaluations. When a W&B logger is in use the same map and grid are logged as images, the sample as a W&B
@@ -26,6 +29,7 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
+from metricsearch.analysis.confusion import confusion_rows, neighbour_confusion, plot_neighbour_confusion
 from metricsearch.analysis.files import save_figure, save_image, write_csv
 from metricsearch.analysis.projection import plot_projection, project_to_2d, projection_rows, sample_evenly
 from metricsearch.analysis.retrieval_examples import (
@@ -61,6 +65,10 @@ class VisualizationCallback(Callback):
         wandb_thumbnail_size: Side in pixels of the thumbnails in W&B tables.
         umap_min_points: Below this many points, PCA replaces UMAP.
         seed: Seed of the samples, the query choice and the UMAP layout.
+        confusion_max_classes: Draw the neighbour confusion matrix of evaluations with at most this many classes
+            (0: never).
+        confusion_queries_per_class: Queries per class of the confusion matrix (the first images of each class).
+        confusion_k: Neighbours per query of the confusion matrix.
     """
 
     def __init__(
@@ -77,6 +85,9 @@ class VisualizationCallback(Callback):
         wandb_thumbnail_size: int = 48,
         umap_min_points: int = 100,
         seed: int = 0,
+        confusion_max_classes: int = 50,
+        confusion_queries_per_class: int = 10,
+        confusion_k: int = 10,
     ) -> None:
         super().__init__()
         if method not in ("umap", "pca"):
@@ -93,6 +104,9 @@ class VisualizationCallback(Callback):
         self.wandb_thumbnail_size = wandb_thumbnail_size
         self.umap_min_points = umap_min_points
         self.seed = seed
+        self.confusion_max_classes = confusion_max_classes
+        self.confusion_queries_per_class = confusion_queries_per_class
+        self.confusion_k = confusion_k
         # The epoch of the latest validation not drawn yet, drawn at the end of fitting if training stops early.
         self._pending_epoch: int | None = None
 
@@ -128,7 +142,9 @@ class VisualizationCallback(Callback):
         if evaluation is None or len(evaluation.embeddings) < 2:
             return
         out = self.output_dir or Path(trainer.default_root_dir)
-        paths = _split_paths(trainer, prefix)
+        records = _split_records(trainer, prefix)
+        paths = None if records is None else records.paths
+        query_count = _query_count(trainer, prefix)
         embeddings, labels, indices = evaluation.embeddings, evaluation.labels, evaluation.indices
         metrics = getattr(pl_module, "last_metrics", {}).get(prefix, {})
         recall = f", R@1 {100 * metrics['recall@1']:.1f}%" if "recall@1" in metrics else ""
@@ -144,7 +160,13 @@ class VisualizationCallback(Callback):
         write_csv(out / "tables" / f"projection_{tag}.csv", rows)
 
         examples = find_retrieval_examples(
-            embeddings, labels, indices, num_queries=self.num_queries, k=self.top_k, seed=self.seed
+            embeddings,
+            labels,
+            indices,
+            num_queries=self.num_queries,
+            k=self.top_k,
+            seed=self.seed,
+            query_count=query_count,
         )
         grid_path = None
         if paths is not None:
@@ -154,11 +176,29 @@ class VisualizationCallback(Callback):
             save_image(grid, grid_path)
             write_csv(out / "tables" / f"retrieval_{tag}.csv", retrieval_rows(examples, paths))
 
+        confusion = None
+        if 0 < len(np.unique(labels)) <= self.confusion_max_classes:
+            confusion = neighbour_confusion(
+                embeddings,
+                labels,
+                indices,
+                per_class=self.confusion_queries_per_class,
+                k=self.confusion_k,
+                query_count=query_count,
+            )
+            names = records.class_names if records is not None else {}
+            confusion_title = f"{where}: first {self.confusion_queries_per_class} images of each class{recall}"
+            confusion_path = out / "plots" / f"confusion_{tag}.png"
+            save_figure(plot_neighbour_confusion(confusion, names, confusion_title), confusion_path)
+            write_csv(out / "tables" / f"confusion_{tag}.csv", confusion_rows(confusion, names))
+
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 self._log_wandb(
                     logger, trainer.global_step, prefix, method, map_path, title, rows, examples, paths, grid_path
                 )
+                if confusion is not None:
+                    self._log_wandb_confusion(logger, trainer.global_step, prefix, confusion, names, confusion_path)
 
     def _log_wandb(
         self,
@@ -190,6 +230,26 @@ class VisualizationCallback(Callback):
             payload[f"{prefix}/retrieval"] = self._retrieval_table(examples, paths)
         logger.log_metrics(payload, step=step)
 
+    def _log_wandb_confusion(
+        self, logger: WandbLogger, step: int, prefix: str, confusion: Any, names: dict, path: Path
+    ) -> None:
+        """The confusion matrix as an image and as W&B's interactive confusion-matrix chart."""
+        import wandb
+
+        # W&B's chart takes one (true, predicted) pair per neighbour, as positions into class_names.
+        rows, columns = np.nonzero(confusion.counts)
+        repeats = confusion.counts[rows, columns]
+        class_names = [str(names.get(int(c), int(c))) for c in confusion.classes]
+        chart = wandb.plot.confusion_matrix(
+            y_true=np.repeat(rows, repeats).tolist(),
+            preds=np.repeat(columns, repeats).tolist(),
+            class_names=class_names,
+            title=f"{prefix}: classes of the {confusion.k} nearest neighbours",
+        )
+        logger.log_metrics(
+            {f"{prefix}/confusion": wandb.Image(str(path)), f"{prefix}/confusion_matrix": chart}, step=step
+        )
+
     def _wandb_thumbnail(self, paths: Sequence[Path] | None, index: int, caption: str | None = None) -> Any:
         import wandb
 
@@ -220,10 +280,16 @@ class VisualizationCallback(Callback):
         return wandb.Table(columns=columns, data=data)
 
 
-def _split_paths(trainer: L.Trainer, prefix: str) -> Sequence[Path] | None:
-    """The image paths of the split an evaluation ran on (validation classes, or the test classes)."""
+def _split_records(trainer: L.Trainer, prefix: str) -> Any:
+    """The images an evaluation ran on (the validation set, or the test set / queries + gallery), if known."""
     datamodule = getattr(trainer, "datamodule", None)
-    records = getattr(datamodule, "val_records", None) if prefix == VAL else getattr(datamodule, "split", None)
-    if records is not None and prefix != VAL:
-        records = records.test
-    return None if records is None else records.paths
+    if prefix == VAL and not getattr(datamodule, "validate_on_test", False):
+        return getattr(datamodule, "val_records", None)
+    split = getattr(datamodule, "split", None)
+    return None if split is None else split.evaluation
+
+
+def _query_count(trainer: L.Trainer, prefix: str) -> int | None:
+    """How many of the evaluation's first images are queries searched in a gallery (None: a self-search)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    return getattr(datamodule, "val_num_queries" if prefix == VAL else "test_num_queries", None)

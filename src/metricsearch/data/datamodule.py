@@ -1,5 +1,9 @@
-"""The datamodule of every dataset: zero-shot split, validation classes held out of training (a fraction of them or
-one of K class-disjoint folds), m-per-class batches."""
+"""The datamodule of every dataset: the split of its protocol, validation held out of training, m-per-class batches.
+
+Validation is held out as the protocol evaluates: under ``zero_shot`` and ``query_gallery`` whole classes (a
+fraction of the training classes, or one of K class-disjoint folds), under ``closed_set`` a fraction of every
+training class's images. The test loader embeds the test set, or the queries followed by the gallery.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampl
 from metricsearch.data.cache import ImageCache, build_image_cache
 from metricsearch.data.dataset import CROP, FLIP, IMAGE, CachedImageDataset, ImageDataset
 from metricsearch.data.gpu_augment import BatchAugment
-from metricsearch.data.records import DatasetError, DatasetSplit, ImageRecords
+from metricsearch.data.records import CLOSED_SET, DatasetError, DatasetSplit, ImageRecords
 from metricsearch.data.samplers import RandomBatchSampler, SeededBatchSampler
 from metricsearch.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
 from metricsearch.utils.config import ConfigError
@@ -49,6 +53,35 @@ def split_validation_classes(records: ImageRecords, fraction: float, seed: int) 
         )
     val_classes = np.random.default_rng(seed).permutation(classes)[:num_val]
     is_val = np.isin(records.labels, val_classes)
+    return records.select(~is_val), records.select(is_val)
+
+
+def split_validation_images(records: ImageRecords, fraction: float, seed: int) -> tuple[ImageRecords, ImageRecords]:
+    """Holds out ``fraction`` of every training class's images for model selection (the closed-set protocol).
+
+    Under ``closed_set`` the test images are of the training classes, so validation is too: each class keeps at
+    least one training image, and a class of n >= 2 images gives ``max(1, round(fraction * n))`` of them (at most
+    n - 1) to validation, chosen by a seeded permutation.
+
+    Example:
+        >>> from pathlib import Path
+        >>> records = ImageRecords([Path(f"{i}.png") for i in range(8)], np.array([0, 0, 0, 0, 1, 1, 1, 1]))
+        >>> train, val = split_validation_images(records, 0.25, seed=0)
+        >>> np.bincount(train.labels).tolist(), np.bincount(val.labels).tolist()
+        ([3, 3], [1, 1])
+    """
+    if fraction <= 0:
+        return records, records.select(np.zeros(len(records), dtype=bool))
+    if fraction >= 1:
+        raise DatasetError(f"data.val_fraction={fraction} would leave no training images; set it below 1")
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(records), dtype=bool)
+    for label in records.classes:
+        members = np.flatnonzero(records.labels == label)
+        if len(members) < 2:
+            continue
+        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        is_val[rng.permutation(members)[:count]] = True
     return records.select(~is_val), records.select(is_val)
 
 
@@ -121,7 +154,8 @@ class MetricDataModule(L.LightningDataModule):
         sampler: partial batch-sampler constructor taking ``labels`` and ``batch_size`` (e.g. m-per-class).
         eval_batch_size: images per batch when embedding val / test sets.
         num_workers: DataLoader worker processes.
-        val_fraction: fraction of the training classes held out for checkpoint selection (when ``num_folds`` is 0).
+        val_fraction: fraction of the training classes held out for checkpoint selection (when ``num_folds`` is 0);
+            under the ``closed_set`` protocol, the fraction of every class's training images.
         num_folds: 0 to hold out ``val_fraction`` of the training classes; K >= 2 to split the training classes into
             K class-disjoint folds (:func:`class_folds`), validate on fold ``fold`` and train on the other K - 1.
             The test classes are the same either way.
@@ -218,11 +252,26 @@ class MetricDataModule(L.LightningDataModule):
         if self.split is not None:
             return
         split = self.source.load()
-        for name, records in (("train", split.train), ("test", split.test)):
-            if len(records) == 0:
-                raise DatasetError(f"the {name} split of {type(self.source).__name__} is empty; check data.root")
+        for name, records in (("train", split.train), ("test", split.test), ("gallery", split.gallery)):
+            if records is not None and len(records) == 0:
+                raise DatasetError(
+                    f"the {name} split of {type(self.source).__name__} is empty; check data.root"
+                    + (
+                        " (a folder with only query/ and gallery/ can be evaluated, not trained on)"
+                        if name == "train"
+                        else ""
+                    )
+                )
         self.split = split
-        if self.num_folds:
+        if split.protocol == CLOSED_SET:
+            if self.num_folds:
+                raise ConfigError(
+                    f"data.num_folds={self.num_folds}: class folds need unseen validation classes, but this dataset "
+                    "uses the closed_set protocol (its test classes are the training classes); set data.num_folds=0"
+                )
+            # The validation images are held out of every training class, as the test images are of the same ones.
+            self.train_records, self.val_records = split_validation_images(split.train, self.val_fraction, self.seed)
+        elif self.num_folds:
             self.train_records, self.val_records = split_fold_classes(
                 split.train, self.num_folds, self.fold, self.fold_seed
             )
@@ -247,13 +296,25 @@ class MetricDataModule(L.LightningDataModule):
         self.caches["train"] = build_image_cache(
             self.train_records.paths, root, layout="train", side=train_side, name="train"
         )
-        for name, records in (("val", self.val_records), ("test", self.split.test)):
+        for name, records in (("val", self.val_records), ("test", self.split.evaluation)):
             if len(records):
                 self.caches[name] = build_image_cache(
                     records.paths, root, layout="eval", side=self.image_size, resize_size=self.resize_size, name=name
                 )
         gigabytes = sum(cache.nbytes for cache in self.caches.values()) / 1e9
         log.info("Fast data path: %.2f GB of uint8 caches in %s", gigabytes, root)
+
+    @property
+    def test_num_queries(self) -> int | None:
+        """How many of the test loader's first images are queries searched in the rest (the gallery), or None when
+        the test set is searched against itself."""
+        self.setup()
+        return self.split.num_queries
+
+    @property
+    def val_num_queries(self) -> int | None:
+        """Like :attr:`test_num_queries` for the validation loader (the test set's under ``validate_on_test``)."""
+        return self.test_num_queries if self.validate_on_test else None
 
     @property
     def num_train_classes(self) -> int:
@@ -302,12 +363,13 @@ class MetricDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
         if self.validate_on_test:
-            return self._eval_loader(self.split.test, "test")
+            return self._eval_loader(self.split.evaluation, "test")
         return self._eval_loader(self.val_records, "val") if len(self.val_records) else []
 
     def test_dataloader(self) -> DataLoader:
+        """The test set, or under ``query_gallery`` the queries, then the gallery (see :attr:`test_num_queries`)."""
         self.setup()
-        return self._eval_loader(self.split.test, "test")
+        return self._eval_loader(self.split.evaluation, "test")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Finishes cached (uint8) batches on the device they were moved to: augments training batches (crop,

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from metricsearch.data.io import build_once, require_built_files
-from metricsearch.data.records import DatasetSplit, ImageRecords
+from metricsearch.data.records import CLOSED_SET, ZERO_SHOT, DatasetSplit, ImageRecords
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +392,9 @@ class SyntheticSource:
         image_size: Side of the square images, in pixels.
         seed: Seeds the class-to-attribute assignment and every image.
         train_classes: How many of the first class ids train; the rest test. Default: the first half.
+        protocol: ``zero_shot`` (the split above) or ``closed_set``: every class trains and tests, the last sixth
+            of each class's images (CIFAR's 1,000 of 6,000) being its test images; a stand-in for CIFAR-10 with
+            ``num_classes=10`` (``conf/data/synthetic_cifar.yaml``).
     """
 
     root: str | Path
@@ -400,8 +403,16 @@ class SyntheticSource:
     image_size: int = 64
     seed: int = 0
     train_classes: int | None = None
+    protocol: str = ZERO_SHOT
 
     def __post_init__(self) -> None:
+        if self.protocol not in (ZERO_SHOT, CLOSED_SET):
+            raise ValueError(f"data.source.protocol must be {ZERO_SHOT} or {CLOSED_SET}, got {self.protocol!r}")
+        if self.protocol == CLOSED_SET and self.images_per_class < 12:
+            raise ValueError(
+                f"the closed_set protocol tests on the last sixth of each class's images, which needs at least two: "
+                f"set data.source.images_per_class to 12 or more (got {self.images_per_class})"
+            )
         attribute_counts(self.num_classes)  # validates num_classes
         if self.images_per_class < 2:
             raise ValueError(f"images_per_class must be at least 2 for retrieval, got {self.images_per_class}")
@@ -438,6 +449,10 @@ class SyntheticSource:
         paths = [self.image_path(c, i) for c in range(self.num_classes) for i in range(self.images_per_class)]
         require_built_files(self.folder, paths)
         records = ImageRecords(paths, labels, names)
+        if self.protocol == CLOSED_SET:
+            position = np.tile(np.arange(self.images_per_class), self.num_classes)
+            is_test = position >= self.images_per_class - self.images_per_class // 6
+            return DatasetSplit(records.select(~is_test), records.select(is_test), protocol=CLOSED_SET)
         num_train = self.num_classes // 2 if self.train_classes is None else self.train_classes
         return DatasetSplit(
             train=records.select(labels < num_train),

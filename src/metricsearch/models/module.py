@@ -270,6 +270,18 @@ class MetricLearningModule(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.test_metric.update(self(batch[IMAGE]), batch[LABEL], batch[INDEX])
 
+    def on_validation_epoch_start(self) -> None:
+        self.val_metric.num_queries = self._datamodule_query_count("val_num_queries")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metric.num_queries = self._datamodule_query_count("test_num_queries")
+
+    def _datamodule_query_count(self, name: str) -> int | None:
+        """How many of the loader's first images are queries searched in the rest (query/gallery protocol), as the
+        datamodule says; None (a self-search) when there is no datamodule or it does not say."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return getattr(datamodule, name, None)
+
     def on_validation_epoch_end(self) -> None:
         self._log_retrieval(self.val_metric, self.hparams.val_prefix)
 
