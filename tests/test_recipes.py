@@ -12,13 +12,14 @@ from omegaconf import OmegaConf
 
 from metricsearch.utils.config import CONFIG_DIR
 from tests.conftest import compose_config
+from tests.cifar_fixtures import make_cifar10
 from tests.dataset_fixtures import make_cars_flat, make_cub, make_sop
 from tests.inshop_fixtures import make_inshop
 
 EXPERIMENTS = CONFIG_DIR / "experiment"
 # The recipes issue 14 asks for: Proxy-Anchor R50 (CUB, Cars) and BN-Inception (CUB, Cars, SOP), Multi-Similarity
 # BN-Inception (CUB, Cars, SOP), the Reality Check's shared base, XBM on SOP, ViT-S/16 DINO (CUB, Cars, SOP); and
-# issue 16's Proxy-Anchor BN-Inception on In-Shop.
+# issue 16's Proxy-Anchor BN-Inception on In-Shop and the Keras CIFAR-10 example.
 REQUIRED = (
     "cub_proxy_anchor_r50",
     "cars196_proxy_anchor_r50",
@@ -34,6 +35,7 @@ REQUIRED = (
     "cars196_ntxent_vits_dino",
     "sop_ntxent_vits_dino",
     "inshop_proxy_anchor_bninception",
+    "seed_cifar10",
 )
 CARD_FIELDS = ("title", "paper", "code", "published", "published_protocol", "official", "differences")
 
@@ -100,11 +102,13 @@ def miniature_roots(tmp_path_factory) -> dict[str, Path]:
     make_cars_flat(base / "cars196", images_per_class=5)
     make_sop(base / "Stanford_Online_Products", classes_per_side=12)
     make_inshop(base / "Inshop_Clothes", train_items=12, test_items=6)
+    make_cifar10(base / "cifar-10-batches-py", per_class_train=10, per_class_test=2)
     return {
         "cub": base / "CUB_200_2011",
         "cars196": base / "cars196",
         "sop": base / "Stanford_Online_Products",
         "inshop": base / "Inshop_Clothes",
+        "cifar10": base / "cifar-10-batches-py",
     }
 
 
@@ -146,7 +150,13 @@ def test_the_recipe_runs_on_a_miniature_copy(recipe, miniature_roots, tmp_path):
     extra = ["data=cub"] if recipe == "mlrc_base" else []
     cfg = compose_config([f"experiment={recipe}", *extra], tmp_path, tmp_path, tiny=False)
     dataset = str(cfg.data.source._target_).rsplit(".", 1)[-1]
-    root = {"CUBSource": "cub", "Cars196Source": "cars196", "SOPSource": "sop", "InShopSource": "inshop"}[dataset]
+    root = {
+        "CUBSource": "cub",
+        "Cars196Source": "cars196",
+        "SOPSource": "sop",
+        "InShopSource": "inshop",
+        "CIFAR10Source": "cifar10",
+    }[dataset]
     cfg = compose_config(
         [f"experiment={recipe}", *extra, *run_overrides(recipe, cfg, miniature_roots[root])],
         tmp_path,
@@ -161,6 +171,10 @@ def test_the_recipe_runs_on_a_miniature_copy(recipe, miniature_roots, tmp_path):
     if root == "inshop":
         # The query_gallery protocol: the 6 test items' 2 queries each, searched in their 3 gallery images each.
         assert summary["metrics"]["test"]["num_queries"] == 12 and "recall@50" in summary["metrics"]["test"]
+    if root == "cifar10":
+        # The closed-set protocol: the 10 classes' 2 test images each, searched among themselves; the confusion matrix.
+        assert summary["metrics"]["test"]["num_queries"] == 20
+        assert (tmp_path / "plots" / "confusion_test.png").is_file()
     assert summary["selection"]["mode"] == cfg.selection
     assert summary["selection"]["optimistic"] == (cfg.selection == "test_best")
     if cfg.selection == "test_best":
