@@ -1,7 +1,8 @@
 """Check a dataset copy: `python scripts/check_data.py data=cub data.root=PATH [verify=true] [strict=true]`.
 
-Prints one JSON line (train_images, test_images, train_classes, test_classes, the expected counts of the complete
-dataset, the layout found) and exits 0, or prints one line naming what is broken and exits 1.
+Prints one JSON line (train_images, test_images, train_classes, test_classes; for a query/gallery dataset such as
+In-Shop train_images, query_images, gallery_images, train_classes, test_classes; the protocol, the expected counts
+of the complete dataset, the layout found) and exits 0, or prints one line naming what is broken and exits 1.
 """
 
 import sys
