@@ -57,6 +57,9 @@ def test_cells_get_the_short_setting_and_the_users_extras_last(tmp_path):
         f"hydra.run.dir={tmp_path / 'runs/synthetic/triplet/seed1'}",
     } <= set(overrides)
     assert "sampler.m=2" in cell_overrides(Cell("sop", "triplet", 0), tmp_path, None, [])
+    assert {"sampler.m=2", "sampler.replacement=true"} <= set(
+        cell_overrides(Cell("inshop", "triplet", 0), tmp_path, None, [])
+    )
 
 
 def test_real_datasets_run_their_paper_recipes_and_builtin_data_the_losses():

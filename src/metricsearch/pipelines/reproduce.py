@@ -68,7 +68,11 @@ BUILTIN_DATASETS = ("synthetic", "digits")
 # so the default 7 losses x 3 seeds finish in about an hour (79 minutes measured, partly under load).
 DEFAULT_SYNTHETIC_EPOCHS = 8
 # Settings every cell of a dataset needs, whatever the grid (the data configs explain why).
-DATASET_OVERRIDES: dict[str, list[str]] = {"sop": ["sampler.m=2"]}
+# In-Shop items have as few training images as SOP's products, some a single one: two per item, repeated if need be.
+DATASET_OVERRIDES: dict[str, list[str]] = {
+    "sop": ["sampler.m=2"],
+    "inshop": ["sampler.m=2", "sampler.replacement=true"],
+}
 # Every cell: CSV logs only, no untrained baseline (not in the tables), and only the final test set drawn, with
 # PCA (UMAP's 10-20 s of compilation per process would add minutes to the grid).
 COMMON_OVERRIDES = (
