@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from metricsearch.metrics import RetrievalMetric, calc_nmi, calc_retrieval_metrics, count_relevant
+from metricsearch.metrics import RetrievalMetric, calc_nmi, calc_retrieval_metrics, count_relevant, rank_kernels
 from metricsearch.metrics.positive_ranks import rank_positives
 from tests.metric_references import (
     SUM_ORDER_TOL,
@@ -106,9 +106,10 @@ def test_the_data_ties_as_intended(kind):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
-@pytest.mark.parametrize("block_size", [1, 7, None])
-def test_numba_and_torch_paths_give_the_same_ranks(block_size, path):
-    queries, query_labels, gallery, gallery_labels = make_duplicated_data(3, dim=24)
+@pytest.mark.parametrize(("block_size", "dim"), [(1, 24), (7, 24), (None, 24), (7, 96)])  # 96: the vectorised body
+def test_numba_and_torch_paths_give_the_same_ranks(block_size, dim, path):
+    # Exact copies everywhere: both paths must tie them exactly and order them by gallery index.
+    queries, query_labels, gallery, gallery_labels = make_duplicated_data(3, dim=dim)
     kwargs = {"gallery_embeddings": gallery, "gallery_labels": gallery_labels, "block_size": block_size}
     expected = rank_positives(queries, query_labels, max_k=len(gallery), device="cpu", **kwargs)
     actual = rank_positives(queries, query_labels, max_k=len(gallery), **kwargs, **path)
@@ -120,6 +121,18 @@ def test_numba_and_torch_paths_give_the_same_ranks(block_size, path):
     inside_expected, ranks_expected = expected.positives_within_r()
     np.testing.assert_array_equal(inside, inside_expected)
     np.testing.assert_array_equal(ranks[inside], ranks_expected[inside_expected])
+
+
+def test_phase_one_gives_the_same_scores_on_one_thread_and_on_all(monkeypatch):
+    # Small batches run on one thread, large ones on all: both must give the scores the counting kernel compares to.
+    queries, query_labels, gallery, gallery_labels = make_duplicated_data(2, dim=96)
+    kwargs = {"gallery_embeddings": gallery, "gallery_labels": gallery_labels, "max_k": len(gallery)}
+    serial = rank_positives(queries, query_labels, **kwargs)
+    monkeypatch.setattr(rank_kernels, "PARALLEL_MIN_WORK", 0)
+    parallel = rank_positives(queries, query_labels, **kwargs)
+    np.testing.assert_array_equal(parallel.negatives_before, serial.negatives_before)
+    expected = reference_query_gallery_metrics(queries, query_labels, gallery, gallery_labels, KS)
+    assert_metrics_equal(qg_metrics(queries, query_labels, gallery, gallery_labels), expected)
 
 
 @pytest.mark.parametrize("screen", ["float32", "bfloat16", "int8"])

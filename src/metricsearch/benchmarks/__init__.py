@@ -4,7 +4,8 @@
   ``scripts/benchmark.py``): :func:`~metricsearch.benchmarks.speed.run_speed_benchmark` runs its sections and
   checks the targets;
 - :mod:`~metricsearch.benchmarks.evaluation`: its ``eval`` section, our retrieval metrics against
-  pytorch-metric-learning and torchmetrics, each method in a child process of its own;
+  pytorch-metric-learning and torchmetrics, each method in a child process of its own, and its ``query_gallery``
+  section, queries searched in a separate gallery at DeepFashion In-Shop size;
 - :mod:`~metricsearch.benchmarks.training`: its ``overhead``, ``train`` and ``gpu_eval`` sections (Lightning's
   overhead, training images/s per data path, the whole SOP-size evaluation on a GPU);
 - :mod:`~metricsearch.benchmarks.report`: the speed report as JSON and markdown, one function per section;
@@ -18,4 +19,4 @@ Nothing is imported here, so that ``scripts/*.py --help`` answers without loadin
 
 # The sections of the speed benchmark, in the order they run; here, not in speed.py, so that the command line can
 # list them without loading torch.
-SECTIONS = ("eval", "overhead", "train", "gpu_eval")
+SECTIONS = ("eval", "query_gallery", "overhead", "train", "gpu_eval")

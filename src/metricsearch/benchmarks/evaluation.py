@@ -9,6 +9,10 @@ The data is a synthetic stand-in for the SOP test set (60,502 x 512, 11,316 clas
 drawn from a decaying distribution with SOP's mean of 5.35): unit class centres in random directions plus
 Gaussian noise, L2-normalised, generated from a seed. Only the shape of the problem matters for speed; the noise
 is set so that the metrics land in SOP's range rather than at 1.0.
+
+:func:`measure_query_gallery` times the query / gallery case the same way, at DeepFashion In-Shop's test size
+(14,218 queries searched in 12,612 gallery images, 3,985 classes, 512-d), against AccuracyCalculator with
+``ref_includes_query=False``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ SOP_KS = (1, 10, 100, 1000)
 # NMI's k-means: the full schedule, and the part of it timed on the CPU (the full one takes ~20 minutes there).
 NMI_FULL = KMeansSchedule(niter=20, nredo=5)
 NMI_PROBE = KMeansSchedule(niter=1, nredo=1)
+# DeepFashion In-Shop's test protocol: queries searched in a separate gallery; Recall@K as its papers report it.
+INSHOP_QUERIES = 14_218
+INSHOP_GALLERY = 12_612
+INSHOP_CLASSES = 3_985
+INSHOP_KS = (1, 10, 20, 30, 40, 50)
 # Metrics AccuracyCalculator computes that match ours, by name (ours, theirs).
 PML_METRICS = (
     ("precision@1", "precision_at_1"),
@@ -92,6 +101,39 @@ def make_embeddings(data: EvalData) -> tuple[np.ndarray, np.ndarray]:
     x += rng.standard_normal(x.shape, dtype=np.float32) * np.float32(data.noise / math.sqrt(data.dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x, labels
+
+
+@dataclass(frozen=True)
+class QueryGalleryData:
+    """How to generate synthetic queries and gallery (default: In-Shop's test size)."""
+
+    num_queries: int = INSHOP_QUERIES
+    num_gallery: int = INSHOP_GALLERY
+    num_classes: int = INSHOP_CLASSES
+    dim: int = SOP_DIM
+    noise: float = 2.3
+    seed: int = 0
+
+
+def make_query_gallery_embeddings(data: QueryGalleryData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Queries and gallery around the same class centres, every class in both (as in In-Shop).
+
+    Returns:
+        ``(queries, query_labels, gallery, gallery_labels)``: float32 L2-normalised embeddings and int64 labels.
+    """
+    rng = np.random.default_rng(data.seed)
+    centers = rng.standard_normal((data.num_classes, data.dim), dtype=np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    parts = []
+    for total in (data.num_queries, data.num_gallery):
+        # One item per class, the rest spread at random over the classes.
+        sizes = 1 + rng.multinomial(total - data.num_classes, np.full(data.num_classes, 1 / data.num_classes))
+        labels = rng.permutation(np.repeat(np.arange(data.num_classes), sizes)).astype(np.int64)
+        x = centers[labels]
+        x += rng.standard_normal(x.shape, dtype=np.float32) * np.float32(data.noise / math.sqrt(data.dim))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        parts += [x, labels]
+    return parts[0], parts[1], parts[2], parts[3]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -154,6 +196,26 @@ def _run_torchmetrics(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return out
 
 
+def _run_ours_gallery(
+    x: np.ndarray, labels: np.ndarray, gallery_x: np.ndarray, gallery_labels: np.ndarray, device: str | None = None
+) -> dict[str, float]:
+    from metricsearch.metrics import calc_retrieval_metrics
+
+    return calc_retrieval_metrics(x, labels, INSHOP_KS, compute_nmi=False, device=device, gallery_embeddings=gallery_x,
+                                  gallery_labels=gallery_labels)  # fmt: skip
+
+
+def _run_pml_gallery(
+    x: np.ndarray, labels: np.ndarray, gallery_x: np.ndarray, gallery_labels: np.ndarray
+) -> dict[str, float]:
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    calculator = AccuracyCalculator(include=tuple(theirs for _, theirs in PML_METRICS), k="max_bin_count")
+    tensors = [torch.from_numpy(a) for a in (x, labels, gallery_x, gallery_labels)]
+    return {k: float(v) for k, v in calculator.get_accuracy(*tensors, ref_includes_query=False).items()}
+
+
 METHODS = {
     "ours": _run_ours,  # the default: the screen choose_screen picks on this CPU
     "ours_bfloat16": lambda x, labels: _run_ours(x, labels, screen="bfloat16"),
@@ -164,6 +226,10 @@ METHODS = {
     "nmi_cuda": _run_nmi_cuda,
     "pml": _run_pml,
     "torchmetrics": _run_torchmetrics,
+    # Queries searched in a separate gallery: the data file holds gallery_x and gallery_labels too.
+    "ours_gallery": _run_ours_gallery,
+    "ours_gallery_cuda": lambda *arrays: _run_ours_gallery(*arrays, device="cuda"),
+    "pml_gallery": _run_pml_gallery,
 }
 
 
@@ -184,16 +250,21 @@ def child_main(method: str, data_file: str, out_file: str) -> None:
 
     with np.load(data_file) as archive:
         x, labels = archive["x"], archive["labels"]
+        gallery = [archive[name] for name in ("gallery_x", "gallery_labels") if name in archive.files]
     # One small call first, outside the measurement: compiled kernels are loaded, the CUDA context created, faiss
     # and BLAS thread pools started.
     warmup = np.argsort(labels, kind="stable")[:512]  # whole classes, so that there are queries to answer
-    METHODS[method](x[warmup], labels[warmup])
+    if gallery:
+        in_warmup = np.isin(gallery[1], labels[warmup])
+        METHODS[method](x[warmup], labels[warmup], gallery[0][in_warmup], gallery[1][in_warmup])
+    else:
+        METHODS[method](x[warmup], labels[warmup])
     if method.endswith("_cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     baseline = _rss_mb()
     started = time.perf_counter()
-    metrics = METHODS[method](x, labels)
+    metrics = METHODS[method](x, labels, *gallery)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
     result = {
@@ -297,6 +368,32 @@ def measure_evaluation(
     if "error" not in small_ours and "error" not in small_tm:
         pairs = [(k, k) for k in small_tm["metrics"]]
         out["max_abs_diff_vs_torchmetrics"] = compare_values(small_ours["metrics"], small_tm["metrics"], pairs)
+    return out
+
+
+def measure_query_gallery(data: QueryGalleryData, workdir: Path, *, with_cuda: bool, log=print) -> dict[str, Any]:
+    """Times the query / gallery evaluation of ``data`` (In-Shop size by default): ours on the CPU (and the GPU),
+    and AccuracyCalculator with ``ref_includes_query=False``, each in a child process of its own.
+
+    Returns:
+        A dict with the data description, one entry per method and the value differences from AccuracyCalculator.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    queries, query_labels, gallery, gallery_labels = make_query_gallery_embeddings(data)
+    data_file = workdir / "query_gallery_embeddings.npz"
+    np.savez(data_file, x=queries, labels=query_labels, gallery_x=gallery, gallery_labels=gallery_labels)
+    log(f"query / gallery data: {len(queries):,} queries in {len(gallery):,} gallery items x {data.dim}, "
+        f"{data.num_classes:,} classes")  # fmt: skip
+    out: dict[str, Any] = {"data": asdict(data)}
+    for method in ["ours_gallery", "pml_gallery"] + (["ours_gallery_cuda"] if with_cuda else []):
+        log(f"  {method} ...")
+        out[method] = run_method(method, data_file)
+        log(f"  {method}: {_summary(out[method])}")
+    data_file.unlink(missing_ok=True)
+    ours, pml = out["ours_gallery"], out["pml_gallery"]
+    if _ran(ours) and _ran(pml):
+        out["speedup_vs_pml"] = pml["seconds"] / ours["seconds"]
+        out["max_abs_diff_vs_pml"] = compare_values(ours["metrics"], pml["metrics"], PML_METRICS)
     return out
 
 

@@ -44,6 +44,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     """The human-readable summary of a report."""
     lines = render_machine(report) + render_targets(report["targets"])
     lines += render_evaluation(report.get("evaluation"))
+    lines += render_query_gallery(report.get("query_gallery"))
     lines += render_lightning_overhead(report.get("lightning_overhead"))
     lines += render_training(report.get("training"))
     lines += render_gpu_evaluation(report.get("gpu_evaluation"))
@@ -131,6 +132,40 @@ def render_evaluation(evaluation: dict[str, Any] | None) -> list[str]:
         if "max_abs_diff_vs_torchmetrics" in evaluation:
             diffs = evaluation["max_abs_diff_vs_torchmetrics"]
             lines += ["", f"Largest value difference: {max(diffs.values()):.2e} (float32 in torchmetrics)."]
+    return lines
+
+
+def render_query_gallery(result: dict[str, Any] | None) -> list[str]:
+    """Queries searched in a separate gallery (In-Shop size): seconds and values, ours vs AccuracyCalculator."""
+    if not result:
+        return []
+    data = result["data"]
+    in_shop = (data["num_queries"], data["num_gallery"], data["num_classes"]) == (14_218, 12_612, 3_985)
+    lines = [
+        "",
+        f"## Query / gallery evaluation ({data['num_queries']:,} queries in {data['num_gallery']:,} gallery items x "
+        f"{data['dim']}, {data['num_classes']:,} classes{': DeepFashion In-Shop test size' if in_shop else ''})",
+        "",
+        "| method | time (s) | peak RSS (GB) | Recall@1 | Recall@50 | R-Prec. | MAP@R |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, name in (("ours_gallery", "ours (CPU)"), ("ours_gallery_cuda", "ours (GPU)"),
+                      ("pml_gallery", "pml AccuracyCalculator (ref_includes_query=False)")):  # fmt: skip
+        if key not in result:
+            continue
+        entry = result[key]
+        if "error" in entry:
+            lines.append(f"| {name} | failed: {entry['error'].strip().splitlines()[-1]} | | | | | |")
+            continue
+        m = entry["metrics"]
+        lines.append(
+            f"| {name} | {entry['seconds']:.2f} | {entry['peak_rss_mb'] / 1024:.2f} | "
+            f"{_fmt(m.get('recall@1', m.get('precision_at_1')), 4)} | {_fmt(m.get('recall@50'), 4)} | "
+            f"{_fmt(m.get('r_precision'), 4)} | {_fmt(m.get('map@r', m.get('mean_average_precision_at_r')), 4)} |"
+        )
+    if "speedup_vs_pml" in result:
+        lines += ["", f"Speed-up over AccuracyCalculator: {result['speedup_vs_pml']:.2f}x; largest value difference: "
+                  f"{max(result['max_abs_diff_vs_pml'].values()):.1e}."]  # fmt: skip
     return lines
 
 

@@ -9,6 +9,8 @@ Sections:
 
 - ``eval``: Recall@1/10/100/1000 + R-Precision + MAP@R over SOP-size embeddings, ours vs pytorch-metric-learning's
   AccuracyCalculator (time, peak RSS, equal values), and vs torchmetrics on a subset it can handle.
+- ``query_gallery``: the same metrics for queries searched in a separate gallery at DeepFashion In-Shop size
+  (14,218 queries x 12,612 gallery items x 512), on the CPU (and the GPU), vs AccuracyCalculator.
 - ``overhead``: the same model, loss and in-memory data in a hand-written PyTorch loop vs our Lightning module.
 - ``train``: training images/s with the PIL data path and with the uint8-cache fast path (and the model alone).
 - ``gpu_eval``: embedding + search + metrics of a SOP-size test set on the GPU (CUDA only).
@@ -31,7 +33,13 @@ from typing import Any
 import torch
 
 from metricsearch.benchmarks import SECTIONS
-from metricsearch.benchmarks.evaluation import EvalData, make_embeddings, measure_evaluation
+from metricsearch.benchmarks.evaluation import (
+    EvalData,
+    QueryGalleryData,
+    make_embeddings,
+    measure_evaluation,
+    measure_query_gallery,
+)
 from metricsearch.benchmarks.report import write_speed_report
 from metricsearch.benchmarks.training import (
     TrainSetting,
@@ -117,11 +125,13 @@ def default_settings(cuda: bool, quick: bool) -> dict[str, Any]:
         # runs on the machine; the data workers have the other core(s).
         train = TrainSetting(backbone="resnet10t", image_size=64, batch_size=64, warmup_steps=3, steps=15, threads=1)
     data = EvalData()
+    query_gallery = QueryGalleryData()
     if quick:
         overhead = replace(overhead, steps=10, warmup_steps=3)
         train = replace(train, steps=max(8, train.steps // 3))
         data = replace(data, num_items=12_100, num_classes=2_263)
-    return {"overhead": overhead, "train": train, "eval": data}
+        query_gallery = replace(query_gallery, num_queries=3_555, num_gallery=3_153, num_classes=996)
+    return {"overhead": overhead, "train": train, "eval": data, "query_gallery": query_gallery}
 
 
 def run_speed_benchmark(
@@ -137,7 +147,8 @@ def run_speed_benchmark(
 
     Args:
         out_dir: where the report goes (and scratch files, removed afterwards).
-        sections: any of ``eval``, ``overhead``, ``train``, ``gpu_eval``; GPU-only ones are skipped without CUDA.
+        sections: any of ``eval``, ``query_gallery``, ``overhead``, ``train``, ``gpu_eval``; GPU-only ones are
+            skipped without CUDA.
         quick: smaller sizes (minutes instead of ~10 on two cores); the SOP-size targets are then not measured.
         data_dir: where the synthetic training images and their caches are generated (reused across runs);
             default ``$METRICSEARCH_DATA/benchmark`` or ``data/benchmark``.
@@ -160,6 +171,12 @@ def run_speed_benchmark(
         log("== evaluation")
         with tempfile.TemporaryDirectory(prefix="metricsearch-benchmark-") as scratch:
             report["evaluation"] = measure_evaluation(settings["eval"], Path(scratch), with_cuda=cuda, log=log)
+    if "query_gallery" in sections:
+        log("== query / gallery evaluation (In-Shop size)")
+        with tempfile.TemporaryDirectory(prefix="metricsearch-benchmark-") as scratch:
+            report["query_gallery"] = measure_query_gallery(
+                settings["query_gallery"], Path(scratch), with_cuda=cuda, log=log
+            )
     if "overhead" in sections:
         log("== Lightning overhead (CPU)")
         setting = replace(settings["overhead"], accelerator="cpu")
