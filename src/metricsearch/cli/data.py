@@ -17,7 +17,10 @@ from metricsearch.utils.config import ConfigError
 TRAINING_OVERRIDES = PassedOn(
     ("",),
     (
-        ("data=NAME", "the dataset: a conf/data option (cub, cars196, sop, inshop, cifar10, cifar100, folder, synthetic, digits)"),
+        (
+            "data=NAME",
+            "the dataset: a conf/data option (cub, cars196, sop, inshop, cifar10, cifar100, folder, synthetic)",
+        ),
         ("data.root=PATH", "its folder (short for data.source.root)"),
         ("KEY=VALUE", "any other override of the training config, as train.py takes it"),
     ),
