@@ -7,7 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from metricsearch.benchmarks.evaluation import EvalData, emulated_screens, make_embeddings, sop_like_class_sizes
+from metricsearch.benchmarks.evaluation import (
+    EvalData,
+    QueryGalleryData,
+    emulated_screens,
+    make_embeddings,
+    sop_like_class_sizes,
+)
 from metricsearch.benchmarks.report import render_markdown
 from metricsearch.benchmarks.speed import run_speed_benchmark
 from metricsearch.benchmarks.training import TrainSetting, measure_gpu_evaluation
@@ -70,7 +76,12 @@ def test_benchmark_runs_every_cpu_section_at_toy_size(tmp_path, data_dir):
         backbone="resnet10t", image_size=32, batch_size=16, warmup_steps=2, steps=3, num_workers=0,
         num_classes=12, images_per_class=8, source_size=32,
     )  # fmt: skip
-    settings = {"eval": EvalData(num_items=1_200, num_classes=220, dim=32), "overhead": tiny_train, "train": tiny_train}
+    settings = {
+        "eval": EvalData(num_items=1_200, num_classes=220, dim=32),
+        "query_gallery": QueryGalleryData(num_queries=300, num_gallery=250, num_classes=80, dim=32),
+        "overhead": tiny_train,
+        "train": tiny_train,
+    }
     report = run_speed_benchmark(tmp_path / "out", settings=settings, data_dir=data_dir, log=lambda _: None)
     assert json.loads((tmp_path / "out" / "benchmark.json").read_text())["targets"] == report["targets"]
     markdown = (tmp_path / "out" / "benchmark.md").read_text()
