@@ -74,6 +74,7 @@ def pair_anchors_with_positives(labels: torch.Tensor) -> tuple[torch.Tensor, tor
         label, count = classes[wrong][0].item(), counts[wrong][0].item()
         raise ValueError(
             f"loss=anchor_positive_softmax needs every label of a batch exactly twice (one anchor, one positive), "
-            f"but label {label} appears {count} time(s): use the m-per-class sampler with sampler.m=2"
+            f"but label {label} appears {count} time(s): use the m-per-class sampler with sampler.m=2 (and under DDP "
+            "module.gather_across_ranks=false, since two processes may draw the same class)"
         )
     return order[0::2], order[1::2]
