@@ -249,21 +249,30 @@ class MetricDataModule(L.LightningDataModule):
             self.setup()
 
     def setup(self, stage: str | None = None) -> None:
-        if self.split is not None:
-            return
+        if self.split is None:
+            self._load_split()
+        if stage == "fit":
+            self._require_training_images()
+
+    def _require_training_images(self) -> None:
+        # An evaluation-only dataset (a folder of query/ + gallery/, or every class of root/<class>/ evaluated) has
+        # no training images: fine for trainer.test, refused for training.
+        if len(self.split.train) == 0:
+            raise DatasetError(
+                f"the train split of {type(self.source).__name__} is empty; check data.root (a folder with only "
+                "query/ and gallery/ can be evaluated with scripts/evaluate.py, not trained on)"
+            )
+
+    def _load_split(self) -> None:
         split = self.source.load()
-        for name, records in (("train", split.train), ("test", split.test), ("gallery", split.gallery)):
+        for name, records in (("test", split.test), ("gallery", split.gallery)):
             if records is not None and len(records) == 0:
-                raise DatasetError(
-                    f"the {name} split of {type(self.source).__name__} is empty; check data.root"
-                    + (
-                        " (a folder with only query/ and gallery/ can be evaluated, not trained on)"
-                        if name == "train"
-                        else ""
-                    )
-                )
+                raise DatasetError(f"the {name} split of {type(self.source).__name__} is empty; check data.root")
         self.split = split
-        if split.protocol == CLOSED_SET:
+        if len(split.train) == 0:
+            # Nothing to hold validation classes or images out of: an evaluation-only dataset.
+            self.train_records, self.val_records = split.train, split.train
+        elif split.protocol == CLOSED_SET:
             if self.num_folds:
                 raise ConfigError(
                     f"data.num_folds={self.num_folds}: class folds need unseen validation classes, but this dataset "
@@ -319,7 +328,7 @@ class MetricDataModule(L.LightningDataModule):
     @property
     def num_train_classes(self) -> int:
         """Number of classes trained on (training classes minus validation classes)."""
-        self.setup()
+        self.setup("fit")
         return len(self.class_to_index)
 
     def _loader_kwargs(self) -> dict[str, Any]:
@@ -341,7 +350,7 @@ class MetricDataModule(L.LightningDataModule):
         return DataLoader(dataset, sampler=batches, batch_size=None, **self._loader_kwargs())
 
     def train_dataloader(self) -> DataLoader:
-        self.setup()
+        self.setup("fit")
         labels = np.array([self.class_to_index[int(c)] for c in self.train_records.labels], dtype=np.int64)
         if self.sampler_factory is None:
             batch_sampler = RandomBatchSampler(labels, batch_size=self.batch_size, seed=self.seed)
