@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
 from metricsearch.analysis import (
     choose_queries,
@@ -25,7 +25,7 @@ from metricsearch.analysis import (
     read_csv,
     sample_evenly,
 )
-from metricsearch.analysis.retrieval_examples import CORRECT_COLOUR, QUERY_COLOUR, WRONG_COLOUR
+from metricsearch.analysis.retrieval_examples import CORRECT_COLOUR, QUERY_COLOUR, WRONG_COLOUR, fit_caption
 from metricsearch.utils import loggers
 from tests.conftest import REPO_ROOT, TINY
 
@@ -195,6 +195,23 @@ def test_retrieval_grid_image_size(tmp_path):
     for r in range(3):
         expected = CORRECT_COLOUR if examples.correct[0, r] else WRONG_COLOUR
         assert grid.getpixel((tile + gap + r * tile, 0)) == expected
+    # Captions name the classes when names are given (a folder's class names), else their ids.
+    names = {0: "wren", 1: "kite", 2: "rook"}
+    plain = draw_retrieval_grid(examples, paths, thumbnail_size=64)
+    named = draw_retrieval_grid(examples, paths, thumbnail_size=64, class_names=names)
+    assert named.size == plain.size
+    caption_band = (0, 72, 72, 84)  # under the first query's tile (64 + 2 * 4 pixels)
+    assert named.crop(caption_band).tobytes() != plain.crop(caption_band).tobytes()
+    assert named.crop((0, 0, 72, 72)).tobytes() == plain.crop((0, 0, 72, 72)).tobytes()
+
+
+def test_captions_are_shortened_to_the_tile():
+    font = ImageFont.load_default(size=10)
+    assert fit_caption("wren", font, 500, "query: ", "  0.93") == "query: wren  0.93"
+    long = "001.Black_footed_Albatross"
+    short = fit_caption(long, font, 40, suffix="  0.93")
+    assert short.endswith("…  0.93") and long.startswith(short.removesuffix("…  0.93"))
+    assert font.getlength(short) <= 40
 
 
 # --------------------------------------------------------------------------------------- an offline W&B run, end to end

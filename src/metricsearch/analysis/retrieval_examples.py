@@ -177,6 +177,22 @@ def load_thumbnail(path: str | Path, size: int = 64) -> Image.Image:
     return ImageOps.fit(load_rgb_image(path), (size, size), method=Image.Resampling.BILINEAR)
 
 
+def fit_caption(name: str, font: ImageFont.ImageFont, width: float, prefix: str = "", suffix: str = "") -> str:
+    """``prefix + name + suffix``, the name shortened with "…" until the text is at most ``width`` pixels wide in
+    ``font`` (or the name is one character).
+
+    Example:
+        >>> font = ImageFont.load_default(size=10)
+        >>> fit_caption("cat", font, 200, "query: ")
+        'query: cat'
+        >>> fit_caption("001.Black_footed_Albatross", font, 60).endswith("…")
+        True
+    """
+    while len(name) > 1 and font.getlength(prefix + name + suffix) > width:
+        name = name[:-2] + "…"
+    return prefix + name + suffix
+
+
 def draw_retrieval_grid(
     examples: RetrievalExamples,
     paths: Sequence[str | Path] | Mapping[int, str | Path],
@@ -184,10 +200,12 @@ def draw_retrieval_grid(
     thumbnail_size: int = 64,
     border: int = 4,
     title: str = "",
+    class_names: Mapping[int, str] | None = None,
 ) -> Image.Image:
     """Draws one row per query: the query (blue frame), then its neighbours framed green (same class) or red.
 
-    Each tile is captioned with its class id (``c12``); neighbours also with their cosine similarity.
+    Each tile is captioned with its class (its name from ``class_names``, shortened to the tile, or its id ``c12``);
+    neighbours also with their cosine similarity.
 
     Args:
         examples: The examples to draw.
@@ -196,6 +214,7 @@ def draw_retrieval_grid(
         thumbnail_size: Side of each image in pixels.
         border: Frame width in pixels.
         title: A line of text above the grid.
+        class_names: Class id -> name (the folder's class names); ids without a name are drawn as ``c<id>``.
 
     Returns:
         The grid as an RGB image.
@@ -215,6 +234,10 @@ def draw_retrieval_grid(
         draw.text((4, 2), title, fill=(0, 0, 0), font=font)
 
     thumbnails: dict[int, Image.Image] = {}
+    names = class_names or {}
+
+    def caption_of(label: int, prefix: str = "", suffix: str = "") -> str:
+        return fit_caption(str(names.get(label, f"c{label}")), font, tile_w - 4, prefix, suffix)
 
     def tile(index: int, x: int, y: int, colour: tuple[int, int, int], caption: str) -> None:
         if index not in thumbnails:
@@ -226,9 +249,9 @@ def draw_retrieval_grid(
     correct = examples.correct
     for q in range(num_queries):
         y = title_height + q * tile_h
-        tile(int(examples.query_indices[q]), 0, y, QUERY_COLOUR, f"query: c{int(examples.query_labels[q])}")
+        tile(int(examples.query_indices[q]), 0, y, QUERY_COLOUR, caption_of(int(examples.query_labels[q]), "query: "))
         for r in range(k):
             colour = CORRECT_COLOUR if correct[q, r] else WRONG_COLOUR
-            caption = f"c{int(examples.neighbor_labels[q, r])}  {examples.scores[q, r]:.2f}"
+            caption = caption_of(int(examples.neighbor_labels[q, r]), suffix=f"  {examples.scores[q, r]:.2f}")
             tile(int(examples.neighbor_indices[q, r]), tile_w + gap + r * tile_w, y, colour, caption)
     return grid

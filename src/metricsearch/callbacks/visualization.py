@@ -144,6 +144,7 @@ class VisualizationCallback(Callback):
         out = self.output_dir or Path(trainer.default_root_dir)
         records = _split_records(trainer, prefix)
         paths = None if records is None else records.paths
+        names = records.class_names if records is not None else {}
         query_count = _query_count(trainer, prefix)
         embeddings, labels, indices = evaluation.embeddings, evaluation.labels, evaluation.indices
         metrics = getattr(pl_module, "last_metrics", {}).get(prefix, {})
@@ -171,7 +172,9 @@ class VisualizationCallback(Callback):
         grid_path = None
         if paths is not None:
             grid_title = f"{where}: top-{self.top_k} of {len(examples.query_indices)} queries{recall}"
-            grid = draw_retrieval_grid(examples, paths, thumbnail_size=self.thumbnail_size, title=grid_title)
+            grid = draw_retrieval_grid(
+                examples, paths, thumbnail_size=self.thumbnail_size, title=grid_title, class_names=names
+            )
             grid_path = out / "plots" / f"retrieval_{tag}.png"
             save_image(grid, grid_path)
             write_csv(out / "tables" / f"retrieval_{tag}.csv", retrieval_rows(examples, paths))
@@ -186,7 +189,6 @@ class VisualizationCallback(Callback):
                 k=self.confusion_k,
                 query_count=query_count,
             )
-            names = records.class_names if records is not None else {}
             confusion_title = f"{where}: first {self.confusion_queries_per_class} images of each class{recall}"
             confusion_path = out / "plots" / f"confusion_{tag}.png"
             save_figure(plot_neighbour_confusion(confusion, names, confusion_title), confusion_path)
