@@ -208,10 +208,14 @@ def test_retrieval_grid_image_size(tmp_path):
 def test_captions_are_shortened_to_the_tile():
     font = ImageFont.load_default(size=10)
     assert fit_caption("wren", font, 500, "query: ", "  0.93") == "query: wren  0.93"
-    long = "001.Black_footed_Albatross"
-    short = fit_caption(long, font, 40, suffix="  0.93")
-    assert short.endswith("…  0.93") and long.startswith(short.removesuffix("…  0.93"))
-    assert font.getlength(short) <= 40
+    # Too long: the prefix goes first, then the middle of the name, keeping its start and end.
+    name = "001.Black_footed_Albatross"
+    assert fit_caption(name, font, font.getlength(name), "query: ") == name
+    short = fit_caption(name, font, 60, suffix="  0.93")
+    head, _, tail = short.removesuffix("  0.93").partition("…")
+    assert head and tail and name.startswith(head) and name.endswith(tail)
+    assert font.getlength(short) <= 60
+    assert fit_caption("shape142", font, 1, "query: ") == "s…2"
 
 
 # --------------------------------------------------------------------------------------- an offline W&B run, end to end

@@ -178,19 +178,28 @@ def load_thumbnail(path: str | Path, size: int = 64) -> Image.Image:
 
 
 def fit_caption(name: str, font: ImageFont.ImageFont, width: float, prefix: str = "", suffix: str = "") -> str:
-    """``prefix + name + suffix``, the name shortened with "…" until the text is at most ``width`` pixels wide in
-    ``font`` (or the name is one character).
+    """``prefix + name + suffix`` in at most ``width`` pixels of ``font``: the prefix is dropped first, then the
+    middle of the name is replaced by "…" (its start and end usually tell classes apart: ``shape1…42``), down to one
+    character on each side.
 
     Example:
         >>> font = ImageFont.load_default(size=10)
         >>> fit_caption("cat", font, 200, "query: ")
         'query: cat'
-        >>> fit_caption("001.Black_footed_Albatross", font, 60).endswith("…")
-        True
+        >>> fit_caption("001.Black_footed_Albatross", font, 60)
+        '001.Bl…atross'
     """
-    while len(name) > 1 and font.getlength(prefix + name + suffix) > width:
-        name = name[:-2] + "…"
-    return prefix + name + suffix
+    if font.getlength(prefix + name + suffix) <= width:
+        return prefix + name + suffix
+    head, tail = len(name) // 2, len(name) - len(name) // 2
+    text = name
+    while font.getlength(text + suffix) > width and head + tail > 2:
+        if head >= tail:
+            head -= 1
+        else:
+            tail -= 1
+        text = name[:head] + "…" + name[len(name) - tail :]
+    return text + suffix
 
 
 def draw_retrieval_grid(

@@ -34,7 +34,7 @@ EVALUATE = Command(
         **model_options("backbone"),
         "out": Option(None, "the output folder; none: outputs/evaluate/<date>_<time>"),
         "batch_size": Option(None, "images per batch and process; none: the data config's eval_batch_size", int),
-        "num_workers": Option(None, "image-decoding processes; none: the data config's", int),
+        "num_workers": Option(None, "image-decoding processes; none: the data config's, at most one per core", int),
         "max_confusion_classes": Option(50, "draw the neighbour confusion matrix up to this many classes (0: never)"),
     },
     passed_on=PassedOn(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -130,8 +131,10 @@ def build_datamodule(
     }
     if batch_size is not None:
         settings["eval_batch_size"] = batch_size
-    if num_workers is not None:
-        settings["num_workers"] = num_workers
+    if num_workers is None:
+        # More decoding processes than cores only slows an evaluation down (and makes torch warn).
+        num_workers = min(int(cfg.data.get("num_workers", 0)), len(os.sched_getaffinity(0)))
+    settings["num_workers"] = num_workers
     try:
         return instantiate(cfg.data, **settings)
     except (HydraException, OmegaConfBaseException, TypeError) as err:
@@ -157,7 +160,7 @@ def evaluate_model(
             ``data.root=DIR``, ``data.source.protocol=closed_set``, ``trainer=gpu``, ``trainer.devices=2``...
         out: The output folder (default: :func:`default_output_dir`).
         batch_size: Images per batch and process (default: the data config's ``eval_batch_size``).
-        num_workers: Image-decoding processes (default: the data config's).
+        num_workers: Image-decoding processes (default: the data config's, at most one per available core).
         max_confusion_classes: Draw the neighbour confusion matrix when the evaluation has at most this many
             classes (0: never).
         progress_bar: Show Lightning's progress bar while embedding.
