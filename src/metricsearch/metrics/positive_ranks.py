@@ -49,7 +49,6 @@ float32 is faster than branching.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -221,9 +220,12 @@ def _rank_in_gallery(
 
 
 def _matmul_group_gram(x: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """Scores among the members of each group, shape (C, n, n), by BLAS; the diagonal (the query) is -inf."""
-    vectors = x[members]  # (C, n, D)
-    gram = np.matmul(vectors, vectors.transpose(0, 2, 1))
+    """Scores among the members of each group, shape (C, n, n), by BLAS; the diagonal (the query) is -inf.
+
+    In float64 rounded to float32, as :func:`_count_with_torch` scores the negatives (see there).
+    """
+    vectors = x[members].astype(np.float64)  # (C, n, D)
+    gram = np.matmul(vectors, vectors.transpose(0, 2, 1)).astype(np.float32)
     size = members.shape[1]
     # The query itself is excluded by position (not by score, which duplicates share).
     gram[:, np.arange(size), np.arange(size)] = -np.inf
@@ -478,17 +480,6 @@ def _update_liveness(
 # Phase 2 with torch (GPU; also runs on the CPU): exact, vectorised, no pruning
 
 
-@contextlib.contextmanager
-def _exact_float32_matmul() -> Iterator[None]:
-    """Full float32 products: TF32 (enabled by ``set_float32_matmul_precision("high")``) would reorder neighbours."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 def _sortable_keys(scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """One int64 per (score, item) ordered as the neighbour lists are: higher score first, then lower index.
 
@@ -509,10 +500,16 @@ def _count_with_torch(
     block_size: int,
     device: torch.device,
 ) -> np.ndarray:
-    """The histogram of :func:`_count_with_numba`, counting every negative (exact everywhere)."""
+    """The histogram of :func:`_count_with_numba`, counting every negative (exact everywhere).
+
+    The scores are float64 products rounded to float32, for the reason :func:`_count_gallery_with_torch` gives: a
+    float32 product rounds the scores of exact copies differently at different places of the matrix (and phase 1
+    scores the positives in another product), so a negative copy of a positive would tie with it or not by chance.
+    (In float64, TF32 never applies either.)
+    """
     num_items, max_r = pos_scores.shape
     bins = max_r + 1  # the last bin collects negatives that beat no positive, and same-class pairs
-    xt = torch.from_numpy(x).to(device)
+    xt = torch.from_numpy(x).to(device, torch.float64)
     cls = torch.from_numpy(classes).to(device)
     ascending = _ascending_positive_keys(pos_scores, pos_index, device)
     relevant = torch.from_numpy(num_relevant).to(device)
@@ -524,12 +521,11 @@ def _count_with_torch(
         _bin_pairs(scores, item_ids[queries], cls[queries], item_ids[items], cls[items], ascending[queries],
                    relevant[queries], counts, bins)  # fmt: skip
 
-    with _exact_float32_matmul():
-        for rows, cols, first in _upper_triangle_blocks(num_items, block_size, block_size):
-            scores = xt[rows] @ xt[cols].T
-            add(scores, rows, cols)
-            if first < scores.shape[1]:
-                add(scores[:, first:].T, slice(cols.start + first, cols.stop), rows)
+    for rows, cols, first in _upper_triangle_blocks(num_items, block_size, block_size):
+        scores = (xt[rows] @ xt[cols].T).to(torch.float32)
+        add(scores, rows, cols)
+        if first < scores.shape[1]:
+            add(scores[:, first:].T, slice(cols.start + first, cols.stop), rows)
     return counts.view(num_items, bins)[:, :max_r].cpu().numpy()
 
 
