@@ -18,7 +18,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metricsearch.utils.config import SELECTIONS, ConfigError
+from metricsearch.utils.config import ConfigError, selection_mode
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,7 @@ def selection_of(cfg: DictConfig) -> str:
         ConfigError: not one of :data:`SELECTIONS`, or ``test_best`` in a hyper-parameter search (which would tune
             on the test classes).
     """
-    mode = cfg.get("selection") or "val"
-    if mode not in SELECTIONS:
-        raise ConfigError(f"selection={mode} is not one of {', '.join(SELECTIONS)}; set e.g. selection=val")
+    mode = selection_mode(cfg)
     if mode == "test_best" and cfg.get("hparams_search"):
         raise ConfigError(
             "selection=test_best in a hyper-parameter search would tune on the test classes; search with "

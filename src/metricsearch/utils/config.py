@@ -231,13 +231,19 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={_shown(value)} does not exist; {key} takes {choices}")
 
 
-def _validate_selection(cfg: DictConfig, val_fraction: float | None) -> None:
-    """``selection`` is one of :data:`SELECTIONS`, and ``val`` has validation classes to select on."""
+def selection_mode(cfg: DictConfig) -> str:
+    """The config's ``selection`` (``val`` when unset), one of :data:`SELECTIONS`, or :class:`ConfigError`."""
     selection = OmegaConf.select(cfg, "selection", default=None) or "val"
     if selection not in SELECTIONS:
         raise ConfigError(
             f"selection={_shown(selection)} is not one of {', '.join(SELECTIONS)}; set e.g. selection=val"
         )
+    return selection
+
+
+def _validate_selection(cfg: DictConfig, val_fraction: float | None) -> None:
+    """``selection`` is one of :data:`SELECTIONS`, and ``val`` has validation classes to select on."""
+    selection = selection_mode(cfg)
     folds = OmegaConf.select(cfg, "data.num_folds", default=0)
     if selection == "val" and val_fraction is not None and val_fraction <= 0 and not folds:
         raise ConfigError(
