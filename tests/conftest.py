@@ -72,3 +72,14 @@ def run_train(args: list[str], run_dir: Path, data_dir: Path, timeout: int = 300
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "train.py", *TINY, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *args]
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def python3_kernel() -> str:
+    """The ``python3`` kernel of this interpreter (ipykernel installs it into ``<venv>/share/jupyter``), for the
+    notebook tests."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if "python3" not in KernelSpecManager().find_kernel_specs():
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix"], check=True, capture_output=True)
+    return "python3"

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import nbformat
-import pytest
-from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
 from metricsearch.analysis.results import cell_dir
@@ -17,14 +13,6 @@ from metricsearch.pipelines.train import train
 from tests.conftest import REPO_ROOT, compose_config
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "analysis.ipynb"
-
-
-@pytest.fixture(scope="module")
-def python3_kernel() -> str:
-    """The ``python3`` kernel of this interpreter (ipykernel installs it into ``<venv>/share/jupyter``)."""
-    if "python3" not in KernelSpecManager().find_kernel_specs():
-        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix"], check=True, capture_output=True)
-    return "python3"
 
 
 def test_committed_notebook_is_clean():
