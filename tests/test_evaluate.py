@@ -298,3 +298,21 @@ def test_training_on_a_folder_without_training_images_is_refused_with_what_to_do
     )
     with pytest.raises(DatasetError, match=r"train split .* is empty.*can be evaluated"):
         train(cfg)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_corrupt_image_is_one_line_naming_it_also_from_a_worker_process(num_workers, tmp_path, capsys):
+    from metricsearch.cli.evaluate import main_evaluate
+
+    root = tmp_path / "photos"
+    make_classes(root, ["a", "b"], images=2, seed=0)
+    broken = root / "b" / "1.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    args = ["backbone=seed_cnn", f"data.root={root}", f"out={tmp_path / 'out'}", f"num_workers={num_workers}"]
+    status = main_evaluate([*args, "trainer=cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    # torch re-raises a worker's exception with the worker's whole traceback as its message; the user reads only
+    # what the image reader said.
+    assert status == 1
+    assert err[-1].startswith(f"error: cannot read image {broken} (OSError: ")
+    assert err[-1].endswith("): remove or replace the file") and "Traceback" not in err[-1]

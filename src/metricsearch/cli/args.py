@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from metricsearch.utils.errors import error_message
+
 USAGE_ERROR_EXIT = 2
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
@@ -205,7 +207,7 @@ def run_command(
         status = next((status for kind, status in (errors or {}).items() if isinstance(err, kind)), None)
         if status is None:
             raise
-        return _report(str(err), status)
+        return _report(error_message(err), status)
 
 
 def one_line(text: str) -> str:

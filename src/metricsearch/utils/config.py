@@ -18,6 +18,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from metricsearch.utils.errors import error_message
+
 log = logging.getLogger(__name__)
 
 # The checkout: train.py, conf/, scripts/ (the package is installed from it in editable mode).
@@ -112,7 +114,7 @@ def report_user_errors(*kinds: type[BaseException]) -> Iterator[None]:
             raise
         # What _wrapped_user_error found is one of `kinds` or, failing that, a full disk.
         if isinstance(cause, kinds):
-            message = str(cause)
+            message = error_message(cause)
         else:
             message = f"disk full: {cause}; free space there or point hydra.run.dir at a disk with room"
     else:
