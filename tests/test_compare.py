@@ -404,3 +404,47 @@ def test_a_study_continues_only_under_its_own_settings(tmp_path):
     assert again._study_id == study._study_id
     with pytest.raises(CompareError, match="run with other settings.*trainer.max_epochs=1.*trainer.max_epochs=3"):
         open_study(storage, "synthetic", space, load_protocol(folds=2, epochs=3), [])
+
+
+def test_the_default_setting_is_read_from_the_loss_config_and_must_lie_in_the_space():
+    from metricsearch.pipelines.compare import default_params
+
+    protocol = load_protocol(folds=2)
+    defaults = yaml.safe_load((REPO_ROOT / "conf" / "loss" / "multi_similarity.yaml").read_text())["loss"]
+    miner = yaml.safe_load((REPO_ROOT / "conf" / "miner" / "multi_similarity.yaml").read_text())
+    found = default_params("synthetic", load_search_space("multi_similarity"), protocol)
+    assert found == {
+        "loss.alpha": defaults["alpha"],
+        "loss.beta": defaults["beta"],
+        "loss.base": defaults["base"],
+        "miner.epsilon": miner["epsilon"],
+    }
+    narrow = parse_search_space("triplet", {"params": {"loss.margin": {"low": 0.5, "high": 1.0}}})
+    margin = yaml.safe_load((REPO_ROOT / "conf" / "loss" / "triplet.yaml").read_text())["loss"]["margin"]
+    with pytest.raises(CompareError, match=rf"default loss.margin={margin} is outside its search space \[0.5, 1.0\]"):
+        default_params("synthetic", narrow, protocol)
+
+
+def test_include_default_queues_the_default_setting_as_a_new_studys_first_trial(tmp_path):
+    from metricsearch.pipelines.compare import default_params, open_storage, open_study, queue_default_trial
+
+    protocol = load_protocol(folds=2, include_default=True)
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", protocol)
+    space = load_search_space("ntxent")
+    study = open_study(storage, "synthetic", space, protocol, [])
+    queued = queue_default_trial(study, "synthetic", space, protocol)
+    assert queued == default_params("synthetic", space, protocol)
+    # The first trial the search asks for runs the default setting; a rerun queues nothing more.
+    trial = study.ask()
+    assert sample_params(trial, space) == queued
+    study.tell(trial, 0.1)
+    assert queue_default_trial(study, "synthetic", space, protocol) is None
+    follow = study.ask()
+    assert sample_params(follow, space) != queued  # the search proper
+    # Off (the default), nothing is queued; and the setting is part of what a study must continue under.
+    plain = load_protocol(folds=2)
+    other = open_study(storage, "synthetic", load_search_space("triplet"), plain, [])
+    assert queue_default_trial(other, "synthetic", load_search_space("triplet"), plain) is None
+    assert other.get_trials() == []
+    with pytest.raises(CompareError, match="run with other settings.*include_default"):
+        open_study(storage, "synthetic", space, plain, [])

@@ -38,6 +38,9 @@ COMPARE = Command(
         ),
         "workers": Option(None, "trials run at once on this machine", type=int),
         "prune": Option(None, "stop hopeless trials after their first fold", type=bool),
+        "include_default": Option(
+            None, "make each study's first trial the loss's default setting (it then counts toward trials)", type=bool
+        ),
         "storage": Option(None, "Optuna storage URL (none: sqlite:///<results_dir>/optuna.db)"),
         "results_dir": Option(None, "where the runs, studies and tables go (none: the repository's results/compare/)"),
         "extra": Option("", "Hydra overrides added to every run, e.g. 'logger=wandb backbone=resnet18'"),
@@ -70,6 +73,7 @@ def _compare(args: Arguments, command: str) -> int:
         image_size=args["image_size"],
         workers=args["workers"],
         prune=args["prune"],
+        include_default=args["include_default"],
         storage=args["storage"],
     )
 

@@ -68,7 +68,7 @@ from metricsearch.pipelines.reproduce import (
     run_cell,
 )
 from metricsearch.utils.atomic_io import atomic_write_text
-from metricsearch.utils.config import CONFIG_DIR, REPO_ROOT, ConfigError
+from metricsearch.utils.config import CONFIG_DIR, REPO_ROOT, ConfigError, normalize_overrides
 
 if TYPE_CHECKING:
     import optuna
@@ -242,6 +242,7 @@ class Protocol:
     grace_period: int = 180
     max_retry: int = 3
     max_failures: int = 3
+    include_default: bool = False
     dataset_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def epochs_for(self, dataset: str) -> int | None:
@@ -449,8 +450,50 @@ def search_fingerprint(dataset: str, space: SearchSpace, protocol: Protocol, ext
     overrides = run_overrides(template, protocol, space.overrides, {}, Path("/"), ())
     overrides = [o for o in overrides if not o.startswith("hydra.run.dir=")]
     extra = [o for o in extra if not o.lstrip("+~").startswith("logger")]
+    fingerprint: dict[str, Any] = {"space": space.as_dict(), "overrides": overrides, "extra": extra}
+    if protocol.include_default:
+        # Only when set, so that studies made before this setting existed still match.
+        fingerprint["include_default"] = True
     # As the storage gives it back (JSON: tuples become lists), so that equal settings compare equal.
-    return json.loads(json.dumps({"space": space.as_dict(), "overrides": overrides, "extra": extra}))
+    return json.loads(json.dumps(fingerprint))
+
+
+def default_params(dataset: str, space: SearchSpace, protocol: Protocol, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """The values a run at the loss's defaults has for each searched parameter: the composed training config of
+    the search's runs, without any parameter override (what the ``default`` final runs train with).
+
+    Raises:
+        CompareError: a parameter is not in the config, or its default lies outside the search space (then a
+            trial cannot start there: widen the range, or leave ``include_default`` off).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    template = FoldRun(dataset, space.loss, SEARCH, 0, protocol.search_seed, "KEY")
+    overrides = run_overrides(template, protocol, space.overrides, {}, Path("/"), extra)
+    overrides = normalize_overrides([o for o in overrides if not o.startswith("hydra.")])
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+    values: dict[str, Any] = {}
+    for p in space.params:
+        value = OmegaConf.select(cfg, p.name, default=None)
+        if p.kind == "categorical":
+            inside = value in p.choices
+        else:
+            inside = isinstance(value, (int, float)) and not isinstance(value, bool) and p.low <= value <= p.high
+        if not inside:
+            allowed = f"choices {list(p.choices)}" if p.kind == "categorical" else f"[{p.low}, {p.high}]"
+            raise CompareError(
+                f"include_default: {space.loss}'s default {p.name}={value} is outside its search space {allowed} "
+                f"(conf/compare/{space.loss}.yaml); widen the range there, or set include_default=false"
+            )
+        values[p.name] = value if p.kind == "categorical" else int(value) if p.kind == "int" else float(value)
+    return values
 
 
 def open_study(
@@ -471,7 +514,7 @@ def open_study(
     if stored is None:
         study.set_user_attr("fingerprint", fingerprint)
     elif stored != fingerprint:
-        changed = ", ".join(k for k in fingerprint if fingerprint[k] != stored.get(k))
+        changed = ", ".join(k for k in {**stored, **fingerprint} if fingerprint.get(k) != stored.get(k))
         raise CompareError(
             f"study {study.study_name} was run with other settings ({changed} differ: "
             f"{_first_difference(stored, fingerprint)}); continue it with the same settings, or use another "
@@ -481,9 +524,27 @@ def open_study(
     return study
 
 
+def queue_default_trial(
+    study: optuna.Study, dataset: str, space: SearchSpace, protocol: Protocol, extra: Sequence[str] = ()
+) -> dict[str, Any] | None:
+    """With ``protocol.include_default``, makes a new study's first trial the loss's default setting; returns it
+    (None when nothing was queued: the setting is off, or the study has trials already).
+
+    The tuned setting is then never one that did worse on validation than the default, which the search alone may
+    never come near (NT-Xent in the measured comparison: its tuned temperature tested below its default).
+    """
+    if not protocol.include_default or study.get_trials(deepcopy=False):
+        return None
+    defaults = default_params(dataset, space, protocol, extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # enqueue_trial is experimental in Optuna 2.10
+        study.enqueue_trial(defaults)
+    return defaults
+
+
 def _first_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    for key in new:
-        before, after = old.get(key), new[key]
+    for key in {**old, **new}:
+        before, after = old.get(key), new.get(key)
         if before == after:
             continue
         if isinstance(before, list) and isinstance(after, list):
@@ -1087,7 +1148,8 @@ def write_compare_results(
                 )
     write_csv(results_dir / "summary.csv", summary_rows, list(dict.fromkeys(k for row in summary_rows for k in row)))
     protocol_line = (
-        f"Per loss: {protocol.trials} Optuna TPE trials of its own parameters (conf/compare/<loss>.yaml), each "
+        f"Per loss: {protocol.trials} Optuna TPE trials of its own parameters (conf/compare/<loss>.yaml"
+        f"{'; the first at its default setting' if protocol.include_default else ''}), each "
         f"trained on {protocol.folds} class-disjoint folds of the training classes and scored by the mean "
         f"validation {protocol.monitor.split('/', 1)[1].upper()} over folds; the test classes are never evaluated "
         f"during the search. The best setting and the default one are then trained {protocol.folds} folds x "
@@ -1198,6 +1260,9 @@ def _compare_one(dataset: str, space: SearchSpace, storage, ctx: Context, dry_ru
         ctx.say(f"  python train.py {command} <params>")
         return
     study = open_study(storage, dataset, space, protocol, ctx.extra)
+    defaults = queue_default_trial(study, dataset, space, protocol, ctx.extra)
+    if defaults is not None:
+        ctx.say(f"queue  {name}: the default setting first ({format_params(defaults)})")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     states = FINISHED_STATES
     with Progress(*columns, console=ctx.console, transient=False) as progress:
