@@ -18,11 +18,13 @@ SEEDS ?=
 EPOCHS ?=
 EXTRA ?=
 # `make compare` (the fair comparison, conf/compare/) takes the same five, plus the protocol's size: TRIALS per loss,
-# FOLDS of the training classes, WORKERS (trials at once), IMAGE_SIZE; left empty, conf/compare/protocol.yaml decides.
+# FOLDS of the training classes, WORKERS (trials at once), IMAGE_SIZE, INCLUDE_DEFAULT (true: each study's first trial
+# is the loss's default setting); left empty, conf/compare/protocol.yaml decides.
 TRIALS ?=
 FOLDS ?=
 WORKERS ?=
 IMAGE_SIZE ?=
+INCLUDE_DEFAULT ?=
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -52,11 +54,12 @@ reproduce: install ## Loss x dataset x seed grid into results/ (resumable; DATAS
 	$(PY) scripts/reproduce.py --datasets "synthetic,$(DATASETS)" $(if $(LOSSES),--losses "$(LOSSES)") \
 		$(if $(SEEDS),--seeds "$(SEEDS)") $(if $(EPOCHS),--epochs $(EPOCHS)) --extra "$(EXTRA)"
 
-compare: install ## Fair loss comparison into results/compare/ (resumable; DATASETS= LOSSES= TRIALS= FOLDS= SEEDS= EPOCHS= IMAGE_SIZE= WORKERS= EXTRA=)
+compare: install ## Fair loss comparison into results/compare/ (resumable; DATASETS= LOSSES= TRIALS= FOLDS= SEEDS= EPOCHS= IMAGE_SIZE= WORKERS= INCLUDE_DEFAULT= EXTRA=)
 	$(PY) scripts/compare.py --datasets "synthetic,$(DATASETS)" $(if $(LOSSES),--losses "$(LOSSES)") \
 		$(if $(TRIALS),--trials $(TRIALS)) $(if $(FOLDS),--folds $(FOLDS)) $(if $(SEEDS),--seeds "$(SEEDS)") \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) \
-		$(if $(WORKERS),--workers $(WORKERS)) --extra "$(EXTRA)"
+		$(if $(WORKERS),--workers $(WORKERS)) $(if $(INCLUDE_DEFAULT),--include-default=$(INCLUDE_DEFAULT)) \
+		--extra "$(EXTRA)"
 
 demo: install ## Train (or reuse) a short default run, index its unseen test classes, search, write outputs/demo/search_grid.png
 	$(PY) scripts/demo.py $(ARGS)
