@@ -15,9 +15,21 @@ SUM_ORDER_TOL = 1e-12
 NEAR_TIE = 1e-6
 
 
+def pairwise_scores(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """Float64 sums of the (exact) float64 products of the float32 coordinates, computed row by row in the same order
+    for every pair, so that exact copies get equal scores and tie.
+
+    Not a matrix product: BLAS sums a product's entries in an order that depends on where they sit in the matrix and
+    on the CPU's kernel (an AVX-512 OpenBLAS scored copies 1e-16 apart), which would order exact copies by rounding.
+    """
+    q64, g64 = queries.astype(np.float64), gallery.astype(np.float64)
+    return np.stack([(g64 * q64[row]).sum(axis=1) for row in range(len(q64))])
+
+
 def brute_force_neighbors(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Full N x N similarity in float64, self masked by index, stable sort (ties: lower index first)."""
-    similarity = x.astype(np.float64) @ x.astype(np.float64).T
+    """Full N x N similarity in float64 (pairwise_scores), self masked by index, stable sort (ties: lower index
+    first)."""
+    similarity = pairwise_scores(x, x)
     np.fill_diagonal(similarity, -np.inf)
     order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(similarity, order, axis=1), order
@@ -86,13 +98,9 @@ def assert_metrics_equal(actual: dict[str, float], expected: dict[str, float]) -
 
 
 def brute_force_gallery_order(queries: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every query's gallery sorted by decreasing score, ties by increasing gallery index (no self-exclusion).
-
-    Scores are float64 sums of the (exact) float64 products of the float32 coordinates, computed row by row in the
-    same order for every pair, so that exact copies of a gallery item get equal scores and tie.
-    """
-    q64, g64 = queries.astype(np.float64), gallery.astype(np.float64)
-    similarity = np.stack([(g64 * q64[row]).sum(axis=1) for row in range(len(q64))])
+    """Every query's gallery sorted by decreasing score (pairwise_scores), ties by increasing gallery index (no
+    self-exclusion)."""
+    similarity = pairwise_scores(queries, gallery)
     order = np.argsort(-similarity, axis=1, kind="stable")
     return np.take_along_axis(similarity, order, axis=1), order
 
