@@ -155,7 +155,7 @@ def test_tiny_grid_end_to_end_with_skip_and_resume(tmp_path, data_dir):
     )
     assert finished.stat().st_mtime_ns == mtime
     log = (resumable / "reproduce.log").read_text()
-    assert "resume=auto" in log and "Restoring states from the checkpoint" in log
+    assert "resume=auto" in log and "Restoring states from the checkpoint" in (resumable / "train.log").read_text()
     assert not (fresh / "checkpoints" / "stale.ckpt").exists() and (fresh / "metrics.json").is_file()
     assert json.loads((fresh / "reproduce.json").read_text())["seconds"] > 0
 

@@ -26,6 +26,7 @@ from metricsearch.pipelines.selection import TEST_EPOCH_PREFIX, apply_selection,
 from metricsearch.utils.atomic_io import atomic_write_text
 from metricsearch.utils.checkpoint_io import CheckpointWriteError
 from metricsearch.utils.config import ConfigError, instantiate_partial_with, to_plain, validate_config
+from metricsearch.utils.console_logging import quiet_lightning_console
 from metricsearch.utils.loggers import finish_loggers
 from metricsearch.utils.report import format_metrics_table
 
@@ -116,6 +117,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``selection=last`` tests the final model instead, and ``selection=test_best`` reports the best per-epoch
     test evaluation (optimistic; see :mod:`metricsearch.pipelines.selection`).
     """
+    quiet_lightning_console()  # Lightning's INFO lines go to the run's log file, not the console
     selection = apply_selection(cfg)
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)

@@ -1,0 +1,408 @@
+"""The results tables of the documentation and README, generated from the committed files, never typed by hand.
+
+Each table lives in a markdown page between two marker comments::
+
+    <!-- generated: compare -->
+    ...the table, written by scripts/docs_tables.py...
+    <!-- end generated: compare -->
+
+:func:`update_pages` rewrites what lies between the markers from the files under ``results/`` (and, for the recipe
+table, the recipe cards of ``conf/experiment/``); :func:`stale_tables` lists the pages whose tables differ from what
+would be generated, which the test suite checks, so a number in the docs is always the number in the results files.
+
+Tables (name: source):
+
+- ``compare``: the fair comparison, ``results/compare/{summary,trials,runs}.csv`` (``make compare``);
+- ``reproduce``: the default-parameter table, ``results/results.csv`` and ``results/runs.csv`` (``make reproduce``);
+- ``options``: warm-up, pooling and XBM on the built-in data, ``results/options/*/results.{csv,md}``;
+- ``recipes``: the paper recipes, the ``recipe:`` cards of ``conf/experiment/*.yaml``;
+- ``performance``: the speed targets, ``results/benchmark/benchmark.json`` and ``results/benchmark/avx2/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metricsearch.analysis.compare import indistinguishable_from_best
+from metricsearch.analysis.files import read_csv
+from metricsearch.utils.atomic_io import atomic_write_text
+
+__all__ = [
+    "TABLES",
+    "DocsSources",
+    "generate_tables",
+    "render_markers",
+    "stale_tables",
+    "update_pages",
+]
+
+MARKER = re.compile(
+    r"(?P<open><!-- generated: (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(?P<close><!-- end generated: (?P=name) -->)",
+    re.DOTALL,
+)
+
+
+@dataclass(frozen=True)
+class DocsSources:
+    """Where the tables are read from: the results folder and the recipe cards' folder."""
+
+    results_dir: Path
+    experiment_dir: Path
+
+    @classmethod
+    def of_repository(cls, root: str | Path) -> DocsSources:
+        root = Path(root)
+        return cls(root / "results", root / "conf" / "experiment")
+
+
+def _pct(value: float | str | None, digits: int = 1) -> str:
+    if value in (None, ""):
+        return ""
+    value = float(value)
+    return "" if math.isnan(value) else f"{100 * value:.{digits}f}"
+
+
+def _pm(mean: str | float | None, spread: str | float | None) -> str:
+    """``mean ± spread`` in percent (the mean alone without a spread)."""
+    shown = _pct(mean)
+    if not shown or spread in (None, "") or math.isnan(float(spread)):
+        return shown
+    return f"{shown} ± {_pct(spread)}"
+
+
+def _table(header: Sequence[str], align: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+# --- the fair comparison (make compare) ---
+
+COMPARE_METRIC = "recall@1"
+
+
+def _format_value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _format_params(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key.removeprefix('loss.')} {_format_value(value)}" for key, value in sorted(params.items()))
+
+
+def compare_table(sources: DocsSources, metric: str = COMPARE_METRIC) -> str:
+    """The headline table of ``make compare``: per loss the search's best validation MAP@R and parameters, the
+    tuned and default test ``metric`` (mean ± 95% half-width over the fold x seed models) and Welch's verdict."""
+    folder = sources.results_dir / "compare"
+    summary, trials, runs = (read_csv(folder / name) for name in ("summary.csv", "trials.csv", "runs.csv"))
+    lines: list[str] = []
+    for dataset in dict.fromkeys(row["dataset"] for row in summary):
+
+        def interval(loss: str, kind: str, dataset: str = dataset) -> tuple[float, str]:
+            for row in summary:
+                if (row["dataset"], row["loss"], row["kind"], row["metric"]) == (dataset, loss, kind, metric):
+                    return float(row["mean"]), _pm(row["mean"], (float(row["ci_high"]) - float(row["ci_low"])) / 2)
+            return math.nan, ""
+
+        losses = list(dict.fromkeys(row["loss"] for row in summary if row["dataset"] == dataset))
+        tuned_runs = {
+            loss: [
+                float(row[metric])
+                for row in runs
+                if (row["dataset"], row["loss"], row["kind"]) == (dataset, loss, "tuned") and row["current"] == "True"
+            ]
+            for loss in losses
+        }
+        best = max(losses, key=lambda loss: interval(loss, "tuned")[0])
+        same = indistinguishable_from_best({loss: v for loss, v in tuned_runs.items() if v})
+        budget = [
+            row
+            for row in trials
+            if row["dataset"] == dataset and row["state"] == "COMPLETE" and row["in_budget"] == "True"
+        ]
+        rows = []
+        for loss in sorted(losses, key=lambda loss: -interval(loss, "tuned")[0]):
+            searched = [row for row in budget if row["loss"] == loss]
+            top = max(searched, key=lambda row: float(row["objective"])) if searched else None
+            mark = "best" if loss == best else ("≈" if same.get(loss) else "")
+            rows.append(
+                [
+                    loss,
+                    _pct(top["objective"]) if top else "",
+                    _format_params(json.loads(top["params"])) if top else "",
+                    interval(loss, "tuned")[1],
+                    interval(loss, "concatenated")[1],
+                    interval(loss, "default")[1],
+                    mark,
+                ]
+            )
+        trial_counts = sorted({sum(row["loss"] == loss for row in budget) for loss in losses})
+        finals = [row for row in runs if (row["dataset"], row["kind"], row["current"]) == (dataset, "tuned", "True")]
+        folds = sorted({row["fold"] for row in finals})
+        seeds = sorted({row["seed"] for row in finals})
+        lines += [
+            f"{dataset}: {len(losses)} losses x {'/'.join(map(str, trial_counts))} trials x {len(folds)} folds; "
+            f"finals {len(folds)} folds x {len(seeds)} seeds; test {metric_label(metric)} %, mean ± 95% half-width "
+            f"over the {len(folds) * len(seeds)} fold x seed models (`results/compare/compare.md`).",
+            "",
+            *_table(
+                [
+                    "loss",
+                    "best val MAP@R (search)",
+                    "best parameters found",
+                    "tuned",
+                    "tuned, concatenated",
+                    "default params",
+                    "vs best",
+                ],
+                ["---", "---:", "---", "---:", "---:", "---:", ":---:"],
+                rows,
+            ),
+            "",
+        ]
+    return "\n".join(lines).rstrip()
+
+
+def metric_label(metric: str) -> str:
+    """``recall@1`` -> ``R@1``, ``map@r`` -> ``MAP@R``, ``r_precision`` -> ``R-Precision``."""
+    if metric.startswith("recall@"):
+        return "R@" + metric.split("@", 1)[1]
+    return {"map@r": "MAP@R", "r_precision": "R-Precision", "nmi": "NMI", "precision@1": "P@1"}.get(metric, metric)
+
+
+# --- the default-parameter table (make reproduce) and the options table ---
+
+REPRODUCE_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision")
+
+
+def _summary_rows(path: Path) -> list[dict[str, str]]:
+    return read_csv(path)
+
+
+def reproduce_table(sources: DocsSources) -> str:
+    """``results/results.csv`` as a table (mean ± sample std over seeds, %), with the grid's training time."""
+    rows = _summary_rows(sources.results_dir / "results.csv")
+    lines: list[str] = []
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        body = [
+            [row["loss"], row["num_seeds"]] + [_pm(row[f"{m}_mean"], row.get(f"{m}_std")) for m in REPRODUCE_METRICS]
+            for row in rows
+            if row["dataset"] == dataset
+        ]
+        if len(set(dict.fromkeys(row["dataset"] for row in rows))) > 1:
+            lines += [f"**{dataset}**", ""]
+        lines += _table(
+            ["loss", "seeds", *(metric_label(m) for m in REPRODUCE_METRICS)],
+            ["---", "---:", *(["---:"] * len(REPRODUCE_METRICS))],
+            body,
+        )
+        lines.append("")
+    runs = read_csv(sources.results_dir / "runs.csv")
+    minutes = sum(float(row["seconds"]) for row in runs) / 60
+    lines.append(
+        f"Test classes, mean ± sample std over seeds, %; {len(runs)} runs, {minutes:.1f} minutes of training in all "
+        "(`results/results.md`, `results/runs.csv`)."
+    )
+    return "\n".join(lines)
+
+
+OPTIONS_METRICS = ("recall@1", "map@r", "r_precision")
+_COMMAND = re.compile(r"^Command: `(?P<command>.*)`\s*$", re.MULTILINE)
+
+
+def _extra_overrides(results_md: Path) -> str:
+    """The ``--extra`` overrides of the command a ``results.md`` footer records ('' for none)."""
+    match = _COMMAND.search(results_md.read_text(encoding="utf-8"))
+    if not match:
+        return ""
+    extra = re.search(r"--extra (?P<value>'[^']*'|\S+)", match["command"])
+    return extra["value"].strip("'") if extra else ""
+
+
+def options_table(sources: DocsSources) -> str:
+    """Each ``results/options/<name>/`` grid as rows: loss, the option's overrides, R@1, MAP@R, R-Precision."""
+    body = []
+    folders = sorted(p for p in (sources.results_dir / "options").iterdir() if (p / "results.csv").is_file())
+    # The baseline (no extra overrides) first, then each option, grouped by loss.
+    entries = []
+    for folder in folders:
+        extra = _extra_overrides(folder / "results.md")
+        for row in _summary_rows(folder / "results.csv"):
+            entries.append((row["loss"], extra, row))
+    for loss, extra, row in sorted(entries, key=lambda e: (e[0], e[1] != "", e[1])):
+        cells = [_pm(row[f"{m}_mean"], row.get(f"{m}_std")) for m in OPTIONS_METRICS]
+        body.append([loss, f"`{extra}`" if extra else "none", *cells])
+    seeds = sorted({row["num_seeds"] for _, _, row in entries})
+    lines = _table(
+        ["loss", "option", *(metric_label(m) for m in OPTIONS_METRICS)],
+        ["---", "---", *(["---:"] * len(OPTIONS_METRICS))],
+        body,
+    )
+    lines += ["", f"Test classes, mean ± std over {'/'.join(seeds)} seeds, % (`results/options/*/results.md`)."]
+    return "\n".join(lines)
+
+
+# --- the paper recipes (conf/experiment/ cards) ---
+
+
+def _protocol(ours: str, paper: str) -> str:
+    return ours if paper in ("", ours) else f"{ours} (the source: {paper})"
+
+
+def recipes_table(sources: DocsSources) -> str:
+    """One row per recipe card: the recipe, its title, the published R@1, the protocol, the card's differences."""
+    body = []
+    for path in sorted(sources.experiment_dir.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        card = raw.get("recipe")
+        if not isinstance(card, dict):
+            continue
+        published = card.get("published") or {}
+        first = next((k for k in ("recall@1",) if k in published), None)
+        shown = f"{float(published[first]):.1f}" if first else "–"
+        body.append(
+            [
+                f"`{path.stem}`",
+                str(card.get("title", path.stem)),
+                shown,
+                _protocol(str(raw.get("selection") or "val"), str(card.get("published_protocol") or "")),
+                str(len(card.get("differences") or [])),
+            ]
+        )
+    lines = _table(["recipe", "paper setting", "paper R@1", "protocol", "differences listed on its card"],
+                   ["---", "---", "---:", "---", "---:"], body)  # fmt: skip
+    return "\n".join(lines)
+
+
+# --- the performance targets (make benchmark) ---
+
+
+def _target_cell(target: Mapping[str, Any] | None) -> str:
+    if target is None:
+        return "—"
+    if target.get("value") is None:
+        return str(target.get("not_measured") or "not measured")
+    return f"{float(target['value']):.3g}"
+
+
+def _met(target: Mapping[str, Any] | None) -> str:
+    if target is None or target.get("met") is None:
+        return "not measured"
+    return "yes" if target["met"] else "**no**"
+
+
+def _ratio(evaluation: Mapping[str, Any], method: str) -> str:
+    ours, pml = evaluation.get(method) or {}, evaluation.get("pml") or {}
+    if not ours.get("seconds") or not pml.get("seconds"):
+        return "—"
+    return f"{pml['seconds'] / ours['seconds']:.3g} ({pml['seconds']:.1f} s vs {ours['seconds']:.1f} s)"
+
+
+def _machine(report: Mapping[str, Any]) -> str:
+    machine = report.get("machine", {})
+    text = f"{machine.get('cpu', 'CPU')}, {machine.get('cpu_cores', '?')} cores"
+    if machine.get("isa_limits"):
+        text += ", dispatch limited to AVX2"
+    return text
+
+
+def performance_table(sources: DocsSources) -> str:
+    """The benchmark's targets: the committed report's values beside those of the AVX2-limited report."""
+    folder = sources.results_dir / "benchmark"
+    reports = [json.loads((folder / "benchmark.json").read_text(encoding="utf-8"))]
+    if (folder / "avx2" / "benchmark.json").is_file():
+        reports.append(json.loads((folder / "avx2" / "benchmark.json").read_text(encoding="utf-8")))
+    header = ["target", "threshold", *(_machine(r) for r in reports), "met (first machine)"]
+    body = []
+    for target in reports[0]["targets"]:
+        found = [next((t for t in r["targets"] if t["target"] == target["target"]), None) for r in reports]
+        body.append([target["description"], target["threshold"], *(_target_cell(t) for t in found), _met(target)])
+    body.append(
+        [
+            "SOP-size evaluation with the float32 screen (a CPU without fast int8 or bfloat16 products): "
+            "AccuracyCalculator time / ours",
+            ">= 2",
+            *(_ratio(r.get("evaluation", {}), "ours_float32") for r in reports),
+            "",
+        ]
+    )
+    lines = _table(header, ["---", "---", *(["---"] * len(reports)), "---"], body)
+    nmi = next((r["evaluation"]["nmi"] for r in reports if (r.get("evaluation") or {}).get("nmi")), None)
+    if nmi and nmi.get("cpu_one_iteration"):
+        seconds = nmi["cpu_one_iteration"]["seconds"]
+        schedule = nmi["full_schedule"]
+        lines += [
+            "",
+            f"NMI at SOP size: one faiss k-means iteration ({nmi['macs_per_iteration']:.1e} multiply-adds) took "
+            f"{seconds:.1f} s, so the customary {schedule['niter']} iterations x {schedule['nredo']} runs would take "
+            f"~{nmi['cpu_full_schedule_seconds_estimate'] / 60:.0f} minutes per evaluation on these two cores.",
+        ]
+    lines += ["", "Reports: `results/benchmark/benchmark.md`, `results/benchmark/avx2/benchmark.md`."]
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[[DocsSources], str]] = {
+    "compare": compare_table,
+    "reproduce": reproduce_table,
+    "options": options_table,
+    "recipes": recipes_table,
+    "performance": performance_table,
+}
+
+
+def generate_tables(sources: DocsSources, names: Iterable[str] | None = None) -> dict[str, str]:
+    """The markdown of each named table (all of :data:`TABLES` by default)."""
+    return {name: TABLES[name](sources) for name in (names or TABLES)}
+
+
+def render_markers(text: str, tables: Mapping[str, str]) -> str:
+    """``text`` with the body between each pair of markers replaced by that table.
+
+    Raises:
+        KeyError: a marker names a table that does not exist.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in tables:
+            raise KeyError(f"unknown generated table {name!r}; known: {', '.join(sorted(tables))}")
+        return f"{match['open']}{tables[name].rstrip()}\n{match['close']}"
+
+    return MARKER.sub(replace, text)
+
+
+def marker_names(text: str) -> list[str]:
+    """The tables a page holds, in order."""
+    return [match["name"] for match in MARKER.finditer(text)]
+
+
+def stale_tables(pages: Iterable[Path], sources: DocsSources) -> list[str]:
+    """``page: table`` for every generated table whose committed text differs from what would be generated."""
+    tables = generate_tables(sources)
+    stale = []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for match in MARKER.finditer(text):
+            if match["body"].rstrip() != tables[match["name"]].rstrip():
+                stale.append(f"{page}: {match['name']}")
+    return stale
+
+
+def update_pages(pages: Iterable[Path], sources: DocsSources) -> list[Path]:
+    """Rewrites the generated tables of ``pages``; returns the pages that changed."""
+    tables = generate_tables(sources)
+    changed = []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        new = render_markers(text, tables)
+        if new != text:
+            atomic_write_text(page, new)
+            changed.append(page)
+    return changed

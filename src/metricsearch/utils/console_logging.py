@@ -1,0 +1,57 @@
+"""What reaches the console of a run: our own progress lines and real warnings, not third-party INFO chatter.
+
+A training run logs to two places (``conf/hydra/default.yaml``): the run's log file gets every record, the console
+only those :class:`ConsoleFilter` lets through. faiss's loader announces each instruction set it tries at import
+("Could not load library with AVX512 support due to: ModuleNotFoundError(...)", harmless: faiss picks the best
+one it has), matplotlib announces building its font cache, Lightning prints which accelerators it found; all of it
+stays in the log file. Kept cheap to import: Hydra loads it while it configures logging, before torch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+__all__ = ["CHATTY_LOGGERS", "OWN_LOGGERS", "ConsoleFilter", "quiet_lightning_console"]
+
+# Loggers whose INFO lines are progress the user asked for.
+OWN_LOGGERS = ("metricsearch", "__main__")
+# Third-party loggers whose warnings are chatter too (matplotlib's "building the font cache" is a WARNING): only
+# their errors reach the console.
+CHATTY_LOGGERS = ("faiss", "matplotlib")
+
+
+def _under(name: str, roots: tuple[str, ...]) -> bool:
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
+class ConsoleFilter(logging.Filter):
+    """Lets through our own records of any level, other libraries' warnings and errors, chatty ones' errors.
+
+    Example:
+        >>> console = ConsoleFilter()
+        >>> record = lambda name, level: logging.LogRecord(name, level, __file__, 1, "message", None, None)
+        >>> console.filter(record("metricsearch.pipelines.train", logging.INFO))
+        True
+        >>> console.filter(record("faiss.loader", logging.INFO)), console.filter(record("lightning.pytorch", 20))
+        (False, False)
+        >>> console.filter(record("torch", logging.WARNING)), console.filter(record("matplotlib.font_manager", 30))
+        (True, False)
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _under(record.name, OWN_LOGGERS):
+            return True
+        if _under(record.name, CHATTY_LOGGERS):
+            return record.levelno >= logging.ERROR
+        return record.levelno >= logging.WARNING
+
+
+def quiet_lightning_console(level: int = logging.WARNING) -> None:
+    """Raises the level of the console handler ``import lightning`` attaches to its own logger to ``level``.
+
+    Lightning prints its INFO lines ("GPU available: False", "Seed set to 42") through that handler, beside the
+    root logger's; they still propagate to the root logger, so the run's log file keeps them.
+    """
+    for handler in logging.getLogger("lightning").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, level))
