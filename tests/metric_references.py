@@ -60,6 +60,7 @@ def reference_metrics(x: np.ndarray, labels: np.ndarray, ks: tuple[int, ...]) ->
     metrics["r_precision"] = sum(r_precisions) / num_queries
     metrics["map@r"] = sum(average_precisions) / num_queries
     metrics["num_queries"] = float(num_queries)
+    metrics["num_queries_left_out"] = float(len(x) - num_queries)
     return metrics
 
 
@@ -133,6 +134,7 @@ def reference_query_gallery_metrics(
     metrics["r_precision"] = sum(r_precisions) / num_queries
     metrics["map@r"] = sum(average_precisions) / num_queries
     metrics["num_queries"] = float(num_queries)
+    metrics["num_queries_left_out"] = float(len(queries) - num_queries)
     return metrics
 
 

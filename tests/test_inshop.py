@@ -80,13 +80,16 @@ def test_img_inside_Img_and_the_archive_folder_are_found(tmp_path):
 
 def test_a_query_item_without_gallery_images_is_a_warning(tmp_path, caplog):
     copy = make_inshop(tmp_path / "inshop", images_per_item=3, queries_per_item=2)
-    # Item id_00000002's only gallery image becomes a query: its queries can never be answered.
+    # Item id_00000002's only gallery image becomes a query: its queries have no correct answer and are left out.
     _rewrite(
         copy, lambda lines: [line.replace("gallery", "query") if "id_00000002" in line else line for line in lines]
     )
     with caplog.at_level(logging.WARNING):
         split = InShopSource(copy.root).load()
     assert 2 not in split.gallery.labels and "1 query items have no gallery image (e.g. id_00000002)" in caplog.text
+    left_out = int((split.test.labels == 2).sum())
+    assert f"their {left_out} queries have no correct answer and are left out of the metrics" in caplog.text
+    assert "never be answered" not in caplog.text
 
 
 # --- malformed copies, each named in one line ---

@@ -107,6 +107,7 @@ def test_ties_within_a_class_do_not_change_the_answer():
             "r_precision": 1.0,
             "map@r": 1.0,
             "num_queries": 5.0,
+            "num_queries_left_out": 0.0,
         }
 
 
@@ -124,6 +125,7 @@ def test_tied_wrong_neighbours_and_singletons():
         "r_precision": 0.5,  # R = 1 for both queries
         "map@r": 0.5,
         "num_queries": 2.0,
+        "num_queries_left_out": 2.0,  # the singletons w1 and w2
     }
     for permutation in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
         metrics = calc_retrieval_metrics(x[permutation], labels[permutation], recall_at_k=(1, 2, 4), compute_nmi=False)
@@ -136,6 +138,7 @@ def test_singleton_queries_are_excluded_and_counted():
     assert singletons.sum() > 0
     metrics = calc_retrieval_metrics(x, labels, compute_nmi=False)
     assert metrics["num_queries"] == len(labels) - singletons.sum()
+    assert metrics["num_queries_left_out"] == singletons.sum()
     # Singletons stay in the gallery, so they can still be wrong neighbours of the other queries.
     without_singletons = calc_retrieval_metrics(x[~singletons], labels[~singletons], compute_nmi=False)
     assert metrics["num_queries"] == without_singletons["num_queries"]

@@ -167,7 +167,7 @@ def test_an_exact_copy_of_the_query_in_the_gallery_is_a_real_neighbour(path):
     queries, query_labels = np.stack([E1]), np.array([0])
     gallery, gallery_labels = np.stack([normalize([E1 + E2])[0], E1, E3]), np.array([1, 0, 2])
     expected = {"recall@1": 1.0, "recall@2": 1.0, "precision@1": 1.0, "r_precision": 1.0, "map@r": 1.0,
-                "num_queries": 1.0}  # fmt: skip
+                "num_queries": 1.0, "num_queries_left_out": 0.0}  # fmt: skip
     assert qg_metrics(queries, query_labels, gallery, gallery_labels, ks=(1, 2), **path) == expected
 
 
@@ -185,7 +185,7 @@ def test_identical_gallery_items_of_two_classes_tie_by_gallery_index(copy_first,
         expected = {"recall@1": 0.0, "recall@2": 1.0, "precision@1": 0.0, "r_precision": 0.5, "map@r": 0.25}
     else:  # right, wrong, right
         expected = {"recall@1": 1.0, "recall@2": 1.0, "precision@1": 1.0, "r_precision": 0.5, "map@r": 0.5}
-    assert metrics == {**expected, "num_queries": 1.0}
+    assert metrics == {**expected, "num_queries": 1.0, "num_queries_left_out": 0.0}
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
@@ -195,14 +195,17 @@ def test_queries_whose_class_is_not_in_the_gallery_are_excluded_and_counted(path
     assert 0 < missing.sum() < len(queries)
     metrics = qg_metrics(queries, query_labels, gallery, gallery_labels, **path)
     assert metrics["num_queries"] == len(queries) - missing.sum()
+    assert metrics.pop("num_queries_left_out") == missing.sum()
     kept = qg_metrics(queries[~missing], query_labels[~missing], gallery, gallery_labels, **path)
+    assert kept.pop("num_queries_left_out") == 0.0
     assert metrics == kept
 
 
 def test_no_answerable_query_gives_zeros_with_a_warning():
     with pytest.warns(RuntimeWarning, match="No query has a gallery item of its class"):
         metrics = qg_metrics(np.stack([E1, E2]), np.array([0, 1]), np.stack([E1, E3]), np.array([2, 3]), ks=(1,))
-    assert metrics == {"recall@1": 0.0, "precision@1": 0.0, "r_precision": 0.0, "map@r": 0.0, "num_queries": 0.0}
+    assert metrics == {"recall@1": 0.0, "precision@1": 0.0, "r_precision": 0.0, "map@r": 0.0, "num_queries": 0.0,
+                       "num_queries_left_out": 2.0}  # fmt: skip
 
 
 def test_one_query_and_one_gallery_item_are_enough():
@@ -268,6 +271,7 @@ def test_matches_pytorch_metric_learning(seed, kind):
     expected = pml_metrics(queries, query_labels, gallery, gallery_labels, KS)
     actual = qg_metrics(queries, query_labels, gallery, gallery_labels)
     assert actual.pop("num_queries") == np.sum(count_relevant(query_labels, gallery_labels) > 0)
+    assert actual.pop("num_queries_left_out") == np.sum(count_relevant(query_labels, gallery_labels) == 0)
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
         assert actual[key] == pytest.approx(value, abs=SUM_ORDER_TOL), key

@@ -258,7 +258,7 @@ def _protocol(ours: str, paper: str) -> str:
 
 def recipes_table(sources: DocsSources) -> str:
     """One row per recipe card: the recipe, its title, the published R@1, the protocol, the card's differences."""
-    body = []
+    body, differences = [], []
     for path in sorted(sources.experiment_dir.glob("*.yaml")):
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         card = raw.get("recipe")
@@ -273,11 +273,12 @@ def recipes_table(sources: DocsSources) -> str:
                 str(card.get("title", path.stem)),
                 shown,
                 _protocol(str(raw.get("selection") or "val"), str(card.get("published_protocol") or "")),
-                str(len(card.get("differences") or [])),
             ]
         )
-    lines = _table(["recipe", "paper setting", "paper R@1", "protocol", "differences listed on its card"],
-                   ["---", "---", "---:", "---", "---:"], body)  # fmt: skip
+        listed = [" ".join(str(d).split()) for d in card.get("differences") or []]
+        differences += [f"    - `{path.stem}`: " + " ".join(listed)] if listed else []
+    lines = _table(["recipe", "paper setting", "paper R@1", "protocol"], ["---", "---", "---:", "---"], body)
+    lines += ["", '??? note "What each card lists as different from the official code, and why"', "", *differences]
     return "\n".join(lines)
 
 

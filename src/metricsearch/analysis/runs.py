@@ -122,7 +122,7 @@ def format_run_metrics_markdown(results: dict[str, dict[str, float]]) -> str:
     """
     columns = [c for c in ("untrained", "val_best", "test") if c in results]
     columns += [c for c in results if c not in columns]
-    names = list(dict.fromkeys(name for c in columns for name in results[c] if name != "num_queries"))
+    names = list(dict.fromkeys(name for c in columns for name in results[c] if not name.startswith("num_queries")))
     gain = "untrained" in results and "test" in results
     lines = ["| metric | " + " | ".join(columns) + (" | gain |" if gain else " |")]
     lines.append("|---|" + "---:|" * (len(columns) + gain))

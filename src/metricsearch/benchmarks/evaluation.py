@@ -455,7 +455,7 @@ def _summary(result: dict[str, Any]) -> str:
         return result["skipped"]
     if "error" in result:
         return "FAILED: " + result["error"].strip().splitlines()[-1]
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items() if k != "num_queries")
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items() if not k.startswith("num_queries"))
     return f"{result['seconds']:.1f} s, peak RSS {result['peak_rss_mb'] / 1024:.2f} GB; {metrics}"
 
 

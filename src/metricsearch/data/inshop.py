@@ -77,10 +77,12 @@ class InShopSource(DiskSource):
         unmatched = np.setdiff1d(queries.classes, gallery.classes)
         if len(unmatched):
             log.warning(
-                "%s: %d query items have no gallery image (e.g. %s); their queries can never be answered",
+                "%s: %d query items have no gallery image (e.g. %s): their %d queries have no correct answer and are "
+                "left out of the metrics (num_queries_left_out counts them)",
                 self.name,
                 len(unmatched),
                 queries.class_names[int(unmatched[0])],
+                int(np.isin(queries.labels, unmatched).sum()),
             )
         split = DatasetSplit(sides["train"], queries, protocol=QUERY_GALLERY, gallery=gallery)
         return split, layout

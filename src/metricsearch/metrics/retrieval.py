@@ -281,7 +281,7 @@ def calc_retrieval_metrics(
     equal scores ordered by index (see :func:`find_neighbors`), but no neighbour list is built: the rank of each
     query's positives is counted directly (:func:`~metricsearch.metrics.positive_ranks.rank_positives`), so any
     K costs the same. Queries of singleton classes are left out of every neighbour-based metric;
-    ``num_queries`` says how many were kept.
+    ``num_queries`` says how many were kept, ``num_queries_left_out`` how many were not.
 
     With ``gallery_embeddings`` and ``gallery_labels`` each query is searched in the gallery only: there is no
     self-exclusion (the query is not in the gallery; an exact copy of it there is a real neighbour), R is the
@@ -314,7 +314,8 @@ def calc_retrieval_metrics(
 
     Returns:
         A dict with keys ``recall@{K}`` for each K, ``precision@1``, ``r_precision``, ``map@r``, ``nmi`` (when
-        computed: asked for and within its budget) and ``num_queries``. When no query can be answered the
+        computed: asked for and within its budget), ``num_queries`` (the queries the metrics average over) and
+        ``num_queries_left_out`` (those without a same-class gallery item). When no query can be answered the
         metrics are 0.0, with a warning.
 
     Raises:
@@ -388,6 +389,7 @@ def calc_retrieval_metrics(
         else:
             metrics["nmi"] = calc_nmi(x, labels, seed=seed, niter=schedule.niter, nredo=schedule.nredo, device=device)
     metrics["num_queries"] = float(num_queries)
+    metrics["num_queries_left_out"] = float(len(x) - num_queries)
     return metrics
 
 

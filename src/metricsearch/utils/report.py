@@ -7,6 +7,9 @@ import io
 from rich.console import Console
 from rich.table import Table
 
+# Counts of queries, not fractions: printed as whole numbers, with no gain.
+COUNTS = ("num_queries", "num_queries_left_out")
+
 
 def format_metrics_table(results: dict[str, dict[str, float]], title: str = "") -> str:
     """A table with one row per metric and one column per evaluation (untrained, test, ...), plus the gain."""
@@ -28,9 +31,7 @@ def format_metrics_table(results: dict[str, dict[str, float]], title: str = "") 
             row.append("" if value is None else _fmt(name, value))
         if show_gain:
             before, after = results["untrained"].get(name), results["test"].get(name)
-            row.append(
-                "" if before is None or after is None or name == "num_queries" else f"{100 * (after - before):+.1f}"
-            )
+            row.append("" if before is None or after is None or name in COUNTS else f"{100 * (after - before):+.1f}")
         table.add_row(*row)
     buffer = io.StringIO()
     Console(file=buffer, width=120, force_terminal=False, force_jupyter=False).print(table)
@@ -38,4 +39,4 @@ def format_metrics_table(results: dict[str, dict[str, float]], title: str = "") 
 
 
 def _fmt(name: str, value: float) -> str:
-    return f"{int(value)}" if name == "num_queries" else f"{100 * value:.2f}"
+    return f"{int(value)}" if name in COUNTS else f"{100 * value:.2f}"
