@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 SUDO := $(shell test "$$(id -u)" -eq 0 || echo sudo)
 
-.PHONY: help install train test test-all check-data prepare-data chromium demo serve load-test bench-search benchmark device-wheels lint format clean reproduce compare
+.PHONY: help install train test test-all check-data prepare-data chromium demo serve load-test bench-search benchmark device-wheels lint format clean reproduce compare docs docs-serve
 
 # `make reproduce`: DATASETS adds real datasets (cub,cars196,sop; only those on disk) to the built-in synthetic
 # data; LOSSES, SEEDS and EPOCHS replace the grid's defaults; EXTRA is passed to every run as Hydra overrides.
@@ -90,6 +90,13 @@ check-data: install ## Check a dataset copy: make check-data ARGS="data=cub data
 prepare-data: install ## Download and unpack a dataset: make prepare-data ARGS="data=cub"
 	$(PY) scripts/prepare_data.py $(ARGS)
 
+docs: install ## Write the results tables from results/ into README.md and docs/, then build the site strictly into site/
+	$(PY) scripts/docs_tables.py
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: docs ## Serve the built site at http://127.0.0.1:8000/ (make docs first rebuilds it)
+	$(PY) -m http.server 8000 --bind 127.0.0.1 --directory site
+
 lint: install ## Check style with ruff
 	$(VENV)/bin/ruff check src tests scripts train.py
 	$(VENV)/bin/ruff format --check src tests scripts train.py
@@ -99,4 +106,4 @@ format: install ## Format the code with ruff
 	$(VENV)/bin/ruff format src tests scripts train.py
 
 clean: ## Remove run outputs and caches (keeps .venv and data/)
-	rm -rf outputs multirun .pytest_cache .ruff_cache lightning_logs
+	rm -rf outputs multirun .pytest_cache .ruff_cache lightning_logs site

@@ -2,9 +2,10 @@
 
 NMI clusters the evaluation set into one cluster per class. Its cost is ``N * C * D`` multiply-adds per Lloyd
 iteration, which grows with the square of the dataset for datasets of small classes: at SOP test size (60,502 x 512,
-11,316 classes) one iteration is 3.5e11 multiply-adds, and the customary 20 iterations x 5 runs took ~23 minutes on
-two CPU cores (faiss), against a fraction of a second for every other metric. faiss-cpu has no GPU k-means, so on
-a GPU the iterations run in torch (:func:`torch_kmeans`), where the same work takes seconds.
+11,316 classes) one iteration is 3.5e11 multiply-adds, and the customary 20 iterations x 5 runs would take ~13
+minutes on two CPU cores (faiss; 7.7 s per iteration in ``results/benchmark/avx2/benchmark.json``), against a
+fraction of a second for every other metric. faiss-cpu has no GPU k-means, so on a GPU the iterations run in torch
+(:func:`torch_kmeans`), where the same work takes seconds.
 
 :func:`nmi_schedule` makes the cost a decision: the runs, then the iterations, are reduced to fit a budget, and
 NMI is skipped (with the reason logged) when even the smallest schedule does not fit.
