@@ -1,7 +1,8 @@
-"""Every command README.md shows works as shown: the commands are read from the README, so a change there is tested.
+"""Every command README.md and the documentation pages show works as shown: the commands are read from the pages,
+so a change there is tested.
 
-Commands are the ``python train.py ...``, ``python scripts/*.py ...`` and ``make ...`` lines of the README's code
-blocks and its inline code spans. Each ``train.py`` command is composed into the config it runs:
+Commands are the ``python train.py ...``, ``python scripts/*.py ...`` and ``make ...`` lines of the code blocks and
+inline code spans of README.md and of every page under docs/ (the documentation site). Each ``train.py`` command is composed into the config it runs:
 
 - one that needs data or pretrained weights this machine lacks (CUB, Cars196, SOP, hub weights) must fail with one
   line that names what is missing and how to supply it, without a traceback;
@@ -35,6 +36,8 @@ from metricsearch.utils.config import CONFIG_DIR, instantiate_partial_with, norm
 from tests.conftest import REPO_ROOT, TINY
 
 README = REPO_ROOT / "README.md"
+# README.md and every page of the documentation site: a command a user can copy from any of them is checked.
+PAGES = [README, *sorted((REPO_ROOT / "docs").rglob("*.md"))]
 
 # Runnable train.py commands that differ in what they exercise, run for real in the fast suite; every other runnable
 # command composes and builds there and runs for real under the slow marker.
@@ -92,7 +95,7 @@ def readme_commands(text: str) -> list[str]:
     return list(dict.fromkeys(commands))
 
 
-COMMANDS = readme_commands(README.read_text())
+COMMANDS = list(dict.fromkeys(c for page in PAGES for c in readme_commands(page.read_text(encoding="utf-8"))))
 MAKE_COMMANDS = [c for c in COMMANDS if c.startswith("make ")]
 SCRIPT_COMMANDS = [c for c in COMMANDS if c.startswith("python scripts/")]
 
@@ -133,6 +136,15 @@ multi_similarity trainer.max_epochs=1` ran; `python scripts/search.py index=DIR`
     assert TRAIN_COMMANDS and SCRIPT_COMMANDS and MAKE_COMMANDS
 
 
+def test_the_documentation_pages_commands_are_read_too():
+    pages = {page.relative_to(REPO_ROOT).as_posix() for page in PAGES}
+    assert {"README.md", "docs/training.md", "docs/search.md", "docs/comparison.md"} <= pages
+    # A command only the pages show (not the README) is among those checked.
+    for page in ("docs/search.md", "docs/training.md"):
+        shown = readme_commands((REPO_ROOT / page).read_text(encoding="utf-8"))
+        assert shown and set(shown) <= set(COMMANDS), page
+
+
 def test_every_readme_command_has_a_check():
     unknown = [
         c
@@ -142,7 +154,7 @@ def test_every_readme_command_has_a_check():
         and c not in SCRIPT_COMMANDS
         and c not in MAKE_COMMANDS
     ]
-    assert not unknown, f"README commands no test knows how to check: {unknown}"
+    assert not unknown, f"documented commands no test knows how to check: {unknown}"
     for command in TRAIN_COMMANDS:
         assert "..." not in command and "<" not in command, f"{command!r}: add it to COVERED_ELSEWHERE"
     for test in COVERED_ELSEWHERE.values():
