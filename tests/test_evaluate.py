@@ -234,7 +234,9 @@ def test_evaluate_a_checkpoint_on_query_and_gallery_folders(trained, tmp_path):
     assert evaluation.metrics == pytest.approx(expected, abs=1e-6)
     # The two owl queries have no correct answer in the gallery: left out of the metrics.
     assert evaluation.metrics["num_queries"] == 6
-    assert evaluation.summary["data"]["protocol"] == QUERY_GALLERY
+    assert evaluation.metrics["num_queries_left_out"] == 2
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert "num_queries_left_out" in json.dumps(written) and evaluation.summary["data"]["protocol"] == QUERY_GALLERY
     assert {"metrics.json", "plots/retrieval_test.png", "tables/confusion_test.csv"} <= set(evaluation.files)
 
 

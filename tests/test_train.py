@@ -24,6 +24,8 @@ def test_train_end_to_end_then_resume(tmp_path, data_dir):
         for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi"):
             assert 0.0 <= metrics[key] <= 1.0
     assert "recall@1" in summary["metrics"]["val_best"]
+    # Every test image has classmates: no query is left out, and the count says so.
+    assert summary["metrics"]["test"]["num_queries_left_out"] == 0 and summary["metrics"]["test"]["num_queries"] > 0
     assert (run_dir / "config.yaml").is_file()
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file() and Path(summary["best_checkpoint"]).is_file()

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from metricsearch.utils.console_logging import ConsoleFilter
 from metricsearch.utils.errors import error_message
 
 USAGE_ERROR_EXIT = 2
@@ -196,9 +197,12 @@ def run_command(
     if any(arg in HELP_WORDS for arg in argv):
         print(command.usage())
         return 0
-    # The project's own progress messages; third-party INFO chatter (faiss's loader, ...) stays hidden.
+    # The project's own progress messages; third-party INFO chatter (faiss's loader, matplotlib's font cache, ...)
+    # stays hidden (see metricsearch.utils.console_logging).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("metricsearch").setLevel(command.log_level)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ConsoleFilter())
     try:
         return body(command.parse(argv)) or 0
     except UsageError as err:
