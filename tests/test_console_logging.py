@@ -11,7 +11,7 @@ import logging
 
 import metricsearch.utils.console_logging as console_logging
 from metricsearch.cli.args import Command, run_command
-from metricsearch.utils.console_logging import ConsoleFilter, quiet_lightning_console
+from metricsearch.utils.console_logging import LIGHTNING_LOGGERS, ConsoleFilter, quiet_lightning_console
 
 
 def test_doctests():
@@ -35,7 +35,9 @@ def test_the_filter_keeps_our_lines_and_warnings_and_drops_chatter():
 def test_lightnings_console_handler_is_quieted_but_its_records_still_reach_the_root(caplog):
     import lightning  # noqa: F401  (attaches its own console handler to the "lightning" logger)
 
-    handlers = [h for h in logging.getLogger("lightning").handlers if type(h) is logging.StreamHandler]
+    handlers = [
+        h for name in LIGHTNING_LOGGERS for h in logging.getLogger(name).handlers if type(h) is logging.StreamHandler
+    ]
     assert handlers
     quiet_lightning_console()
     assert all(h.level >= logging.WARNING for h in handlers)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["CHATTY_LOGGERS", "OWN_LOGGERS", "ConsoleFilter", "quiet_lightning_console"]
+__all__ = ["CHATTY_LOGGERS", "LIGHTNING_LOGGERS", "OWN_LOGGERS", "ConsoleFilter", "quiet_lightning_console"]
 
 # Loggers whose INFO lines are progress the user asked for.
 OWN_LOGGERS = ("metricsearch", "__main__")
 # Third-party loggers whose warnings are chatter too (matplotlib's "building the font cache" is a WARNING): only
 # their errors reach the console.
 CHATTY_LOGGERS = ("faiss", "matplotlib")
+# The loggers Lightning may give console handlers of their own (the package, and its two halves when imported before
+# logging was configured).
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 
 
 def _under(name: str, roots: tuple[str, ...]) -> bool:
@@ -47,11 +50,17 @@ class ConsoleFilter(logging.Filter):
 
 
 def quiet_lightning_console(level: int = logging.WARNING) -> None:
-    """Raises the level of the console handler ``import lightning`` attaches to its own logger to ``level``.
+    """Raises the console handlers ``import lightning`` attaches to its own loggers to ``level``.
 
-    Lightning prints its INFO lines ("GPU available: False", "Seed set to 42") through that handler, beside the
-    root logger's; they still propagate to the root logger, so the run's log file keeps them.
+    Lightning prints its INFO lines ("GPU available: False", "Seed set to 42") through those handlers, beside the
+    root logger's. Its records are passed on to the root logger (Lightning stops them there when it was imported
+    before logging was configured), so the run's log file keeps them.
     """
-    for handler in logging.getLogger("lightning").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        own = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+        own = [h for h in own if not isinstance(h, logging.FileHandler)]
+        for handler in own:
             handler.setLevel(max(handler.level, level))
+        if own:
+            logger.propagate = True
