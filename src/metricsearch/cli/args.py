@@ -199,10 +199,12 @@ def run_command(
         return 0
     # The project's own progress messages; third-party INFO chatter (faiss's loader, matplotlib's font cache, ...)
     # stays hidden (see metricsearch.utils.console_logging).
+    existing = list(logging.getLogger().handlers)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("metricsearch").setLevel(command.log_level)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(ConsoleFilter())
+        if handler not in existing:  # only the console handler set up here (a caller's own stay as they are)
+            handler.addFilter(ConsoleFilter())
     try:
         return body(command.parse(argv)) or 0
     except UsageError as err:
