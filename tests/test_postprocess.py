@@ -84,10 +84,10 @@ def reference_metrics_from_scores(scores, labels, gallery_labels, same_set, ks):
     return metrics
 
 
-def assert_close_metrics(actual, expected):
+def assert_close_metrics(actual, expected, tolerance=1e-12):
     assert set(expected) <= set(actual)
     for key, value in expected.items():
-        assert actual[key] == pytest.approx(value, abs=1e-12), key
+        assert actual[key] == pytest.approx(value, abs=tolerance), key
 
 
 @pytest.mark.parametrize("alpha", [0.0, 3.0])
@@ -179,3 +179,53 @@ def test_neighbours_of_negative_similarity_get_no_weight():
     expected = x[0] + np.cos(np.deg2rad(10.0)) * x[3]
     np.testing.assert_allclose(expanded[0], expected / np.linalg.norm(expected), atol=1e-6)
     np.testing.assert_allclose(expanded, reference_expansion(x, x, 3, 1.0, True), atol=1e-6)
+
+
+def test_retrieval_metric_reports_postprocessed_and_verification_metrics():
+    import torch
+
+    from metricsearch.metrics import RetrievalMetric
+    from metricsearch.metrics.postprocess import PostprocessSettings
+    from metricsearch.metrics.verification import calc_fnmr_at_fmr
+
+    x, labels = make_clustered_data(8, num_classes=15)
+    settings = PostprocessSettings.from_mapping({"method": "k_reciprocal", "k1": 5, "k2": 2, "lambda": 0.5})
+    metric = RetrievalMetric(recall_at_k=(1, 2), seed=0, postprocess=settings, verification_fmrs=(0.1, 0.01))
+    metric.update(torch.from_numpy(x), torch.from_numpy(labels), torch.arange(len(x)))
+    result = metric.compute()
+    plain = calc_retrieval_metrics(x, labels, recall_at_k=(1, 2), seed=0)
+    expected = calc_postprocessed_metrics(x, labels, "k_reciprocal", (1, 2), k_reciprocal=KReciprocalParams(5, 2, 0.5))
+    assert_close_metrics(result, expected)
+    assert result["nmi"] == plain["nmi"]  # clustering is of the embeddings as they are
+    assert result["map@r"] != plain["map@r"]  # the re-ranking changed the ranking on this data
+    for key, value in calc_fnmr_at_fmr(x, labels, (0.1, 0.01)).items():
+        assert result[key] == value
+    assert metric.last_verification is not None and metric.last_verification.num_genuine > 0
+
+
+def test_unknown_postprocess_settings_are_refused_by_name():
+    from metricsearch.metrics.postprocess import PostprocessSettings
+
+    with pytest.raises(ValueError, match="unknown keys"):
+        PostprocessSettings.from_mapping({"method": "aqe", "beta": 1})
+    with pytest.raises(ValueError, match="one of none, aqe, dba, k_reciprocal"):
+        PostprocessSettings.from_mapping({"method": "qe"})
+
+
+def test_training_run_reports_postprocessed_test_metrics_and_draws_the_verification_curve(tmp_path, data_dir):
+    import json
+
+    from tests.conftest import run_train
+
+    run_dir = tmp_path / "run"
+    result = run_train(["postprocess=dba", "module.postprocess.k=3", "save_test_embeddings=true"], run_dir, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    test_metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]["test"]
+    saved = np.load(run_dir / "test_embeddings.npz")
+    expected = calc_postprocessed_metrics(saved["embeddings"], saved["labels"], "dba", (1, 2, 4, 8), k=3)
+    # metrics.json holds the values Lightning logged, as float32.
+    expected = {key: value for key, value in expected.items() if key != "num_queries"}
+    assert_close_metrics(test_metrics, expected, tolerance=1e-7)
+    assert {"fnmr@fmr=0.1", "fnmr@fmr=0.01", "fnmr@fmr=0.001"} <= set(test_metrics)
+    assert (run_dir / "plots" / "verification_test.png").stat().st_size > 0
+    assert (run_dir / "tables" / "verification_test.csv").read_text().startswith("threshold,fmr,fnmr")

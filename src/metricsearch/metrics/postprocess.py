@@ -17,7 +17,7 @@ is excluded from its own neighbours by index.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import faiss
@@ -30,6 +30,7 @@ from metricsearch.metrics.retrieval import calc_metrics_from_positive_ranks, cal
 __all__ = [
     "POSTPROCESS_METHODS",
     "KReciprocalParams",
+    "PostprocessSettings",
     "augment_database",
     "calc_postprocessed_metrics",
     "expand_queries",
@@ -212,6 +213,56 @@ def k_reciprocal_scores(
         if gallery is None:
             scores[np.arange(len(scores)), np.arange(rows.start, rows.stop)] = -np.inf
         yield rows, scores
+
+
+@dataclass(frozen=True)
+class PostprocessSettings:
+    """A post-processing method and its parameters, as the ``postprocess`` config group gives them.
+
+    Attributes:
+        method: ``none``, ``aqe``, ``dba`` or ``k_reciprocal``.
+        k: Neighbours of alpha-QE and DBA.
+        alpha: Weight exponent of alpha-QE and DBA.
+        k1, k2, lambda_value: The k-reciprocal parameters.
+    """
+
+    method: str = "none"
+    k: int = 2
+    alpha: float = 3.0
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.method not in POSTPROCESS_METHODS:
+            raise ValueError(f"postprocess.method must be one of {', '.join(POSTPROCESS_METHODS)}, got {self.method!r}")
+        if self.k < 1 or self.alpha < 0:
+            raise ValueError(
+                f"postprocess.k must be >= 1 and postprocess.alpha >= 0, got k={self.k}, alpha={self.alpha}"
+            )
+        KReciprocalParams(self.k1, self.k2, self.lambda_value)
+
+    @classmethod
+    def from_mapping(cls, values: dict | None) -> PostprocessSettings:
+        """From a config mapping (``lambda`` may stand for ``lambda_value``); unknown keys are refused."""
+        values = dict(values or {})
+        if "lambda" in values:
+            values["lambda_value"] = values.pop("lambda")
+        unknown = set(values) - {"method", "k", "alpha", "k1", "k2", "lambda_value"}
+        if unknown:
+            raise ValueError(
+                f"postprocess has unknown keys {sorted(unknown)}: it takes method, k, alpha, k1, k2, lambda"
+            )
+        return cls(**values)
+
+    def metrics(
+        self, embeddings: np.ndarray, labels: np.ndarray, recall_at_k: Sequence[int], **gallery
+    ) -> dict[str, float]:
+        """The metrics after this post-processing (see :func:`calc_postprocessed_metrics`)."""
+        return calc_postprocessed_metrics(
+            embeddings, labels, self.method, tuple(recall_at_k), k=self.k, alpha=self.alpha,
+            k_reciprocal=KReciprocalParams(self.k1, self.k2, self.lambda_value), **gallery,
+        )  # fmt: skip
 
 
 def rank_positives_from_scores(
