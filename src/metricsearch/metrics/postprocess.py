@@ -206,7 +206,7 @@ def k_reciprocal_scores(
                 lo, hi = v_gallery.indptr[column], v_gallery.indptr[column + 1]
                 overlap[offset, v_gallery.indices[lo:hi]] += np.minimum(value, v_gallery.data[lo:hi])
         jaccard = 1.0 - overlap / (2.0 - overlap)
-        original = 2.0 - 2.0 * (queries[rows].astype(np.float64) @ gallery_vectors.T.astype(np.float64))
+        original = 2.0 - 2.0 * (queries[rows] @ gallery_vectors.T).astype(np.float64)
         original /= row_max[rows][:, None]
         final = (1.0 - params.lambda_value) * jaccard + params.lambda_value * original
         scores = -final
