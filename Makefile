@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 SUDO := $(shell test "$$(id -u)" -eq 0 || echo sudo)
 
-.PHONY: help install train test test-all check-data prepare-data chromium demo serve load-test bench-search benchmark device-wheels lint format clean reproduce compare docs docs-serve
+.PHONY: help install train test test-all check-data prepare-data chromium demo serve load-test bench-search bench-postprocess benchmark device-wheels lint format clean reproduce compare docs docs-serve
 
 # `make reproduce`: DATASETS adds real datasets (cub,cars196,sop; only those on disk) to the built-in synthetic
 # data; LOSSES, SEEDS and EPOCHS replace the grid's defaults; EXTRA is passed to every run as Hydra overrides.
@@ -72,6 +72,9 @@ load-test: install ## Load-test the demo index's search server on loopback (16 c
 
 bench-search: install ## Benchmark exact vs IVF vs HNSW search on a 100k synthetic gallery
 	$(PY) scripts/bench_search.py $(ARGS)
+
+bench-postprocess: install ## Re-ranking and query expansion measured by the exact metrics (ARGS="embeddings=RUN/test_embeddings.npz out=...")
+	$(PY) scripts/bench_postprocess.py $(ARGS)
 
 benchmark: install ## Speed and scale report into results/benchmark/ (training, Lightning overhead, evaluation; GPU parts with CUDA)
 	$(PY) scripts/benchmark.py $(ARGS)

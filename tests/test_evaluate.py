@@ -57,18 +57,26 @@ def run_evaluate(args: list[str], timeout: int = 300) -> subprocess.CompletedPro
 
 
 def direct_metrics(ckpt: Path, paths: list[Path], labels: np.ndarray, query_count: int | None = None) -> dict:
-    """The metrics of the checkpoint's embeddings of ``paths``, computed here image by image (no datamodule)."""
+    """The metrics of the checkpoint's embeddings of ``paths``, computed here image by image (no datamodule): the
+    retrieval metrics and the verification FNMR at the default FMRs (conf/train.yaml's module.verification_fmrs)."""
+    from metricsearch.metrics.verification import calc_fnmr_at_fmr
     from metricsearch.search.model_loading import load_embedder
 
     embedder = load_embedder(ckpt=ckpt)
     embeddings = np.concatenate([embedder.embed_images([load_rgb_image(p)]) for p in paths])
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    fmrs = (0.1, 0.01, 0.001)
     if query_count is None:
-        return calc_retrieval_metrics(embeddings, labels, (1, 2, 4, 8))
+        return {
+            **calc_retrieval_metrics(embeddings, labels, (1, 2, 4, 8)),
+            **calc_fnmr_at_fmr(embeddings, labels, fmrs),
+        }
     q = query_count
-    return calc_retrieval_metrics(
-        embeddings[:q], labels[:q], (1, 2, 4, 8), gallery_embeddings=embeddings[q:], gallery_labels=labels[q:]
-    )
+    gallery = {"gallery_embeddings": embeddings[q:], "gallery_labels": labels[q:]}
+    return {
+        **calc_retrieval_metrics(embeddings[:q], labels[:q], (1, 2, 4, 8), **gallery),
+        **calc_fnmr_at_fmr(embeddings[:q], labels[:q], fmrs, **gallery),
+    }
 
 
 # --- the folder layouts ---

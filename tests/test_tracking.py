@@ -272,6 +272,8 @@ def test_wandb_offline_run_without_account(tmp_path, data_dir):
         assert list((files / "media" / "images" / prefix).glob("retrieval_grid_*.png")), prefix
         # 12 classes (at most callbacks.visualization.confusion_max_classes): the neighbour confusion matrix too.
         assert list((files / "media" / "images" / prefix).glob("confusion_*.png")), prefix
+        # Verification's DET / ROC picture: test evaluations only.
+        assert bool(list((files / "media" / "images" / prefix).glob("verification_*.png"))) == (prefix == "test")
         table = json.loads(next((files / "media" / "table" / prefix).glob("projection_*.table.json")).read_text())
         assert {"label", "image", "x", "y", "e0", "e15"} <= set(table["columns"])
         assert len(table["data"]) == (16 if prefix == "val" else 48)
@@ -279,8 +281,8 @@ def test_wandb_offline_run_without_account(tmp_path, data_dir):
         assert {"query_image", "result_1", "result_5", "hits"} <= set(table["columns"]) and len(table["data"]) == 8
 
     # W&B's service process may still be writing the run file for a moment after train.py exits (artifact records
-    # come last, and late on a busy machine): wait for the six tables and the checkpoint.
-    records = wait_for_records(next(offline_runs[0].glob("run-*.wandb")), expected_artifacts=7)
+    # come last, and late on a busy machine): wait for the seven tables and the checkpoint.
+    records = wait_for_records(next(offline_runs[0].glob("run-*.wandb")), expected_artifacts=8)
     config_keys = {item.key for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}
     assert {"data", "backbone", "loss", "optimizer", "trainer", "seed"} <= config_keys  # the resolved config
     history_keys = {
@@ -299,6 +301,7 @@ def test_wandb_offline_run_without_account(tmp_path, data_dir):
         "val/r_precision",
         "val/nmi",
         "test/recall@1",
+        "test/fnmr@fmr=0.01",
         "untrained/recall@1",
     ):
         assert key in history_keys, key
@@ -313,9 +316,11 @@ def test_wandb_offline_run_without_account(tmp_path, data_dir):
     assert Path(entry.local_path).is_file()
     # Tables with images are uploaded as run_table artifacts; offline, their files are staged inside the run folder.
     tables = [a for a in artifacts if a.type == "run_table"]
-    # val and test: the projection and retrieval tables, and (12 classes, at most 50) the confusion-matrix chart's.
-    assert len(tables) == 6
+    # val and test: the projection and retrieval tables, and (12 classes, at most 50) the confusion-matrix chart's;
+    # the test evaluation's ROC chart.
+    assert len(tables) == 7
     assert sum("confusion_matrix" in a.name for a in tables) == 2
+    assert sum("roc" in a.name for a in tables) == 1
     for artifact in tables:
         for item in artifact.manifest.contents:
             assert Path(item.local_path).is_file() and str(run_dir) in item.local_path

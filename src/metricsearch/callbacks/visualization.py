@@ -11,6 +11,8 @@ embeddings the module gathered over all processes (``last_evaluation``) and writ
   gallery);
 - ``plots/confusion_<tag>.png`` and ``tables/confusion_<tag>.csv``, when the evaluation has at most
   ``confusion_max_classes`` classes: the neighbour confusion matrix (:mod:`metricsearch.analysis.confusion`);
+- ``plots/verification_<tag>.png`` and ``tables/verification_<tag>.csv``, for test evaluations that computed
+  verification metrics: the DET and ROC curves over every pair (:mod:`metricsearch.metrics.verification`);
 
 where ``<tag>`` is ``epoch004`` (0-based, like the checkpoint names) for validation and ``test`` (or ``untrained``)
 for test evaluations. When a W&B logger is in use the same map and grid are logged as images, the sample as a W&B
@@ -39,6 +41,7 @@ from metricsearch.analysis.retrieval_examples import (
     load_thumbnail,
     retrieval_rows,
 )
+from metricsearch.analysis.verification_plot import plot_verification_curve, verification_rows
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +197,13 @@ class VisualizationCallback(Callback):
             save_figure(plot_neighbour_confusion(confusion, names, confusion_title), confusion_path)
             write_csv(out / "tables" / f"confusion_{tag}.csv", confusion_rows(confusion, names))
 
+        curve = getattr(pl_module, "last_verification", {}).get(prefix)
+        verification_path = None
+        if curve is not None:
+            verification_path = out / "plots" / f"verification_{tag}.png"
+            save_figure(plot_verification_curve(curve, where), verification_path)
+            write_csv(out / "tables" / f"verification_{tag}.csv", verification_rows(curve))
+
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 self._log_wandb(
@@ -201,6 +211,8 @@ class VisualizationCallback(Callback):
                 )
                 if confusion is not None:
                     self._log_wandb_confusion(logger, trainer.global_step, prefix, confusion, names, confusion_path)
+                if verification_path is not None:
+                    self._log_wandb_verification(logger, trainer.global_step, prefix, curve, verification_path)
 
     def _log_wandb(
         self,
@@ -251,6 +263,17 @@ class VisualizationCallback(Callback):
         logger.log_metrics(
             {f"{prefix}/confusion": wandb.Image(str(path)), f"{prefix}/confusion_matrix": chart}, step=step
         )
+
+    def _log_wandb_verification(self, logger: WandbLogger, step: int, prefix: str, curve: Any, path: Path) -> None:
+        """The DET / ROC picture, and the ROC curve as a W&B line chart (at most ~200 points, evenly chosen)."""
+        import wandb
+
+        keep = np.unique(np.linspace(0, len(curve.fmr) - 1, num=min(200, len(curve.fmr))).astype(int))
+        table = wandb.Table(
+            columns=["fmr", "tmr"], data=[[float(curve.fmr[i]), float(1 - curve.fnmr[i])] for i in keep]
+        )
+        chart = wandb.plot.line(table, "fmr", "tmr", title=f"{prefix}: ROC (true match rate against FMR)")
+        logger.log_metrics({f"{prefix}/verification": wandb.Image(str(path)), f"{prefix}/roc": chart}, step=step)
 
     def _wandb_thumbnail(self, paths: Sequence[Path] | None, index: int, caption: str | None = None) -> Any:
         import wandb

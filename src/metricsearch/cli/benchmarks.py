@@ -122,6 +122,53 @@ def main_bench_search(argv: Sequence[str] | None = None) -> int:
     return run_command(BENCH_SEARCH, argv, _bench_search, SEARCH_ERRORS)
 
 
+# --- bench_postprocess: what re-ranking and query expansion change ---
+
+BENCH_POSTPROCESS = Command(
+    name="bench_postprocess",
+    summary=(
+        "Measure alpha-QE, DBA and k-reciprocal re-ranking by the exact metrics: on a run's test embeddings "
+        "(embeddings=RUN/test_embeddings.npz, written with save_test_embeddings=true) and on a synthetic "
+        "query/gallery set of In-Shop's test size. Writes postprocess.csv, postprocess.md and postprocess.png to out=."
+    ),
+    options={
+        "embeddings": Option(None, "a run's test_embeddings.npz (none: only the synthetic set)"),
+        "inshop": Option(True, "also measure the In-Shop-size synthetic query/gallery set"),
+        "out": Option("outputs/bench/postprocess", "report folder (results/postprocess holds the committed one)"),
+    },
+    log_level=logging.WARNING,
+)
+
+
+def _bench_postprocess(args: Arguments) -> None:
+    from metricsearch.analysis.files import save_figure, write_csv
+    from metricsearch.benchmarks.postprocess import (
+        format_postprocess_table,
+        plot_postprocess,
+        run_postprocess_benchmark,
+    )
+    from metricsearch.utils.atomic_io import atomic_write_text
+
+    embeddings = Path(args["embeddings"]) if args["embeddings"] else None
+    if embeddings is not None and not embeddings.is_file():
+        raise UsageError(f"embeddings={embeddings} is not a file: train with save_test_embeddings=true first")
+    if embeddings is None and not args["inshop"]:
+        raise UsageError("nothing to measure: give embeddings= or leave inshop=true")
+    rows = run_postprocess_benchmark(embeddings, inshop=args["inshop"], log=functools.partial(print, flush=True))
+    out = Path(args["out"])
+    write_csv(out / "postprocess.csv", rows)
+    table = format_postprocess_table(rows)
+    atomic_write_text(out / "postprocess.md", table)
+    save_figure(plot_postprocess(rows), out / "postprocess.png")
+    print(table)
+    print(f"report: {out.resolve()}")
+
+
+def main_bench_postprocess(argv: Sequence[str] | None = None) -> int:
+    """``scripts/bench_postprocess.py``."""
+    return run_command(BENCH_POSTPROCESS, argv, _bench_postprocess)
+
+
 # --- load_test: concurrent clients against the search server ---
 
 LOAD_TEST = Command(

@@ -38,8 +38,9 @@ EVALUATE = Command(
         "max_confusion_classes": Option(50, "draw the neighbour confusion matrix up to this many classes (0: never)"),
     },
     passed_on=PassedOn(
-        ("data", "trainer", "module.", "seed"),
+        ("data", "trainer", "module.", "seed", "postprocess"),
         (
+            ("postprocess=NAME", "re-ranking before the metrics: none, aqe, dba, k_reciprocal (conf/postprocess)"),
             ("data=NAME", "the dataset: a conf/data option (default: folder)"),
             ("data.root=PATH", "its folder (short for data.source.root)"),
             ("data.KEY=VALUE", "any data setting, e.g. data.source.protocol=closed_set, data.recall_at_k=[1,5]"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -10,7 +11,9 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from metricsearch.metrics.postprocess import PostprocessSettings
 from metricsearch.metrics.retrieval import calc_retrieval_metrics
+from metricsearch.metrics.verification import VerificationCurve, calc_verification
 
 __all__ = ["CollectedEmbeddings", "RetrievalMetric"]
 
@@ -44,6 +47,10 @@ class RetrievalMetric(Metric):
         seed: Seed of the k-means clustering for NMI.
         num_queries: None for a query = gallery set; else the number of queries, which hold dataset indices
             ``0 .. num_queries - 1`` (the gallery the indices from ``num_queries`` on).
+        postprocess: Re-ranking or query expansion applied before the neighbour-based metrics (see
+            :mod:`metricsearch.metrics.postprocess`); NMI is computed on the embeddings as they are.
+        verification_fmrs: False match rates at which to also report the FNMR over every pair of the set
+            (``fnmr@fmr=0.001``); the full curve is kept in ``last_verification``. Empty: none.
         **kwargs: Passed on to ``torchmetrics.Metric`` (e.g. ``compute_on_cpu``).
 
     Example:
@@ -72,9 +79,16 @@ class RetrievalMetric(Metric):
         seed: int = 0,
         nmi_max_macs: float | None = None,
         num_queries: int | None = None,
+        postprocess: PostprocessSettings | None = None,
+        verification_fmrs: Sequence[float] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.postprocess = postprocess or PostprocessSettings()
+        self.verification_fmrs = tuple(float(f) for f in verification_fmrs)
+        # The ROC / DET curve of the latest compute() with verification_fmrs (None before, or when the set has no
+        # genuine or no impostor pair).
+        self.last_verification: VerificationCurve | None = None
         self.recall_at_k = [int(k) for k in recall_at_k]
         self.compute_nmi = compute_nmi
         self.nmi_max_macs = nmi_max_macs
@@ -128,7 +142,7 @@ class RetrievalMetric(Metric):
         else:
             queries, gallery_part = self.split_queries()
             gallery = {"gallery_embeddings": gallery_part.embeddings, "gallery_labels": gallery_part.labels}
-        return calc_retrieval_metrics(
+        metrics = calc_retrieval_metrics(
             queries.embeddings,
             queries.labels,
             self.recall_at_k,
@@ -138,6 +152,21 @@ class RetrievalMetric(Metric):
             device=self.device if self.device.type == "cuda" else None,
             **gallery,
         )
+        if self.postprocess.method != "none" and metrics["num_queries"] > 0:
+            metrics.update(self.postprocess.metrics(queries.embeddings, queries.labels, self.recall_at_k, **gallery))
+        if self.verification_fmrs:
+            metrics.update(self._verification(queries, gallery))
+        return metrics
+
+    def _verification(self, queries: CollectedEmbeddings, gallery: dict[str, np.ndarray]) -> dict[str, float]:
+        try:
+            curve = calc_verification(queries.embeddings, queries.labels, self.verification_fmrs, **gallery)
+        except ValueError as err:  # no genuine or no impostor pair: verification is undefined, retrieval is not
+            warnings.warn(f"verification metrics left out: {err}", RuntimeWarning, stacklevel=3)
+            self.last_verification = None
+            return {}
+        self.last_verification = curve
+        return {f"fnmr@fmr={point['fmr_target']:g}": point["fnmr"] for point in curve.operating_points}
 
     def split_queries(self, normalize: bool = True) -> tuple[CollectedEmbeddings, CollectedEmbeddings]:
         """Returns :meth:`collected` split into (queries, gallery) by ``num_queries``.

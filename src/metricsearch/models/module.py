@@ -16,6 +16,7 @@ from torch import nn
 
 from metricsearch.data.dataset import IMAGE, INDEX, LABEL
 from metricsearch.metrics import CollectedEmbeddings, RetrievalMetric
+from metricsearch.metrics.postprocess import PostprocessSettings
 from metricsearch.models.embedding_model import EmbeddingModel
 from metricsearch.utils.config import ConfigError
 
@@ -79,6 +80,10 @@ class MetricLearningModule(L.LightningModule):
             run refills it within ``xbm_memory_size / global batch`` steps.
         xbm_start_step: optimizer steps trained without the memory first (XBM fills it only once the embeddings
             have settled: its paper's warm-up of iterations).
+        postprocess: the test evaluations' post-processing (``method``: none, aqe, dba or k_reciprocal, and its
+            parameters; see ``metricsearch.metrics.postprocess``); validation is never post-processed.
+        verification_fmrs: false match rates at which test evaluations also report the FNMR over every pair
+            (``fnmr@fmr=0.001``); empty for none.
         val_prefix: the prefix the per-epoch evaluation is logged under: ``val``, or ``test_epoch`` when it runs on
             the test classes (``selection=test_best``; see ``metricsearch.pipelines.selection``).
     """
@@ -104,6 +109,8 @@ class MetricLearningModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         xbm_memory_size: int = 0,
         xbm_start_step: int = 0,
+        postprocess: Mapping[str, Any] | None = None,
+        verification_fmrs: Sequence[float] = (),
         val_prefix: str = "val",
     ) -> None:
         super().__init__()
@@ -124,13 +131,23 @@ class MetricLearningModule(L.LightningModule):
         self.scheduler_factory = scheduler
         metric_options = {"recall_at_k": list(recall_at_k), "compute_nmi": compute_nmi, "nmi_max_macs": nmi_max_macs}
         self.val_metric = RetrievalMetric(**metric_options)
-        self.test_metric = RetrievalMetric(**metric_options)
+        # Only test evaluations are post-processed and scored for verification: checkpoint selection stays on the
+        # plain embeddings, and the pair scan runs once per evaluation, not every epoch.
+        try:
+            postprocess_settings = PostprocessSettings.from_mapping(dict(postprocess or {}))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from err
+        self.test_metric = RetrievalMetric(
+            **metric_options, postprocess=postprocess_settings, verification_fmrs=list(verification_fmrs)
+        )
         # The prefix under which test metrics are logged; the pipeline tests the untrained model as "untrained".
         self.test_prefix = "test"
         # The embeddings of the latest evaluation per prefix (all ranks gathered), for callbacks that draw
         # projections and retrieval grids after ``on_validation_end`` / ``on_test_end``.
         self.last_evaluation: dict[str, CollectedEmbeddings] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
+        # The verification curve of the latest test evaluation per prefix (None without verification_fmrs).
+        self.last_verification: dict[str, Any] = {}
         self.nonfinite_steps = 0
         self.nonfinite_in_a_row = 0
         # The loss and miner as called in training: wrapped to gather all processes' embeddings under DDP. A plain
@@ -293,6 +310,7 @@ class MetricLearningModule(L.LightningModule):
         with metric.sync_context():
             self.last_evaluation[prefix] = metric.collected()
         self.last_metrics[prefix] = values
+        self.last_verification[prefix] = getattr(metric, "last_verification", None)
         metric.reset()
         # Values are already computed over every process's embeddings, so no further reduction is needed.
         self.log_dict({f"{prefix}/{name}": float(value) for name, value in values.items()}, sync_dist=False)

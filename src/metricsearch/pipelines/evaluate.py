@@ -44,7 +44,7 @@ from metricsearch.search.model_choice import ModelChoice
 from metricsearch.search.model_loading import TorchEmbedder, load_embedder
 from metricsearch.search.predict_embeddings import predict_trainer_settings
 from metricsearch.utils.atomic_io import atomic_write_text
-from metricsearch.utils.config import CONFIG_DIR, ConfigError, normalize_overrides
+from metricsearch.utils.config import CONFIG_DIR, ConfigError, normalize_overrides, to_plain
 from metricsearch.utils.report import format_metrics_table
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,9 @@ def evaluate_model(
         "Evaluating %s on %s (%s)", embedder.describe(), getattr(source, "root", "?"), SplitCounts.of(split).describe()
     )
 
-    module_options = {k: cfg.module[k] for k in ("compute_nmi", "nmi_max_macs") if k in cfg.get("module", {})}
+    evaluation_keys = ("compute_nmi", "nmi_max_macs", "postprocess", "verification_fmrs")
+    module_cfg = to_plain(cfg.get("module")) or {}
+    module_options = {k: module_cfg[k] for k in evaluation_keys if k in module_cfg}
     # NOTE: no loss, miner or optimizer: the test loop never trains, and the module's evaluation is the same as in
     # a training run's test.
     module = MetricLearningModule(
