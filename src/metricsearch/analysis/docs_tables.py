@@ -349,12 +349,34 @@ def performance_table(sources: DocsSources) -> str:
     return "\n".join(lines)
 
 
+def postprocess_table(sources: DocsSources) -> str:
+    """Re-ranking and query expansion: each method's R@1 and MAP@R, their change from none, and its time."""
+    report = json.loads((sources.results_dir / "postprocess" / "postprocess.json").read_text(encoding="utf-8"))
+    body = [
+        [
+            row["setting"],
+            row["method"],
+            f"{row['recall@1']:.2f}",
+            f"{row['recall@1 change']:+.2f}",
+            f"{row['map@r']:.2f}",
+            f"{row['map@r change']:+.2f}",
+            f"{row['seconds']:.1f}",
+        ]
+        for row in report["rows"]
+    ]
+    header = ["setting", "postprocess", "R@1 %", "change", "MAP@R %", "change", "seconds"]
+    lines = _table(header, ["---", "---", "---:", "---:", "---:", "---:", "---:"], body)
+    lines += ["", f"Measured on {_machine(report)} with `{report['command']}` (`results/postprocess/`)."]
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[DocsSources], str]] = {
     "compare": compare_table,
     "reproduce": reproduce_table,
     "options": options_table,
     "recipes": recipes_table,
     "performance": performance_table,
+    "postprocess": postprocess_table,
 }
 
 

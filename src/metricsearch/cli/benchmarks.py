@@ -129,7 +129,7 @@ BENCH_POSTPROCESS = Command(
     summary=(
         "Measure alpha-QE, DBA and k-reciprocal re-ranking by the exact metrics: on a run's test embeddings "
         "(embeddings=RUN/test_embeddings.npz, written with save_test_embeddings=true) and on a synthetic "
-        "query/gallery set of In-Shop's test size. Writes postprocess.csv, postprocess.md and postprocess.png to out=."
+        "query/gallery set of In-Shop's test size. Writes postprocess.json/.csv/.md/.png to out=."
     ),
     options={
         "embeddings": Option(None, "a run's test_embeddings.npz (none: only the synthetic set)"),
@@ -154,8 +154,15 @@ def _bench_postprocess(args: Arguments) -> None:
         raise UsageError(f"embeddings={embeddings} is not a file: train with save_test_embeddings=true first")
     if embeddings is None and not args["inshop"]:
         raise UsageError("nothing to measure: give embeddings= or leave inshop=true")
+    from metricsearch.benchmarks.speed import machine_info
+
+    machine = machine_info()
     rows = run_postprocess_benchmark(embeddings, inshop=args["inshop"], log=functools.partial(print, flush=True))
     out = Path(args["out"])
+    given = " ".join(f"{key}={args[key]}" for key in ("embeddings", "inshop"))
+    command = f"python scripts/bench_postprocess.py {given}"
+    report = {"machine": machine, "command": command, "rows": rows}
+    atomic_write_text(out / "postprocess.json", json.dumps(report, indent=1) + "\n")
     write_csv(out / "postprocess.csv", rows)
     table = format_postprocess_table(rows)
     atomic_write_text(out / "postprocess.md", table)
