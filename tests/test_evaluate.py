@@ -58,7 +58,7 @@ def run_evaluate(args: list[str], timeout: int = 300) -> subprocess.CompletedPro
 
 def direct_metrics(ckpt: Path, paths: list[Path], labels: np.ndarray, query_count: int | None = None) -> dict:
     """The metrics of the checkpoint's embeddings of ``paths``, computed here image by image (no datamodule)."""
-    from metricsearch.search.model_loading import load_embedder
+    from metricsearch.inference.model_loading import load_embedder
 
     embedder = load_embedder(ckpt=ckpt)
     embeddings = np.concatenate([embedder.embed_images([load_rgb_image(p)]) for p in paths])

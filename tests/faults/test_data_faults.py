@@ -17,11 +17,11 @@ from hydra.utils import instantiate
 
 from metricsearch.data.io import ImageLoadError
 from metricsearch.data.records import DatasetError
+from metricsearch.inference.model_loading import load_embedder
+from metricsearch.inference.predict_embeddings import make_predict_trainer
 from metricsearch.pipelines.index import build_index
 from metricsearch.pipelines.train import build_run
 from metricsearch.search.gallery import list_gallery_images
-from metricsearch.search.model_loading import load_embedder
-from metricsearch.search.predict_embeddings import make_predict_trainer
 from tests.conftest import compose_config, run_train
 from tests.dataset_fixtures import cub_folder_name, make_cub, make_folder
 from tests.faults.snapshots import snapshot

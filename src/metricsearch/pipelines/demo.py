@@ -24,12 +24,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from metricsearch.data.io import load_rgb_image
+from metricsearch.inference.export import export_onnx
+from metricsearch.inference.model_loading import OnnxEmbedder, load_checkpoint_embedder
+from metricsearch.inference.predict_embeddings import make_predict_trainer
 from metricsearch.pipelines.index import build_index
 from metricsearch.search.errors import SearchError
-from metricsearch.search.export import export_onnx
 from metricsearch.search.grid import gallery_loader, save_result_grid
-from metricsearch.search.model_loading import OnnxEmbedder, load_checkpoint_embedder
-from metricsearch.search.predict_embeddings import make_predict_trainer
 from metricsearch.utils.config import REPO_ROOT
 
 log = logging.getLogger(__name__)

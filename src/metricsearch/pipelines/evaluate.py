@@ -38,11 +38,11 @@ from omegaconf.errors import OmegaConfBaseException
 from metricsearch.callbacks.visualization import VisualizationCallback
 from metricsearch.data.datamodule import MetricDataModule
 from metricsearch.data.disk_source import SplitCounts
+from metricsearch.inference.errors import ModelLoadError
+from metricsearch.inference.model_choice import ModelChoice
+from metricsearch.inference.model_loading import TorchEmbedder, load_embedder
+from metricsearch.inference.predict_embeddings import predict_trainer_settings
 from metricsearch.models.module import MetricLearningModule
-from metricsearch.search.errors import ModelLoadError
-from metricsearch.search.model_choice import ModelChoice
-from metricsearch.search.model_loading import TorchEmbedder, load_embedder
-from metricsearch.search.predict_embeddings import predict_trainer_settings
 from metricsearch.utils.atomic_io import atomic_write_text
 from metricsearch.utils.config import CONFIG_DIR, ConfigError, normalize_overrides
 from metricsearch.utils.report import format_metrics_table
