@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from metricsearch.pipelines.resume import LAST_CHECKPOINT, RUN_FOLDER, find_resumable_run, run_identity
+from metricsearch.analysis.run_folder import LAST_CHECKPOINT
+from metricsearch.pipelines.resume import RUN_FOLDER, find_resumable_run, run_identity
 from tests.conftest import compose_config
 
 COMMAND = ["trainer.max_epochs=6", "trainer.limit_train_batches=3", "trainer.deterministic=true"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metricsearch.analysis.compare import TEST_EMBEDDINGS_FILE, save_embeddings
+from metricsearch.analysis.run_folder import (
+    LAST_CHECKPOINT,
+    TEST_EMBEDDINGS_FILE,
+    UNTRAINED_METRICS_FILE,
+    read_metrics,
+    save_embeddings,
+    write_config,
+    write_metrics,
+)
 from metricsearch.data.datamodule import MetricDataModule
 from metricsearch.data.records import DatasetError
 from metricsearch.data.samplers import SamplerConfigError
@@ -21,9 +28,8 @@ from metricsearch.models.backbone import PretrainedWeightsError
 from metricsearch.models.embedding_model import build_embedding_model
 from metricsearch.models.model_config import ModelConfig
 from metricsearch.models.module import MetricLearningModule, NonFiniteLossError
-from metricsearch.pipelines.resume import LAST_CHECKPOINT, CheckpointError, check_checkpoint_matches, find_resumable_run
+from metricsearch.pipelines.resume import CheckpointError, check_checkpoint_matches, find_resumable_run
 from metricsearch.pipelines.selection import TEST_EPOCH_PREFIX, apply_selection, selection_record
-from metricsearch.utils.atomic_io import atomic_write_text
 from metricsearch.utils.checkpoint_io import CheckpointWriteError
 from metricsearch.utils.config import ConfigError, instantiate_partial_with, to_plain, validate_config
 from metricsearch.utils.loggers import finish_loggers
@@ -140,7 +146,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
-    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_config(output_dir, OmegaConf.to_yaml(cfg, resolve=True))
 
     module, datamodule = build_run(cfg)
     callbacks = _instantiate_group(cfg.get("callbacks"))
@@ -148,15 +154,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     results: dict[str, dict[str, float]] = {}
-    untrained_file = output_dir / "untrained_metrics.json"
+    untrained_file = output_dir / UNTRAINED_METRICS_FILE
     if cfg.get("test_untrained"):
         # A resumed run keeps the untrained numbers measured when it started.
         if ckpt_path and untrained_file.is_file():
-            results["untrained"] = json.loads(untrained_file.read_text())
+            results["untrained"] = read_metrics(output_dir, UNTRAINED_METRICS_FILE)
         else:
             results["untrained"] = _test(trainer, module, datamodule, "untrained")
             if trainer.is_global_zero:
-                atomic_write_text(untrained_file, json.dumps(results["untrained"], indent=2))
+                write_metrics(output_dir, results["untrained"], UNTRAINED_METRICS_FILE)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -183,7 +189,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "global_step": trainer.global_step,
     }
     if trainer.is_global_zero:
-        atomic_write_text(output_dir / "metrics.json", json.dumps(summary, indent=2))
+        write_metrics(output_dir, summary)
         title = f"{cfg.get('task_name', 'train')}: {output_dir} (selection={selection})"
         print(format_metrics_table(results, title=title))
         if selection == "test_best":

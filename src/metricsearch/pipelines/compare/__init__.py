@@ -44,7 +44,6 @@ from metricsearch.pipelines.compare.finals import FinalResult, collect_final_res
 from metricsearch.pipelines.compare.folds import (
     DEFAULT,
     SEARCH,
-    TEST_EMBEDDINGS,
     TUNED,
     Context,
     FoldRun,
@@ -120,7 +119,6 @@ __all__ = [
     "SPACE_DIR",
     "SearchSpace",
     "TABLE_METRICS",
-    "TEST_EMBEDDINGS",
     "TUNED",
     "available_losses",
     "best_trial",

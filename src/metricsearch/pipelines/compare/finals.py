@@ -3,10 +3,10 @@ test metrics of those that finished."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from metricsearch.analysis.run_folder import read_metrics
 from metricsearch.pipelines.compare.folds import DEFAULT, TUNED, FoldRun, final_finished
 from metricsearch.pipelines.compare.space import Protocol
 
@@ -48,7 +48,7 @@ def collect_final_results(results_dir: Path) -> list[FinalResult]:
             continue
         setting, seed, fold = folder.parent.parent.name, folder.parent.name, folder.name
         kind, _, key = setting.partition("-")
-        summary = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        summary = read_metrics(folder)
         metrics = {k: float(v) for k, v in summary["metrics"]["test"].items()}
         dataset, loss = folder.parents[4].name, folder.parents[3].name
         found.append(FinalResult(dataset, loss, kind, key, int(seed[4:]), int(fold[4:]), folder, metrics))

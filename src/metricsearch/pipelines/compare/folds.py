@@ -3,7 +3,6 @@ its folder and whether it has finished."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 from collections.abc import Mapping, Sequence
@@ -13,10 +12,10 @@ from typing import Any
 
 from rich.console import Console
 
+from metricsearch.analysis.run_folder import CHECKPOINT_DIR, REPRODUCE_LOG, TEST_EMBEDDINGS_FILE, read_metrics
 from metricsearch.pipelines.compare.space import Protocol, SearchSpace, param_overrides
 from metricsearch.pipelines.reproduce import COMMON_OVERRIDES, is_finished, run_cell
 
-TEST_EMBEDDINGS = "test_embeddings.npz"
 SEARCH, TUNED, DEFAULT = "search", "tuned", "default"
 
 
@@ -90,7 +89,7 @@ def run_overrides(
 def validation_score(folder: Path, monitor: str) -> float | None:
     """The monitored validation value of the checkpoint a finished run selected (``metrics.json`` ``val_best``)."""
     try:
-        summary = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        summary = read_metrics(folder)
         return float(summary["metrics"]["val_best"][monitor.split("/", 1)[1]])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -98,7 +97,7 @@ def validation_score(folder: Path, monitor: str) -> float | None:
 
 def final_finished(folder: Path) -> bool:
     """A final run is finished when it wrote its test metrics and its test embeddings."""
-    return is_finished(folder) and (folder / TEST_EMBEDDINGS).is_file()
+    return is_finished(folder) and (folder / TEST_EMBEDDINGS_FILE).is_file()
 
 
 class FoldRunFailed(RuntimeError):
@@ -137,10 +136,10 @@ def ensure_run(run: FoldRun, space: SearchSpace, params: Mapping[str, Any], ctx:
     overrides = run_overrides(run, ctx.protocol, space.overrides, params, ctx.results_dir, ctx.extra)
     ok, seconds = run_cell(run, overrides, folder, ctx.timeout, finished=finished)
     if not ok:
-        raise FoldRunFailed(f"{run} failed after {seconds:.0f} s: see {folder / 'reproduce.log'}")
+        raise FoldRunFailed(f"{run} failed after {seconds:.0f} s: see {folder / REPRODUCE_LOG}")
     if run.kind == SEARCH:
         # A search run's checkpoints serve no later step (only its validation score does): free the disk.
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)
         score = validation_score(folder, ctx.protocol.monitor)
         ctx.say(f"done   {run} in {seconds:.0f} s ({ctx.protocol.monitor} {score:.4f})")
     else:

@@ -15,8 +15,9 @@ import yaml
 
 from metricsearch.analysis.files import save_figure, write_csv
 from metricsearch.analysis.results import metric_title, recall_keys
+from metricsearch.analysis.run_folder import CONFIG_FILE, TEST_EMBEDDINGS_FILE, read_config
 from metricsearch.pipelines.compare.finals import FinalResult, collect_final_results
-from metricsearch.pipelines.compare.folds import DEFAULT, SEARCH, TEST_EMBEDDINGS, TUNED
+from metricsearch.pipelines.compare.folds import DEFAULT, SEARCH, TUNED
 from metricsearch.pipelines.compare.space import Protocol, params_key
 from metricsearch.pipelines.compare.study import best_trial, budget_trials
 from metricsearch.utils.atomic_io import atomic_write_text
@@ -152,7 +153,7 @@ def format_compare_markdown(summaries: Sequence[LossSummary], protocol_line: str
 
 def _recall_at_k(folder: Path) -> list[int]:
     try:
-        config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+        config = read_config(folder)
         return [int(k) for k in config["data"]["recall_at_k"]]
     except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
         return [1, 2, 4, 8]
@@ -207,7 +208,7 @@ def summarize_loss(
         runs = sorted(runs, key=lambda r: r.fold)
         if [r.fold for r in runs] != list(range(len(runs))) or len(runs) < 2:
             continue
-        paths = [r.folder / TEST_EMBEDDINGS for r in runs]
+        paths = [r.folder / TEST_EMBEDDINGS_FILE for r in runs]
         concatenated.append(concatenated_metrics(paths, _recall_at_k(runs[0].folder)))
     for name in names:
         values = [m[name] for m in concatenated if name in m]
@@ -362,7 +363,7 @@ def write_compare_results(
                 "fold": r.fold,
                 **{k: round(v, 6) for k, v in r.metrics.items()},
                 "folder": str(r.folder.relative_to(results_dir)),
-                "config": str((r.folder / "config.yaml").relative_to(results_dir)),
+                "config": str((r.folder / CONFIG_FILE).relative_to(results_dir)),
             }
         )
     write_csv(results_dir / "runs.csv", run_rows, list(dict.fromkeys(k for row in run_rows for k in row)))

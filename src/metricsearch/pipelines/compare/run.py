@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from metricsearch.analysis.run_folder import REPRODUCE_LOG
 from metricsearch.pipelines.compare.finals import final_runs
 from metricsearch.pipelines.compare.folds import (
     SEARCH,
@@ -141,7 +142,7 @@ def _compare_one(dataset: str, space: SearchSpace, storage, ctx: Context, dry_ru
         trials = study.get_trials(deepcopy=False)
         best = best_trial(trials, protocol.trials)
         if best is None:
-            raise CompareError(f"study {name} has no complete trial; see the reproduce.log of its fold runs")
+            raise CompareError(f"study {name} has no complete trial; see the {REPRODUCE_LOG} of its fold runs")
         ctx.say(
             f"best   {name}: trial {best.number}, {protocol.monitor} {best.value:.4f} ({format_params(best.params)})"
         )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from metricsearch.analysis.run_folder import REPRODUCE_LOG
 from metricsearch.pipelines.compare.folds import (
     SEARCH,
     Context,
@@ -354,5 +355,5 @@ def run_search(study: optuna.Study, dataset: str, space: SearchSpace, ctx: Conte
     if len(failures) >= protocol.max_failures:
         raise CompareError(
             f"study {study.study_name}: {len(failures)} trials in a row failed ({', '.join(failures)}); see the "
-            "reproduce.log of their fold runs"
+            f"{REPRODUCE_LOG} of their fold runs"
         )
