@@ -29,7 +29,7 @@ from PIL import Image
 
 from metricsearch.benchmarks.load_test import free_port
 from metricsearch.pipelines.train import build_run
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

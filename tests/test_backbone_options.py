@@ -20,7 +20,7 @@ from metricsearch.models.bn_inception import WEIGHTS_URL, BNInception, WeightsFi
 from metricsearch.models.embedding_model import build_embedding_model
 from metricsearch.models.head import EmbeddingHead
 from metricsearch.models.model_config import ModelConfig, ModelConfigError
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 # BN-Inception's Caffe preprocessing: BGR, 0-255, minus this mean (BGR order), std 1; in timm's 0-1 convention.
 CAFFE_MEAN = (104.0, 117.0, 128.0)

@@ -44,7 +44,7 @@ from metricsearch.pipelines.compare import (
     trial_rows,
     worker_id,
 )
-from tests.conftest import REPO_ROOT, TINY, compose_config
+from tests.helpers import REPO_ROOT, TINY, compose_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

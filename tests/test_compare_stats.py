@@ -20,7 +20,7 @@ from metricsearch.analysis.run_folder import TEST_EMBEDDINGS_FILE, load_embeddin
 from metricsearch.metrics.metric import CollectedEmbeddings
 from metricsearch.metrics.retrieval import calc_retrieval_metrics
 from metricsearch.pipelines.train import train
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 
 def test_mean_ci_is_the_student_t_interval():

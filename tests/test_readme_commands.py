@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metricsearch.utils.config import CONFIG_DIR, instantiate_partial_with, normalize_overrides
-from tests.conftest import REPO_ROOT, TINY
+from tests.helpers import REPO_ROOT, TINY
 
 README = REPO_ROOT / "README.md"
 

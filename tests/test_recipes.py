@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from metricsearch.utils.config import CONFIG_DIR
 from tests.cifar_fixtures import make_cifar10
-from tests.conftest import compose_config
 from tests.dataset_fixtures import make_cars_flat, make_cub, make_sop
+from tests.helpers import compose_config
 from tests.inshop_fixtures import make_inshop
 
 EXPERIMENTS = CONFIG_DIR / "experiment"

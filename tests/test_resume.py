@@ -13,7 +13,7 @@ from omegaconf.errors import ReadonlyConfigError
 from metricsearch.analysis.run_folder import LAST_CHECKPOINT
 from metricsearch.pipelines.resume import RUN_FOLDER, find_resumable_run, run_identity
 from metricsearch.pipelines.run_config import resolve_run_config
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 COMMAND = ["trainer.max_epochs=6", "trainer.limit_train_batches=3", "trainer.deterministic=true"]
 

@@ -27,7 +27,7 @@ from metricsearch.search.errors import (
 )
 from metricsearch.search.gallery import list_gallery_images
 from metricsearch.search.index import METADATA_NAME, GalleryIndex, IndexSpec, open_index
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 from tests.search_fixtures import copy_index
 
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from metricsearch.pipelines.selection import apply_selection
 from metricsearch.pipelines.train import train
 from metricsearch.utils.config import ConfigError, validate_config
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 TWO_EPOCHS = ["loss=proxy_anchor", "trainer.max_epochs=2", "module.compute_nmi=false", "test_untrained=false"]
 

@@ -33,8 +33,8 @@ from metricsearch.search.errors import IndexLoadError, IndexMismatchError
 from metricsearch.search.index import METADATA_NAME, GalleryIndex
 from metricsearch.search.server import create_app
 from metricsearch.utils.config import CONFIG_DIR
-from tests.conftest import REPO_ROOT
 from tests.faults.snapshots import snapshot
+from tests.helpers import REPO_ROOT
 from tests.search_fixtures import TinySearchSetup, copy_index
 
 QUERY = "005/001.jpg"
