@@ -17,9 +17,9 @@ from tests.helpers import compose_config
 from tests.inshop_fixtures import make_inshop
 
 EXPERIMENTS = CONFIG_DIR / "experiment"
-# The recipes issue 14 asks for: Proxy-Anchor R50 (CUB, Cars) and BN-Inception (CUB, Cars, SOP), Multi-Similarity
+# The recipes that must ship: Proxy-Anchor R50 (CUB, Cars) and BN-Inception (CUB, Cars, SOP), Multi-Similarity
 # BN-Inception (CUB, Cars, SOP), the Reality Check's shared base, XBM on SOP, ViT-S/16 DINO (CUB, Cars, SOP); and
-# issue 16's Proxy-Anchor BN-Inception on In-Shop and the Keras CIFAR-10 example.
+# Proxy-Anchor BN-Inception on In-Shop and the Keras CIFAR-10 example.
 REQUIRED = (
     "cub_proxy_anchor_r50",
     "cars196_proxy_anchor_r50",
