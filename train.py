@@ -5,19 +5,21 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from metricsearch.utils.config import ConfigError, normalize_overrides, report_user_errors, validate_config
+from metricsearch.utils.config import ConfigError, normalize_overrides, report_user_errors
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    # Checked before torch is even imported: a mistyped setting fails in a second, as one line.
+    from metricsearch.pipelines.run_config import resolve_run_config
+
+    # Checked and resolved once, before torch is even imported: a mistyped setting fails in a second, as one line.
     with report_user_errors(ConfigError):
-        validate_config(cfg)
+        run = resolve_run_config(cfg)
     from metricsearch.pipelines.train import USER_ERRORS, train
 
     with report_user_errors(*USER_ERRORS):
-        metrics = train(cfg)
-    return metrics.get(cfg.get("optimized_metric"))
+        metrics = train(run)
+    return metrics.get(run.cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

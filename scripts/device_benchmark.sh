@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The H200 check of issue #6, as one command on a lent GPU machine (no internet there; PyTorch, Lightning, timm,
-# torchmetrics and numba are installed). Prepare here with `make device-wheels`, then run on the device from the
+# The GPU benchmark as one command on a GPU machine without internet (PyTorch, Lightning, timm, torchmetrics and
+# numba installed there). Prepare here with `make device-wheels`, then run on the device from the
 # repository root, carrying .whl:
 #
 #     bash scripts/device_benchmark.sh            # reports under $OUT/gpu and $OUT/eval (or results/benchmark-gpu)

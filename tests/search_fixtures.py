@@ -29,7 +29,7 @@ from PIL import Image
 
 from metricsearch.benchmarks.load_test import free_port
 from metricsearch.pipelines.train import build_run
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -95,9 +95,9 @@ def save_tiny_checkpoint(path: Path, data_dir: Path, seed: int = 0, embedding_di
 def tiny_search_setup(root: Path) -> TinySearchSetup:
     """Builds (once per session folder) the checkpoints, gallery and index of :class:`TinySearchSetup`."""
     from metricsearch.data.synthetic import SyntheticSource
+    from metricsearch.inference.model_loading import load_embedder
+    from metricsearch.inference.predict_embeddings import make_predict_trainer
     from metricsearch.pipelines.index import build_index
-    from metricsearch.search.model_loading import load_embedder
-    from metricsearch.search.predict_embeddings import make_predict_trainer
 
     data_dir = root / "data"
     ckpt = save_tiny_checkpoint(root / "a" / "model.ckpt", data_dir, seed=0)

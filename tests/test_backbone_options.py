@@ -13,14 +13,14 @@ from PIL import Image
 
 from metricsearch.data.gpu_augment import BatchAugment
 from metricsearch.data.transforms import build_eval_transform, build_train_transform
+from metricsearch.inference.export import check_parity, export_onnx
+from metricsearch.inference.model_loading import OnnxEmbedder, TorchEmbedder, load_embedder
 from metricsearch.models.backbone import UNREACHABLE_WEIGHTS, PretrainedWeightsError, TimmBackbone, weights_source
 from metricsearch.models.bn_inception import WEIGHTS_URL, BNInception, WeightsFileError
 from metricsearch.models.embedding_model import build_embedding_model
 from metricsearch.models.head import EmbeddingHead
 from metricsearch.models.model_config import ModelConfig, ModelConfigError
-from metricsearch.search.export import check_parity, export_onnx
-from metricsearch.search.model_loading import OnnxEmbedder, TorchEmbedder, load_embedder
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 # BN-Inception's Caffe preprocessing: BGR, 0-255, minus this mean (BGR order), std 1; in timm's 0-1 convention.
 CAFFE_MEAN = (104.0, 117.0, 128.0)

@@ -23,7 +23,7 @@ from metricsearch.data.synthetic import (
     class_attributes,
 )
 from metricsearch.utils.atomic_io import atomic_path, atomic_write_bytes, atomic_write_text
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 TINY = {"num_classes": 12, "images_per_class": 6, "image_size": 32}
 

@@ -32,7 +32,7 @@ from tests.cifar_fixtures import (
     make_cifar100,
     make_cifar_archive,
 )
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 FIX = "extract cifar-10-python.tar.gz again, or run `python scripts/prepare_data.py data=cifar10`"
 

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from metricsearch.cli.args import Command, Option, PassedOn, UsageError, run_command
-from metricsearch.search.model_choice import MODEL_CHOICE_HELP, ModelChoice, given_choice
-from tests.conftest import REPO_ROOT
+from metricsearch.inference.model_choice import MODEL_CHOICE_HELP, ModelChoice, given_choice
+from tests.helpers import REPO_ROOT
 
 SCRIPTS = sorted(path.name for path in (REPO_ROOT / "scripts").glob("*.py"))
 

@@ -44,7 +44,7 @@ from metricsearch.pipelines.compare import (
     trial_rows,
     worker_id,
 )
-from tests.conftest import REPO_ROOT, TINY, compose_config
+from tests.helpers import REPO_ROOT, TINY, compose_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -291,7 +291,7 @@ def _fold_classes(run_dir: Path) -> tuple[set[int], set[int], set[int]]:
     )
 
 
-# In the default suite (issue 15 asks for it there): about 3-5 minutes on two cores.
+# In the default suite: about 3-5 minutes on two cores.
 def test_the_protocol_end_to_end_killed_and_resumed(tmp_path, data_dir):
     results = tmp_path / "compare"
     extra = shlex.join([*TINY, "data.source.num_classes=20", f"paths.data_dir={data_dir}"])

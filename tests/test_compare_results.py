@@ -23,7 +23,7 @@ from metricsearch.analysis.compare_results import (
     validation_test_rows,
 )
 from metricsearch.analysis.files import write_csv
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "compare.ipynb"
 COMMITTED = REPO_ROOT / "results" / "compare"

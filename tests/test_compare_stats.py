@@ -11,18 +11,16 @@ from hydra.utils import instantiate
 from scipy import stats
 
 from metricsearch.analysis.compare import (
-    TEST_EMBEDDINGS_FILE,
     concatenated_metrics,
     indistinguishable_from_best,
-    load_embeddings,
     mean_ci,
-    save_embeddings,
     welch_test,
 )
+from metricsearch.analysis.run_folder import TEST_EMBEDDINGS_FILE, load_embeddings, save_embeddings
 from metricsearch.metrics.metric import CollectedEmbeddings
 from metricsearch.metrics.retrieval import calc_retrieval_metrics
 from metricsearch.pipelines.train import train
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 
 def test_mean_ci_is_the_student_t_interval():

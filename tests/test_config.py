@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from metricsearch.utils.config import CONFIG_DIR, instantiate_partial_with, normalize_overrides, to_plain
-from tests.conftest import REPO_ROOT, compose_config
+from tests.helpers import REPO_ROOT, compose_config
 
 GROUPS = [
     "data",
@@ -138,12 +138,24 @@ def test_sampler_option(option, tmp_path):
 def test_optimizer_and_schedulers(option, tmp_path):
     for scheduler in _options("scheduler"):
         cfg = compose_config([f"optimizer={option}", f"scheduler={scheduler}"], tmp_path, tmp_path)
-        optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2))])
-        if cfg.scheduler is not None:
-            optimizer.step()
-            # `interval` (epoch or step) is for Lightning; the pipeline pops it before instantiating.
-            scheduler = {k: v for k, v in to_plain(cfg.scheduler).items() if k != "interval"}
-            instantiate(scheduler)(optimizer).step()
+        weight = torch.nn.Parameter(torch.zeros(2))
+        optimizer = instantiate(cfg.optimizer)([weight])
+        assert isinstance(optimizer, torch.optim.Optimizer)
+        assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+        # One step on (w - 1)^2 moves the weights toward 1: the option optimizes.
+        ((weight - 1.0) ** 2).sum().backward()
+        optimizer.step()
+        assert torch.all(weight > 0) and torch.all(weight < 1), (option, weight)
+        if cfg.scheduler is None:
+            continue
+        # `interval` (epoch or step) is for Lightning; the pipeline pops it before instantiating.
+        settings = {k: v for k, v in to_plain(cfg.scheduler).items() if k != "interval"}
+        lr_scheduler = instantiate(settings)(optimizer)
+        assert isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler), scheduler
+        lr_scheduler.step()
+        # The scheduler drives the optimizer's learning rate, and never raises it above the configured one.
+        assert optimizer.param_groups[0]["lr"] == lr_scheduler.get_last_lr()[0]
+        assert 0 <= optimizer.param_groups[0]["lr"] <= cfg.optimizer.lr, (option, scheduler)
 
 
 @pytest.mark.parametrize("option", _options("trainer"))

@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import DictConfig, OmegaConf
 
+from metricsearch.pipelines.run_config import resolve_run_config
 from metricsearch.utils.config import CONFIG_DIR, ConfigError, validate_config
-from tests.conftest import REPO_ROOT, TINY, compose_config, run_train
+from tests.helpers import REPO_ROOT, TINY, compose_config, run_train
 
 # (overrides, what the one-line message must say). The first five are the settings of the outside probe.
 BAD_SETTINGS = [
@@ -50,9 +52,31 @@ def test_validate_config_names_the_setting_and_the_fix(overrides, message, tmp_p
     assert "\n" not in str(caught.value)
 
 
+def _leaves(mapping: dict, path: tuple = ()):
+    """(path of keys, value) of every leaf of a nested mapping."""
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, (*path, key))
+        else:
+            yield (*path, key), value
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
 def test_every_shipped_experiment_is_valid(experiment, tmp_path, data_dir):
-    validate_config(compose_config([f"experiment={experiment}"], tmp_path, data_dir, tiny=False))
+    cfg = compose_config([f"experiment={experiment}"], tmp_path, data_dir, tiny=False)
+    # The experiment's settings apply to the run (`# @package _global_`), not under an `experiment` key.
+    assert "experiment" not in cfg
+    settings = OmegaConf.load(CONFIG_DIR / "experiment" / f"{experiment}.yaml")
+    composed = OmegaConf.to_container(cfg)
+    for path, value in _leaves(OmegaConf.to_container(settings)):
+        if path[0] != "defaults" and not (isinstance(value, str) and "${" in value):
+            node = composed
+            for key in path:
+                node = node[key]
+            assert node == value, path
+    # It passes validation and resolves into the run's config.
+    run = resolve_run_config(cfg)
+    assert run.selection == (cfg.get("selection") or "val") and run.output_dir == tmp_path
 
 
 @pytest.mark.parametrize(
@@ -60,8 +84,22 @@ def test_every_shipped_experiment_is_valid(experiment, tmp_path, data_dir):
     [[], ["sampler=random"], ["sampler=null"], ["sampler.m=8"], ["optimizer=sgd"], ["scheduler=null"], ["resume=auto"]],
 )
 def test_valid_settings_pass(overrides, tmp_path, data_dir):
-    validate_config(compose_config(overrides, tmp_path, data_dir))
-    validate_config(compose_config(overrides, tmp_path, data_dir, tiny=False))
+    for tiny in (True, False):
+        cfg = compose_config(overrides, tmp_path, data_dir, tiny=tiny)
+        # Each setting is in the config that is validated.
+        for override in overrides:
+            key, value = override.split("=", 1)
+            node = OmegaConf.select(cfg, key)
+            if value == "null":
+                assert node is None, override
+            elif "." in key or not isinstance(node, DictConfig):
+                assert str(node) == value, override
+            else:
+                assert value in str(node._target_).lower(), override
+        composed = OmegaConf.to_container(cfg)
+        # Passes, and checking changes nothing.
+        validate_config(cfg)
+        assert OmegaConf.to_container(cfg) == composed
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_SETTINGS[:5], ids=lambda v: v[0] if isinstance(v, list) else "")

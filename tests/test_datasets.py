@@ -48,7 +48,6 @@ from metricsearch.data.samplers import MPerClassBatchSampler, SamplerConfigError
 from metricsearch.data.sop import SOPSource
 from metricsearch.data.transforms import build_eval_transform
 from metricsearch.utils.config import normalize_overrides
-from tests.conftest import REPO_ROOT, compose_config
 from tests.dataset_fixtures import (
     copy_tree,
     cub_folder_name,
@@ -60,6 +59,7 @@ from tests.dataset_fixtures import (
     write_image,
     write_lines,
 )
+from tests.helpers import REPO_ROOT, compose_config
 
 # --- miniature copies shared by the whole session (tests that damage one work on a copy_tree of it) ---
 

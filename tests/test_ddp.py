@@ -34,7 +34,7 @@ from metricsearch.models.head import EmbeddingHead
 from metricsearch.models.module import MetricLearningModule
 from metricsearch.pipelines.train import build_run
 from metricsearch.utils.trainer_settings import quiet_trainer_settings
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 pytestmark = pytest.mark.ddp
 

@@ -27,7 +27,7 @@ from metricsearch.analysis.docs_tables import (
 )
 from metricsearch.analysis.files import read_csv
 from metricsearch.cli.docs import docs_pages, main_docs_tables
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 
 SOURCES = DocsSources.of_repository(REPO_ROOT)

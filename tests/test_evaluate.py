@@ -20,8 +20,8 @@ from metricsearch.data.folder import FolderSource
 from metricsearch.data.io import load_rgb_image
 from metricsearch.data.records import CLOSED_SET, QUERY_GALLERY, ZERO_SHOT, DatasetError
 from metricsearch.metrics import calc_retrieval_metrics
-from tests.conftest import REPO_ROOT
 from tests.dataset_fixtures import write_image
+from tests.helpers import REPO_ROOT
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
 # Small, fast settings of every evaluation here: one process, no worker processes.
@@ -59,8 +59,8 @@ def run_evaluate(args: list[str], timeout: int = 300) -> subprocess.CompletedPro
 def direct_metrics(ckpt: Path, paths: list[Path], labels: np.ndarray, query_count: int | None = None) -> dict:
     """The metrics of the checkpoint's embeddings of ``paths``, computed here image by image (no datamodule): the
     retrieval metrics and the verification FNMR at the default FMRs (conf/train.yaml's module.verification_fmrs)."""
+    from metricsearch.inference.model_loading import load_embedder
     from metricsearch.metrics.verification import calc_fnmr_at_fmr
-    from metricsearch.search.model_loading import load_embedder
 
     embedder = load_embedder(ckpt=ckpt)
     embeddings = np.concatenate([embedder.embed_images([load_rgb_image(p)]) for p in paths])
@@ -297,7 +297,7 @@ def test_a_folder_that_is_missing_or_has_no_images_is_a_one_line_error(layout, m
 
 def test_training_on_a_folder_without_training_images_is_refused_with_what_to_do(tmp_path):
     from metricsearch.pipelines.train import train
-    from tests.conftest import compose_config
+    from tests.helpers import compose_config
 
     root = make_query_gallery(tmp_path / "photos")
     cfg = compose_config(

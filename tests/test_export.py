@@ -10,12 +10,13 @@ import torch
 from fastapi.testclient import TestClient
 
 from metricsearch.cli.search import main_export
+from metricsearch.inference.errors import ModelLoadError
+from metricsearch.inference.export import check_parity, export_onnx
+from metricsearch.inference.model_loading import ONNX_FINGERPRINT, ONNX_MODEL_CONFIG, OnnxEmbedder, load_embedder
+from metricsearch.inference.predict_embeddings import make_predict_trainer
 from metricsearch.pipelines.index import build_index, search_files
-from metricsearch.search.errors import IndexMismatchError, ModelLoadError
-from metricsearch.search.export import check_parity, export_onnx
+from metricsearch.search.errors import IndexMismatchError
 from metricsearch.search.index import GalleryIndex, open_index
-from metricsearch.search.model_loading import ONNX_FINGERPRINT, ONNX_MODEL_CONFIG, OnnxEmbedder, load_embedder
-from metricsearch.search.predict_embeddings import make_predict_trainer
 from metricsearch.search.server import create_app
 from tests.search_fixtures import PHOTO_NAMES, photo
 

@@ -23,7 +23,7 @@ from metricsearch.data.samplers import MPerClassBatchSampler, SeededBatchSampler
 from metricsearch.data.transforms import build_eval_transform, build_train_transform
 from metricsearch.pipelines.train import build_run
 from metricsearch.utils.trainer_settings import quiet_trainer_settings
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from metricsearch.data.datamodule import MetricDataModule, class_folds
 from metricsearch.utils.config import ConfigError, validate_config
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 
 def datamodule(overrides: list[str], tmp_path, data_dir) -> MetricDataModule:

@@ -17,8 +17,8 @@ from metricsearch.cli.data import main_prepare_data as prepare_data
 from metricsearch.data.disk_source import SplitCounts
 from metricsearch.data.inshop import InShopSource
 from metricsearch.data.records import QUERY_GALLERY, DatasetError
-from tests.conftest import REPO_ROOT, compose_config
 from tests.dataset_fixtures import copy_tree
+from tests.helpers import REPO_ROOT, compose_config
 from tests.inshop_fixtures import InShopCopy, make_inshop
 
 

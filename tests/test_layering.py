@@ -2,8 +2,12 @@
 
 - ``utils`` is a leaf: it imports nothing from the other subpackages.
 - ``data``, ``models`` and ``metrics`` (the low level) and ``callbacks`` and ``analysis`` (what a training run
-  plugs in) never import ``pipelines``, ``search``, ``benchmarks`` or ``cli`` (the high level: workflows, the
-  search service, measurements and command lines).
+  plugs in) never import ``inference``, ``pipelines``, ``search``, ``benchmarks`` or ``cli`` (the high level: a
+  model turned into embeddings, workflows, the search service, measurements and command lines).
+- ``inference`` (loading a model, embedding images, exporting) is below everything that uses it: it never imports
+  ``pipelines``, ``search``, ``benchmarks`` or ``cli``.
+- Evaluation, export and the benchmarks that do not measure the search service never import ``search``: they need
+  a model's embeddings (``inference``), not an index or a server.
 
 Imports inside functions count too: a late import is still a dependency.
 """
@@ -16,7 +20,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "metricsearch"
-HIGH_LEVEL = {"pipelines", "search", "benchmarks", "cli"}
+HIGH_LEVEL = {"inference", "pipelines", "search", "benchmarks", "cli"}
 # What each package must not import; utils must not import any other subpackage.
 FORBIDDEN = {
     "data": HIGH_LEVEL,
@@ -24,7 +28,16 @@ FORBIDDEN = {
     "metrics": HIGH_LEVEL,
     "callbacks": HIGH_LEVEL,
     "analysis": HIGH_LEVEL,
+    "inference": HIGH_LEVEL - {"inference"},
 }
+# Modules (or every module of a subpackage, but the listed exceptions) that must not import a subpackage.
+MODULE_FORBIDDEN = {
+    "metricsearch.pipelines.evaluate": {"search"},
+    "metricsearch.pipelines.export": {"search"},
+    "metricsearch.cli.evaluate": {"search"},
+}
+# The benchmarks of the search service itself (the index's speed, the server under load) may import it.
+SEARCH_BENCHMARKS = {"metricsearch.benchmarks.search", "metricsearch.benchmarks.load_test"}
 
 
 def imported_subpackages(source: str, module: str) -> set[str]:
@@ -71,12 +84,21 @@ def violations() -> list[str]:
     for subpackage, module, path in package_modules():
         imported = imported_subpackages(path.read_text(), module) - {subpackage}
         bad = imported if subpackage == "utils" else imported & FORBIDDEN.get(subpackage, set())
+        bad |= imported & MODULE_FORBIDDEN.get(module, set())
+        if subpackage == "benchmarks" and module not in SEARCH_BENCHMARKS:
+            bad |= imported & {"search"}
         found += [f"{path.relative_to(PACKAGE.parent)} imports metricsearch.{name}" for name in sorted(bad)]
     return found
 
 
 def test_low_level_packages_never_import_high_level_ones():
     assert violations() == []
+
+
+def test_the_module_rules_name_modules_that_exist():
+    # A renamed module would otherwise leave its rule checking nothing.
+    modules = {module for _, module, _ in package_modules()}
+    assert set(MODULE_FORBIDDEN) | SEARCH_BENCHMARKS <= modules
 
 
 def test_the_layers_cover_the_package():

@@ -10,7 +10,7 @@ from omegaconf import open_dict
 from metricsearch.pipelines.train import build_run
 from metricsearch.utils.config import CONFIG_DIR
 from metricsearch.utils.trainer_settings import quiet_trainer_settings
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 LOSSES = sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml"))
 

@@ -12,16 +12,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 import metricsearch.metrics.metric as metric_module
 import metricsearch.metrics.retrieval as retrieval_module
-from metricsearch.metrics import (
-    RetrievalMetric,
-    calc_map_at_r,
-    calc_nmi,
-    calc_r_precision,
-    calc_recall_at_k,
-    calc_retrieval_metrics,
-    count_relevant,
-    find_neighbors,
-)
+from metricsearch.metrics import RetrievalMetric, calc_nmi, calc_retrieval_metrics, count_relevant
 from metricsearch.metrics.kmeans import KMeansSchedule, kmeans_cost, nmi_schedule, torch_kmeans
 from tests.metric_references import (
     NEAR_TIE,
@@ -29,6 +20,10 @@ from tests.metric_references import (
     assert_metrics_equal,
     assert_no_deciding_near_ties,
     brute_force_neighbors,
+    calc_map_at_r,
+    calc_r_precision,
+    calc_recall_at_k,
+    find_neighbors,
     make_clustered_data,
     normalize,
     reference_metrics,

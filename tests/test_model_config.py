@@ -10,10 +10,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from metricsearch.inference.errors import ModelLoadError
+from metricsearch.inference.model_loading import load_embedder
 from metricsearch.models.embedding_model import build_embedding_model
 from metricsearch.models.model_config import ModelConfig, ModelConfigError
-from metricsearch.search.errors import ModelLoadError
-from metricsearch.search.model_loading import load_embedder
 from metricsearch.utils.config import CONFIG_DIR, to_plain
 
 # A model config exactly as training has stored it in checkpoints (hyper_parameters.model_config) and indexes have

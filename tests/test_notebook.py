@@ -10,7 +10,7 @@ from nbclient import NotebookClient
 from metricsearch.analysis.results import cell_dir
 from metricsearch.analysis.runs import RESULTS_ENV, RUN_ENV
 from metricsearch.pipelines.train import train
-from tests.conftest import REPO_ROOT, compose_config
+from tests.helpers import REPO_ROOT, compose_config
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "analysis.ipynb"
 

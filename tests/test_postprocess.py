@@ -215,7 +215,7 @@ def test_unknown_postprocess_settings_are_refused_by_name():
 def test_training_run_reports_postprocessed_test_metrics_and_draws_the_verification_curve(tmp_path, data_dir):
     import json
 
-    from tests.conftest import run_train
+    from tests.helpers import run_train
 
     run_dir = tmp_path / "run"
     result = run_train(["postprocess=dba", "module.postprocess.k=3", "save_test_embeddings=true"], run_dir, data_dir)

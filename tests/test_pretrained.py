@@ -11,6 +11,8 @@ import torch
 from PIL import Image, ImageEnhance
 
 from metricsearch.data.transforms import build_eval_transform
+from metricsearch.inference.model_loading import load_embedder
+from metricsearch.inference.predict_embeddings import make_predict_trainer
 from metricsearch.models.backbone import PretrainedWeightsError, TimmBackbone
 from metricsearch.models.pretrained import (
     WeightMappingError,
@@ -20,8 +22,6 @@ from metricsearch.models.pretrained import (
     map_state_dict,
 )
 from metricsearch.pipelines.index import build_index, search_files
-from metricsearch.search.model_loading import load_embedder
-from metricsearch.search.predict_embeddings import make_predict_trainer
 from tests.search_fixtures import photo, write_photos
 
 # ImageNet-1k class ids of domestic cats: tabby, tiger cat, Persian, Siamese, Egyptian cat.

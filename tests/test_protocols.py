@@ -20,8 +20,8 @@ from metricsearch.data.datamodule import MetricDataModule, split_validation_imag
 from metricsearch.data.records import CLOSED_SET, QUERY_GALLERY, DatasetError, DatasetSplit, ImageRecords
 from metricsearch.data.synthetic import SyntheticSource
 from metricsearch.utils.config import ConfigError
-from tests.conftest import run_train
 from tests.dataset_fixtures import write_image
+from tests.helpers import run_train
 
 
 def records(labels: list[int], folder: Path | None = None, start: int = 0) -> ImageRecords:

@@ -2,7 +2,8 @@
 so a change there is tested.
 
 Commands are the ``python train.py ...``, ``python scripts/*.py ...`` and ``make ...`` lines of the code blocks and
-inline code spans of README.md and of every page under docs/ (the documentation site). Each ``train.py`` command is composed into the config it runs:
+inline code spans of README.md and of every page under docs/ (the documentation site). Each ``train.py`` command is
+composed into the config it runs:
 
 - one that needs data or pretrained weights this machine lacks (CUB, Cars196, SOP, hub weights) must fail with one
   line that names what is missing and how to supply it, without a traceback;
@@ -33,7 +34,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metricsearch.utils.config import CONFIG_DIR, instantiate_partial_with, normalize_overrides
-from tests.conftest import REPO_ROOT, TINY
+from tests.helpers import REPO_ROOT, TINY
 
 README = REPO_ROOT / "README.md"
 # README.md and every page of the documentation site: a command a user can copy from any of them is checked.

@@ -12,14 +12,14 @@ from omegaconf import OmegaConf
 
 from metricsearch.utils.config import CONFIG_DIR
 from tests.cifar_fixtures import make_cifar10
-from tests.conftest import compose_config
 from tests.dataset_fixtures import make_cars_flat, make_cub, make_sop
+from tests.helpers import compose_config
 from tests.inshop_fixtures import make_inshop
 
 EXPERIMENTS = CONFIG_DIR / "experiment"
-# The recipes issue 14 asks for: Proxy-Anchor R50 (CUB, Cars) and BN-Inception (CUB, Cars, SOP), Multi-Similarity
+# The recipes that must ship: Proxy-Anchor R50 (CUB, Cars) and BN-Inception (CUB, Cars, SOP), Multi-Similarity
 # BN-Inception (CUB, Cars, SOP), the Reality Check's shared base, XBM on SOP, ViT-S/16 DINO (CUB, Cars, SOP); and
-# issue 16's Proxy-Anchor BN-Inception on In-Shop and the Keras CIFAR-10 example.
+# Proxy-Anchor BN-Inception on In-Shop and the Keras CIFAR-10 example.
 REQUIRED = (
     "cub_proxy_anchor_r50",
     "cars196_proxy_anchor_r50",

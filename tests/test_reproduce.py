@@ -14,7 +14,7 @@ import pytest
 
 from metricsearch.analysis.results import RunResult, format_results_markdown, summarize_results
 from metricsearch.pipelines.reproduce import Cell, cell_overrides, dataset_availability, grid_cells
-from tests.conftest import REPO_ROOT, TINY
+from tests.helpers import REPO_ROOT, TINY
 
 
 def run_reproduce(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

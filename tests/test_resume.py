@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import ReadonlyConfigError
 
-from metricsearch.pipelines.resume import LAST_CHECKPOINT, RUN_FOLDER, find_resumable_run, run_identity
-from tests.conftest import compose_config
+from metricsearch.analysis.run_folder import LAST_CHECKPOINT
+from metricsearch.pipelines.resume import RUN_FOLDER, find_resumable_run, run_identity
+from metricsearch.pipelines.run_config import resolve_run_config
+from tests.helpers import compose_config
 
 COMMAND = ["trainer.max_epochs=6", "trainer.limit_train_batches=3", "trainer.deterministic=true"]
 
@@ -90,3 +94,28 @@ def test_find_resumable_run_skips_unreadable_configs(tmp_path, data_dir):
     (broken / "config.yaml").write_text("{ not: yaml: [")
     rerun = compose_config([*COMMAND, "resume=auto"], runs / "rerun", data_dir)
     assert find_resumable_run(rerun, runs / "rerun") is None
+
+
+def test_resume_auto_resolves_a_new_config_in_the_continued_run_folder(tmp_path, data_dir):
+    runs = tmp_path / "runs"
+    # The earlier run saved the config it trained with: the resolved one.
+    saved = resolve_run_config(compose_config([*COMMAND, "selection=last"], runs / "previous", data_dir)).cfg
+    previous = _fake_run(runs / "previous", saved, mtime=1_000)
+    rerun = compose_config([*COMMAND, "resume=auto", "selection=last"], runs / "rerun", data_dir)
+    composed = OmegaConf.to_container(rerun)
+
+    run = resolve_run_config(rerun)
+    assert run.output_dir == previous and run.ckpt_setting == "resume=auto"
+    assert run.ckpt_path == str(previous / LAST_CHECKPOINT)
+    assert run.cfg.paths.output_dir == str(previous) and run.selection == "last"
+    # Paths inside the run folder follow it; selection=last trained on every training class.
+    assert run.cfg.callbacks.model_checkpoint.dirpath == f"{previous}/checkpoints"
+    assert run.cfg.data.val_fraction == 0
+    # The composed config is left as it was, and the resolved one cannot be changed afterwards.
+    assert OmegaConf.to_container(rerun) == composed
+    with pytest.raises(ReadonlyConfigError):
+        run.cfg.seed = 5
+
+    # Nothing to continue: the run starts afresh in its own folder.
+    fresh = resolve_run_config(compose_config([*COMMAND, "resume=auto", "seed=3"], runs / "fresh", data_dir))
+    assert fresh.output_dir == runs / "fresh" and fresh.ckpt_path is None

@@ -14,20 +14,20 @@ import torch
 
 import metricsearch.pipelines.index as pipeline_module
 from metricsearch.cli.search import main_build_index, main_search
+from metricsearch.inference.errors import ModelLoadError
+from metricsearch.inference.model_loading import fingerprint_weights, load_embedder
+from metricsearch.inference.predict_embeddings import make_predict_trainer
 from metricsearch.pipelines.index import add_to_index, build_index, search_files
 from metricsearch.search.errors import (
     IndexLoadError,
     IndexMismatchError,
-    ModelLoadError,
     RequestError,
     SearchError,
     check_k,
 )
 from metricsearch.search.gallery import list_gallery_images
 from metricsearch.search.index import METADATA_NAME, GalleryIndex, IndexSpec, open_index
-from metricsearch.search.model_loading import fingerprint_weights, load_embedder
-from metricsearch.search.predict_embeddings import make_predict_trainer
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 from tests.search_fixtures import copy_index
 
 

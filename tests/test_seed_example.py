@@ -17,7 +17,7 @@ from metricsearch.models.seed_cnn import SeedCNN
 from metricsearch.pipelines.train import build_run
 from metricsearch.utils.config import instantiate_partial_with, to_plain
 from metricsearch.utils.trainer_settings import quiet_trainer_settings
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 # conv 3x3x3 -> 32, 3x3x32 -> 64, 3x3x64 -> 128, each with a bias: 896 + 18,496 + 73,856.
 SEED_CNN_PARAMETERS = (3 * 3 * 3 * 32 + 32) + (3 * 3 * 32 * 64 + 64) + (3 * 3 * 64 * 128 + 128)

@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from metricsearch.pipelines.selection import apply_selection
 from metricsearch.pipelines.train import train
 from metricsearch.utils.config import ConfigError, validate_config
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 TWO_EPOCHS = ["loss=proxy_anchor", "trainer.max_epochs=2", "module.compute_nmi=false", "test_untrained=false"]
 
@@ -90,7 +91,11 @@ def test_test_best_is_refused_in_a_hyperparameter_search(tmp_path, data_dir):
 
 def test_test_best_monitors_the_same_metric_on_the_test_classes(tmp_path, data_dir):
     cfg = compose_config(["selection=test_best", "monitor=val/map@r"], tmp_path, data_dir)
-    assert apply_selection(cfg) == "test_best"
-    assert cfg.monitor == "test_epoch/map@r" and cfg.optimized_metric == "test_epoch/map@r"
-    assert cfg.callbacks.model_checkpoint.monitor == "test_epoch/map@r"
-    assert cfg.data.val_fraction == 0 and cfg.data.validate_on_test is True
+    composed = OmegaConf.to_container(cfg)
+    resolved, mode = apply_selection(cfg)
+    assert mode == "test_best"
+    assert resolved.monitor == "test_epoch/map@r" and resolved.optimized_metric == "test_epoch/map@r"
+    assert resolved.callbacks.model_checkpoint.monitor == "test_epoch/map@r"
+    assert resolved.data.val_fraction == 0 and resolved.data.validate_on_test is True
+    # A new config: the composed one is left as it was.
+    assert OmegaConf.to_container(cfg) == composed and cfg.monitor == "val/map@r"

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from metricsearch.utils.config import instantiate_partial_with
-from tests.conftest import REPO_ROOT, TINY, compose_config
+from tests.helpers import REPO_ROOT, TINY, compose_config
 
 SWEEP_FILES = sorted((REPO_ROOT / "sweeps").glob("*.yaml"))
 

@@ -27,7 +27,7 @@ from metricsearch.analysis import (
 )
 from metricsearch.analysis.retrieval_examples import CORRECT_COLOUR, QUERY_COLOUR, WRONG_COLOUR, fit_caption
 from metricsearch.utils import loggers
-from tests.conftest import REPO_ROOT, TINY
+from tests.helpers import REPO_ROOT, TINY
 
 # ------------------------------------------------------------------------------------------- reading offline W&B runs
 _BLOCK_SIZE = 32768
@@ -63,14 +63,25 @@ def read_wandb_records(path: Path) -> Iterator:
 
 
 def wait_for_records(path: Path, expected_artifacts: int, timeout: float = 240.0) -> list:
-    """The records of a run file, re-read until it holds ``expected_artifacts`` artifact records or time is up."""
+    """The records of a run file, re-read until it holds ``expected_artifacts`` artifact records; fails the test when
+    it still holds fewer after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         records = list(read_wandb_records(path))
         artifacts = sum(r.WhichOneof("record_type") == "artifact" for r in records)
-        if artifacts >= expected_artifacts or time.monotonic() > deadline:
+        if artifacts >= expected_artifacts:
             return records
+        if time.monotonic() >= deadline:
+            pytest.fail(f"{path} holds {artifacts} artifact records after {timeout:.0f} s, not {expected_artifacts}")
         time.sleep(0.5)
+
+
+def test_waiting_for_records_fails_at_its_deadline(tmp_path):
+    empty = tmp_path / "run-empty.wandb"
+    empty.write_bytes(b":W&B" + bytes(_HEADER_SIZE - 4))  # a run file's header, no records yet
+    assert list(read_wandb_records(empty)) == []
+    with pytest.raises(pytest.fail.Exception, match="holds 0 artifact records after 0 s, not 1"):
+        wait_for_records(empty, expected_artifacts=1, timeout=0)
 
 
 # ---------------------------------------------------------------------------------------------------- W&B mode choice

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, TINY, run_train
+from tests.helpers import REPO_ROOT, TINY, run_train
 
 
 def test_train_end_to_end_then_resume(tmp_path, data_dir):

@@ -28,7 +28,7 @@ from metricsearch.models.module import MetricLearningModule, XBMConfigError
 from metricsearch.pipelines.train import build_run
 from metricsearch.utils.config import ConfigError, validate_config
 from metricsearch.utils.trainer_settings import quiet_trainer_settings
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 
 def build(overrides: list[str], tmp_path, data_dir) -> MetricLearningModule:

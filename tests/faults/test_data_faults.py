@@ -17,14 +17,14 @@ from hydra.utils import instantiate
 
 from metricsearch.data.io import ImageLoadError
 from metricsearch.data.records import DatasetError
+from metricsearch.inference.model_loading import load_embedder
+from metricsearch.inference.predict_embeddings import make_predict_trainer
 from metricsearch.pipelines.index import build_index
 from metricsearch.pipelines.train import build_run
 from metricsearch.search.gallery import list_gallery_images
-from metricsearch.search.model_loading import load_embedder
-from metricsearch.search.predict_embeddings import make_predict_trainer
-from tests.conftest import compose_config, run_train
 from tests.dataset_fixtures import cub_folder_name, make_cub, make_folder
 from tests.faults.snapshots import snapshot
+from tests.helpers import compose_config, run_train
 
 # Settings of a disk dataset read by build_run; the runs fail (or are inspected) before any training.
 DISK_RUN = ["data.num_workers=0", "data.batch_size=8", "sampler.m=2", "data.image_size=16", "data.resize_size=16"]

@@ -21,19 +21,20 @@ import pytest
 import torch
 
 from metricsearch.cli.search import main_build_index, main_search
-from metricsearch.models.model_config import allowed_model_targets
-from metricsearch.search.errors import IndexLoadError, IndexMismatchError, ModelLoadError
-from metricsearch.search.index import METADATA_NAME, GalleryIndex
-from metricsearch.search.model_loading import (
+from metricsearch.inference.errors import ModelLoadError
+from metricsearch.inference.model_loading import (
     load_backbone_embedder,
     load_embedder,
     load_embedder_from_source,
 )
-from metricsearch.search.predict_embeddings import SHARDS_NAME
+from metricsearch.inference.predict_embeddings import SHARDS_NAME
+from metricsearch.models.model_config import allowed_model_targets
+from metricsearch.search.errors import IndexLoadError, IndexMismatchError
+from metricsearch.search.index import METADATA_NAME, GalleryIndex
 from metricsearch.search.server import create_app
 from metricsearch.utils.config import CONFIG_DIR
-from tests.conftest import REPO_ROOT
 from tests.faults.snapshots import snapshot
+from tests.helpers import REPO_ROOT
 from tests.search_fixtures import TinySearchSetup, copy_index
 
 QUERY = "005/001.jpg"

@@ -16,7 +16,7 @@ import torch
 from metricsearch.utils import checkpoint_io
 from metricsearch.utils.atomic_io import atomic_path, atomic_write_text
 from metricsearch.utils.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
-from tests.conftest import REPO_ROOT, TINY, run_train
+from tests.helpers import REPO_ROOT, TINY, run_train
 
 
 def test_unknown_config_option(tmp_path, data_dir):
@@ -197,7 +197,7 @@ def test_isolated_nonfinite_step_is_skipped_and_counted(tmp_path, data_dir):
 
     from metricsearch.data.dataset import IMAGE, INDEX, LABEL
     from metricsearch.pipelines.train import build_run
-    from tests.conftest import compose_config
+    from tests.helpers import compose_config
 
     module, _ = build_run(compose_config([], tmp_path, data_dir))
     labels = torch.arange(4).repeat_interleave(4)

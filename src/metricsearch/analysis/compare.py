@@ -2,8 +2,8 @@
 
 Pure functions on numbers the runs already produced: the mean and Student-t confidence interval of a loss's
 separate models, Welch's t-test between two losses, which losses are indistinguishable from the best, and the
-metrics of several models' test embeddings concatenated (the Reality Check's "concatenated" evaluation). Also the
-file a run writes with ``save_test_embeddings=true`` (:data:`TEST_EMBEDDINGS_FILE`): its writer and reader.
+metrics of several models' test embeddings concatenated (the Reality Check's "concatenated" evaluation), read
+from the files runs write with ``save_test_embeddings=true`` (:mod:`metricsearch.analysis.run_folder`).
 """
 
 from __future__ import annotations
@@ -17,23 +17,15 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from metricsearch.metrics.metric import CollectedEmbeddings
+from metricsearch.analysis.run_folder import load_embeddings
 from metricsearch.metrics.retrieval import calc_retrieval_metrics
-from metricsearch.utils.atomic_io import atomic_path
 
 __all__ = [
-    "TEST_EMBEDDINGS_FILE",
     "concatenated_metrics",
     "indistinguishable_from_best",
-    "load_embeddings",
     "mean_ci",
-    "save_embeddings",
     "welch_test",
 ]
-
-# What a run writes in its folder with save_test_embeddings=true.
-TEST_EMBEDDINGS_FILE = "test_embeddings.npz"
-_ARRAYS = ("embeddings", "labels", "indices")
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -115,40 +107,6 @@ def indistinguishable_from_best(samples: Mapping[str, Sequence[float]], alpha: f
     return {name: name == best or welch_test(values, samples[best]) >= alpha for name, values in samples.items()}
 
 
-def save_embeddings(path: str | os.PathLike[str], collected: CollectedEmbeddings) -> None:
-    """Writes an evaluation's embeddings, labels and dataset indices to an ``.npz`` file atomically.
-
-    Args:
-        path: the file to write (a run's :data:`TEST_EMBEDDINGS_FILE`).
-        collected: the gathered set, one row per dataset sample sorted by index (``module.last_evaluation``).
-    """
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(
-            f,
-            embeddings=np.asarray(collected.embeddings, dtype=np.float32),
-            labels=np.asarray(collected.labels, dtype=np.int64),
-            indices=np.asarray(collected.indices, dtype=np.int64),
-        )
-
-
-def load_embeddings(path: str | os.PathLike[str]) -> CollectedEmbeddings:
-    """Reads a file of :func:`save_embeddings`.
-
-    Raises:
-        ValueError: the file lacks one of the arrays or their lengths disagree.
-    """
-    with np.load(path) as data:
-        missing = [name for name in _ARRAYS if name not in data.files]
-        if missing:
-            raise ValueError(f"{path} has no {', '.join(missing)} array: write it with save_test_embeddings=true")
-        collected = CollectedEmbeddings(data["embeddings"], data["labels"], data["indices"])
-    if collected.embeddings.ndim != 2 or not len(collected.embeddings) == len(collected.labels) == len(
-        collected.indices
-    ):
-        raise ValueError(f"{path}: embeddings, labels and indices do not have one row per sample each")
-    return collected
-
-
 def concatenated_metrics(paths: Sequence[str | os.PathLike[str]], recall_at_k: Sequence[int]) -> dict[str, float]:
     """Retrieval metrics of several models tested on the same test set, their embeddings concatenated.
 
@@ -158,7 +116,7 @@ def concatenated_metrics(paths: Sequence[str | os.PathLike[str]], recall_at_k: S
     run's evaluation), without NMI.
 
     Args:
-        paths: the :data:`TEST_EMBEDDINGS_FILE` of each model (e.g. the K fold models of one seed).
+        paths: the test embeddings file of each model (e.g. the K fold models of one seed).
         recall_at_k: the values of K for Recall@K.
 
     Returns:

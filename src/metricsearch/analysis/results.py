@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from metricsearch.analysis.run_folder import REPRODUCE_INFO, read_metrics
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -24,7 +26,6 @@ if TYPE_CHECKING:
 SUMMARY_METRICS = ("map@r", "r_precision", "nmi")
 MARKDOWN_METRICS = ("map@r", "r_precision")
 METRIC_TITLES = {"map@r": "MAP@R", "r_precision": "R-Precision", "nmi": "NMI"}
-CELL_INFO_NAME = "reproduce.json"
 # How a run's tested model was chosen, as the tables print it (see metricsearch.pipelines.selection).
 SELECTION_LABELS = {"val": "val", "last": "last", "test_best": "test_best (optimistic)", "mixed": "mixed"}
 _SEED_DIR = re.compile(r"^seed(-?\d+)$")
@@ -66,7 +67,7 @@ def read_run_result(run_dir: str | Path, dataset: str, loss: str, seed: int) -> 
     """The test metrics of a finished run folder, or None when it has no complete ``metrics.json``."""
     run_dir = Path(run_dir)
     try:
-        summary = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        summary = read_metrics(run_dir)
         metrics = {k: float(v) for k, v in summary["metrics"]["test"].items()}
         selection = str((summary.get("selection") or {}).get("mode", "val"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -74,7 +75,7 @@ def read_run_result(run_dir: str | Path, dataset: str, loss: str, seed: int) -> 
     seconds = None
     # The training time is recorded by `make reproduce` only; a run folder from elsewhere has none.
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        seconds = float(json.loads((run_dir / CELL_INFO_NAME).read_text(encoding="utf-8"))["seconds"])
+        seconds = float(json.loads((run_dir / REPRODUCE_INFO).read_text(encoding="utf-8"))["seconds"])
     return RunResult(dataset, loss, seed, metrics, seconds, selection)
 
 

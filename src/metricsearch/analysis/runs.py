@@ -6,7 +6,6 @@ telling ones (the final test evaluation, else the latest validation) so a notebo
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from PIL import Image
 from metricsearch.analysis.files import read_csv
 from metricsearch.analysis.projection import plot_projection, read_projection_table
 from metricsearch.analysis.retrieval_examples import RetrievalExamples, draw_retrieval_grid
+from metricsearch.analysis.run_folder import METRICS_FILE, read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -28,8 +28,8 @@ RUN_ENV = "METRICSEARCH_RUN"
 
 def find_latest_run(outputs_dir: str | Path) -> Path | None:
     """The most recently finished run folder (one holding ``metrics.json``) under ``outputs_dir``, or None."""
-    candidates = [p.parent for p in Path(outputs_dir).glob("*/metrics.json")]
-    return max(candidates, key=lambda p: (p / "metrics.json").stat().st_mtime, default=None)
+    candidates = [p.parent for p in Path(outputs_dir).glob(f"*/{METRICS_FILE}")]
+    return max(candidates, key=lambda p: (p / METRICS_FILE).stat().st_mtime, default=None)
 
 
 def resolve_notebook_inputs(root: str | Path | None = None) -> tuple[Path, Path | None]:
@@ -57,7 +57,7 @@ def resolve_notebook_inputs(root: str | Path | None = None) -> tuple[Path, Path 
 
 def load_run_metrics(run_dir: str | Path) -> dict[str, Any]:
     """The ``metrics.json`` of a run: ``{"metrics": {"untrained": ..., "val_best": ..., "test": ...}, ...}``."""
-    return json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))
+    return read_metrics(run_dir)
 
 
 def find_run_table(run_dir: str | Path, kind: str) -> Path | None:

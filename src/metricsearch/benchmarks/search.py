@@ -22,9 +22,9 @@ import faiss
 import numpy as np
 from PIL import Image
 
+from metricsearch.inference.model_loading import Embedder
+from metricsearch.inference.predict_embeddings import embed_files, make_predict_trainer
 from metricsearch.search.index import IndexSpec, create_faiss_index
-from metricsearch.search.model_loading import Embedder
-from metricsearch.search.predict_embeddings import embed_files, make_predict_trainer
 
 
 def make_clustered_embeddings(

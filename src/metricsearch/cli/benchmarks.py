@@ -17,8 +17,8 @@ from pathlib import Path
 from metricsearch.benchmarks import SECTIONS
 from metricsearch.cli.args import Arguments, Command, Option, UsageError, run_command
 from metricsearch.cli.search import GALLERY_MOVED, SEARCH_ERRORS, model_choice, model_options
+from metricsearch.inference.model_choice import given_choice
 from metricsearch.search.errors import MAX_K
-from metricsearch.search.model_choice import given_choice
 
 # --- benchmark: the speed-and-scale report ---
 
@@ -93,8 +93,8 @@ BENCH_SEARCH = Command(
 
 def _bench_search(args: Arguments) -> None:
     from metricsearch.benchmarks.search import format_search_table, run_search_benchmark
+    from metricsearch.inference.model_loading import load_embedder
     from metricsearch.search.index import IndexSpec
-    from metricsearch.search.model_loading import load_embedder
     from metricsearch.utils.atomic_io import atomic_write_text
 
     ann = {key: args[key] for key in ANN_KEYS}

@@ -1,4 +1,4 @@
-"""Command line of ``scripts/compare.py`` / ``make compare``: the fair loss comparison (issue 15).
+"""Command line of ``scripts/compare.py`` / ``make compare``: the fair loss comparison.
 
 The work is in :mod:`metricsearch.pipelines.compare`; the protocol's defaults are ``conf/compare/protocol.yaml``
 (an option left out keeps the file's value). ``make compare`` spells the options ``--datasets A,B --trials N ...``,

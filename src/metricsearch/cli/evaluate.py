@@ -14,11 +14,11 @@ from metricsearch.cli.args import Arguments, Command, Option, PassedOn, UsageErr
 from metricsearch.cli.search import model_choice, model_options
 from metricsearch.data.io import ImageLoadError
 from metricsearch.data.records import DatasetError
-from metricsearch.search.errors import SearchError
+from metricsearch.inference.errors import InferenceError
 from metricsearch.utils.config import ConfigError
 
 # Everything the user can fix is one line: a model that cannot be loaded, a setting, the data.
-EVALUATE_ERRORS = {SearchError: 2, ConfigError: 2, DatasetError: 1, ImageLoadError: 1, FileNotFoundError: 2}
+EVALUATE_ERRORS = {InferenceError: 2, ConfigError: 2, DatasetError: 1, ImageLoadError: 1, FileNotFoundError: 2}
 
 EVALUATE = Command(
     name="evaluate",

@@ -3,7 +3,7 @@
 Each ``main_*`` parses its ``key=value`` arguments (:mod:`metricsearch.cli.args`) and calls the work in
 :mod:`metricsearch.pipelines.index`, :mod:`metricsearch.pipelines.export` or :mod:`metricsearch.search.server`.
 Every command that takes a model takes the same ``ckpt=`` / ``model=`` / ``backbone=`` options
-(:mod:`metricsearch.search.model_choice`).
+(:mod:`metricsearch.inference.model_choice`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from pathlib import Path
 
 from metricsearch.cli.args import Arguments, Command, Option, PassedOn, UsageError, run_command
 from metricsearch.data.io import ImageLoadError
+from metricsearch.inference.errors import InferenceError
+from metricsearch.inference.model_choice import MODEL_CHOICE_HELP, ModelChoice, given_choice
 from metricsearch.search.errors import MAX_K, SearchError, check_k
-from metricsearch.search.model_choice import MODEL_CHOICE_HELP, ModelChoice, given_choice
 from metricsearch.utils.config import ConfigError
 
 # What the search commands report as one line, exit status 2: their own errors, unreadable images, missing files,
 # trainer options that do not compose.
-SEARCH_ERRORS = {SearchError: 2, ImageLoadError: 2, FileNotFoundError: 2, ConfigError: 2}
+SEARCH_ERRORS = {SearchError: 2, InferenceError: 2, ImageLoadError: 2, FileNotFoundError: 2, ConfigError: 2}
 GALLERY_MOVED = "where the gallery images are now, if they moved since indexing"
 
 
@@ -67,9 +68,9 @@ BUILD_INDEX = Command(
 
 
 def _build_index(args: Arguments) -> None:
+    from metricsearch.inference.model_loading import load_embedder
     from metricsearch.pipelines.index import add_to_index, build_index, make_configured_trainer
     from metricsearch.search.index import IndexSpec
-    from metricsearch.search.model_loading import load_embedder
 
     out = Path(args["out"]).expanduser().resolve()
     trainer = make_configured_trainer(args["trainer"], args.overrides, out)

@@ -29,9 +29,8 @@ product's worst-case error (:func:`~metricsearch.metrics.screen.screen_margin`) 
 that phase 1 uses as well. Only the exact scores decide, so the result does not depend on the screen, and exact
 copies of an item tie exactly (BLAS may round the same product differently at different places of a matrix).
 
-Neighbours of exactly equal score are ordered by increasing index (the rule of
-:func:`metricsearch.metrics.retrieval.find_neighbors`), so duplicates of the query's classmates in other classes
-are ranked reproducibly.
+Neighbours of exactly equal score are ordered by increasing index (as the neighbour-list references of the tests
+order them), so duplicates of the query's classmates in other classes are ranked reproducibly.
 
 Queries searched in a separate gallery (DeepFashion In-Shop, a user's query/ and gallery/ folders) take the same two
 phases, rectangular: phase 1 scores each query against its class's gallery items (no self-exclusion: a query is not

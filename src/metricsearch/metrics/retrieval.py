@@ -17,11 +17,11 @@ Queries whose class has no other item (singleton classes), or no gallery item wi
 retrieve anything correct; they are left out of the neighbour-based metrics, as pytorch-metric-learning's
 ``AccuracyCalculator`` does, and the number of queries kept is reported through ``num_queries``.
 
-The ``calc_*`` functions work on neighbour *labels*, so they can be checked by hand. ``calc_retrieval_metrics``
-computes them all without neighbour lists: every metric follows from the rank of each query's positives (see
-:mod:`metricsearch.metrics.positive_ranks`), which a blocked pass over the upper triangle of the symmetric
-similarity matrix finds in O(N * R_max) memory. At SOP size (60,502 x 512) that is several times faster than a
-k-NN search for K = 1000 and needs a fraction of its memory, with Recall@1000 included.
+:func:`calc_retrieval_metrics` computes them all without neighbour lists: every metric follows from the rank of
+each query's positives (see :mod:`metricsearch.metrics.positive_ranks`), which a blocked pass over the upper
+triangle of the symmetric similarity matrix finds in O(N * R_max) memory. At SOP size (60,502 x 512) that is
+several times faster than a k-NN search for K = 1000 and needs a fraction of its memory, with Recall@1000
+included. The tests check it against plain neighbour-list references (``tests/metric_references.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-import faiss
 import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
@@ -38,74 +37,11 @@ from metricsearch.metrics.kmeans import KMeansSchedule, faiss_kmeans, nmi_schedu
 from metricsearch.metrics.positive_ranks import PositiveRanks, rank_positives
 
 __all__ = [
-    "calc_map_at_r",
     "calc_metrics_from_positive_ranks",
     "calc_nmi",
-    "calc_r_precision",
-    "calc_recall_at_k",
     "calc_retrieval_metrics",
     "count_relevant",
-    "find_neighbors",
 ]
-
-
-def find_neighbors(embeddings: np.ndarray, k: int, *, chunk_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """Finds the exact k nearest neighbours by inner product of every row among all the other rows.
-
-    The embeddings are expected to be L2-normalised, so the inner product is the cosine similarity. Queries are
-    searched in chunks of ``chunk_size`` rows, which keeps memory at O(N * k) instead of O(N^2).
-
-    Each query is removed from its own results by index, not by position: ``k + 1`` neighbours are searched and
-    the column holding the query's own index is dropped, or the last column when the query is not among them.
-    With exact duplicate images the query's own index need not come first, so dropping the first column would
-    drop a true neighbour and keep the query itself.
-
-    Neighbours of exactly equal score are ordered by increasing index; which members of a group of equal scores
-    straddling the k-th place are returned is up to faiss. Scores come from faiss' BLAS kernels, whose rounding
-    may change with the chunk size and thread count, so neighbours whose scores differ by about 1e-7 may swap.
-
-    Args:
-        embeddings: Array of shape (N, D), one embedding per row.
-        k: Number of neighbours per query; clipped to N - 1.
-        chunk_size: Number of queries searched at once.
-
-    Returns:
-        ``(scores, indices)``, both of shape (N, min(k, N - 1)): inner products (float32, non-increasing along
-        each row) and row indices (int64) of the neighbours.
-
-    Raises:
-        ValueError: If the embeddings are not a finite 2D array with at least two rows, or ``k`` or
-            ``chunk_size`` is smaller than 1.
-
-    Example:
-        >>> x = np.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]], dtype=np.float32)
-        >>> scores, indices = find_neighbors(x, k=1)
-        >>> indices[:, 0].tolist()
-        [2, 2, 0]
-    """
-    x = _as_embedding_matrix(embeddings)
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    num_items = x.shape[0]
-    k = min(k, num_items - 1)
-
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-
-    scores = np.empty((num_items, k), dtype=np.float32)
-    indices = np.empty((num_items, k), dtype=np.int64)
-    for start in range(0, num_items, chunk_size):
-        stop = min(start + chunk_size, num_items)
-        chunk_scores, chunk_indices = index.search(x[start:stop], k + 1)
-        keep = _columns_without_self(chunk_indices, np.arange(start, stop))
-        chunk_scores = chunk_scores[keep].reshape(stop - start, k)
-        chunk_indices = chunk_indices[keep].reshape(stop - start, k)
-        _order_ties_by_index(chunk_scores, chunk_indices)
-        scores[start:stop] = chunk_scores
-        indices[start:stop] = chunk_indices
-    return scores, indices
 
 
 def count_relevant(labels: np.ndarray, gallery_labels: np.ndarray | None = None) -> np.ndarray:
@@ -134,83 +70,6 @@ def count_relevant(labels: np.ndarray, gallery_labels: np.ndarray | None = None)
     inverse = inverse.reshape(-1)
     gallery_counts = np.bincount(inverse[len(labels) :], minlength=int(inverse.max(initial=-1)) + 1)
     return gallery_counts[inverse[: len(labels)]].astype(np.int64)
-
-
-def calc_recall_at_k(neighbor_labels: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
-    """Computes Recall@K: the fraction of queries with at least one correct item among their K nearest neighbours.
-
-    Every query is counted, so leave out queries of singleton classes first (see ``count_relevant``): they can
-    never be answered. A K larger than the number of neighbour columns uses all the columns.
-
-    Args:
-        neighbor_labels: Array of shape (Q, K_max), the labels of each query's neighbours, nearest first.
-        labels: Array of shape (Q,), the label of each query.
-        ks: The values of K.
-
-    Returns:
-        A dict from K to Recall@K.
-
-    Example:
-        >>> neighbor_labels = np.array([[1, 0, 0], [2, 2, 1], [0, 0, 1]])
-        >>> calc_recall_at_k(neighbor_labels, np.array([0, 1, 2]), ks=[1, 2, 3])
-        {1: 0.0, 2: 0.3333333333333333, 3: 0.6666666666666666}
-    """
-    ks = _check_ks(ks)
-    first_hit = _first_correct_rank(neighbor_labels, labels)
-    num_queries = len(first_hit)
-    if num_queries == 0:
-        return {k: 0.0 for k in ks}
-    return {k: float(np.count_nonzero(first_hit < k)) / num_queries for k in ks}
-
-
-def calc_r_precision(neighbor_labels: np.ndarray, labels: np.ndarray, num_relevant: np.ndarray) -> float:
-    """Computes R-Precision: the mean fraction of correct items among each query's R nearest neighbours.
-
-    Args:
-        neighbor_labels: Array of shape (Q, K) with ``K >= max(num_relevant)``, the labels of each query's
-            neighbours, nearest first.
-        labels: Array of shape (Q,), the label of each query.
-        num_relevant: Array of shape (Q,), R for each query: the number of other items of its class (>= 1).
-
-    Returns:
-        R-Precision averaged over the queries.
-
-    Example:
-        >>> neighbor_labels = np.array([[0, 1, 0], [1, 1, 0]])
-        >>> calc_r_precision(neighbor_labels, np.array([0, 1]), num_relevant=np.array([2, 1]))
-        0.75
-    """
-    correct, num_relevant = _correct_within_r(neighbor_labels, labels, num_relevant)
-    if len(num_relevant) == 0:
-        return 0.0
-    return float(np.mean(correct.sum(axis=1) / num_relevant))
-
-
-def calc_map_at_r(neighbor_labels: np.ndarray, labels: np.ndarray, num_relevant: np.ndarray) -> float:
-    """Computes MAP@R: the mean over queries of (1/R) * sum_{i<=R} P@i * [i-th neighbour is correct].
-
-    Args:
-        neighbor_labels: Array of shape (Q, K) with ``K >= max(num_relevant)``, the labels of each query's
-            neighbours, nearest first.
-        labels: Array of shape (Q,), the label of each query.
-        num_relevant: Array of shape (Q,), R for each query: the number of other items of its class (>= 1).
-
-    Returns:
-        MAP@R averaged over the queries.
-
-    Example:
-        With R = 3 and hits at ranks 1 and 3, AP@R = (1/1 + 2/3) / 3 = 5/9:
-
-        >>> round(calc_map_at_r(np.array([[4, 0, 4, 4]]), np.array([4]), num_relevant=np.array([3])), 6)
-        0.555556
-    """
-    correct, num_relevant = _correct_within_r(neighbor_labels, labels, num_relevant)
-    if len(num_relevant) == 0:
-        return 0.0
-    ranks = np.arange(1, correct.shape[1] + 1, dtype=np.float64)
-    precision_at_i = np.cumsum(correct, axis=1) / ranks
-    average_precision = np.sum(precision_at_i * correct, axis=1) / num_relevant
-    return float(np.mean(average_precision))
 
 
 def calc_nmi(
@@ -278,7 +137,7 @@ def calc_retrieval_metrics(
     """Computes all the retrieval metrics of a query = gallery set, or of queries in a gallery, in one pass.
 
     The results are those of a neighbour search with k = max(max(recall_at_k), max R) clipped to N - 1 and
-    equal scores ordered by index (see :func:`find_neighbors`), but no neighbour list is built: the rank of each
+    equal scores ordered by increasing index, but no neighbour list is built: the rank of each
     query's positives is counted directly (:func:`~metricsearch.metrics.positive_ranks.rank_positives`), so any
     K costs the same. Queries of singleton classes are left out of every neighbour-based metric;
     ``num_queries`` says how many were kept, ``num_queries_left_out`` how many were not.
@@ -426,69 +285,6 @@ def calc_metrics_from_positive_ranks(
     precision_at_hits = np.where(inside, position[None, :] / np.maximum(positive_ranks, 1), 0.0)
     metrics["map@r"] = float(np.mean(precision_at_hits.sum(axis=1) / num_relevant))
     return metrics
-
-
-def _columns_without_self(neighbors: np.ndarray, query_indices: np.ndarray) -> np.ndarray:
-    """Marks the columns to keep: all but the query's own index, or all but the last when it is absent."""
-    is_self = neighbors == query_indices[:, None]
-    has_self = is_self.any(axis=1)
-    drop = np.where(has_self, is_self.argmax(axis=1), neighbors.shape[1] - 1)
-    keep = np.ones(neighbors.shape, dtype=bool)
-    keep[np.arange(len(neighbors)), drop] = False
-    return keep
-
-
-def _order_ties_by_index(scores: np.ndarray, indices: np.ndarray) -> None:
-    """Sorts, in place, the neighbours of equal score by increasing index.
-
-    faiss returns exact ties (duplicate images) in an arbitrary order; this makes the order reproducible. Only
-    the rows that hold a tie are sorted, which keeps it cheap.
-    """
-    rows = np.flatnonzero((scores[:, 1:] == scores[:, :-1]).any(axis=1))
-    if rows.size == 0:
-        return
-    # np.lexsort sorts by its last key first: decreasing score, then increasing index.
-    order = np.lexsort((indices[rows], -scores[rows]), axis=-1)
-    scores[rows] = np.take_along_axis(scores[rows], order, axis=1)
-    indices[rows] = np.take_along_axis(indices[rows], order, axis=1)
-
-
-def _first_correct_rank(neighbor_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Returns the 0-based rank of each query's first correct neighbour; a query with none gets int64 max."""
-    neighbor_labels, labels = _check_neighbor_labels(neighbor_labels, labels)
-    correct = neighbor_labels == labels[:, None]
-    return np.where(correct.any(axis=1), correct.argmax(axis=1), np.iinfo(np.int64).max)
-
-
-def _correct_within_r(
-    neighbor_labels: np.ndarray, labels: np.ndarray, num_relevant: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Returns which of the first max(R) neighbours are correct and within each query's R, and R itself."""
-    neighbor_labels, labels = _check_neighbor_labels(neighbor_labels, labels)
-    num_relevant = np.asarray(num_relevant)
-    if num_relevant.shape != labels.shape:
-        raise ValueError(f"num_relevant must have shape {labels.shape}, got {num_relevant.shape}")
-    if len(num_relevant) == 0:
-        return np.zeros((0, 0), dtype=bool), num_relevant
-    if num_relevant.min() < 1:
-        raise ValueError("every query needs R >= 1; leave out the queries of singleton classes")
-    max_r = int(num_relevant.max())
-    if neighbor_labels.shape[1] < max_r:
-        raise ValueError(f"need at least max(R) = {max_r} neighbours per query, got {neighbor_labels.shape[1]}")
-    within_r = np.arange(max_r) < num_relevant[:, None]
-    correct = (neighbor_labels[:, :max_r] == labels[:, None]) & within_r
-    return correct, num_relevant
-
-
-def _check_neighbor_labels(neighbor_labels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    neighbor_labels = np.asarray(neighbor_labels)
-    labels = np.asarray(labels)
-    if neighbor_labels.ndim != 2 or labels.ndim != 1 or len(neighbor_labels) != len(labels):
-        raise ValueError(
-            "neighbor_labels must have shape (Q, K) and labels shape (Q,), "
-            f"got {neighbor_labels.shape} and {labels.shape}"
-        )
-    return neighbor_labels, labels
 
 
 def _check_ks(ks: Sequence[int]) -> list[int]:

@@ -13,7 +13,6 @@ Its command line, with the default training length, is :mod:`metricsearch.cli.de
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -23,13 +22,14 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from metricsearch.analysis.run_folder import CONFIG_FILE, LAST_CHECKPOINT, read_metrics
 from metricsearch.data.io import load_rgb_image
+from metricsearch.inference.export import export_onnx
+from metricsearch.inference.model_loading import OnnxEmbedder, load_checkpoint_embedder
+from metricsearch.inference.predict_embeddings import make_predict_trainer
 from metricsearch.pipelines.index import build_index
 from metricsearch.search.errors import SearchError
-from metricsearch.search.export import export_onnx
 from metricsearch.search.grid import gallery_loader, save_result_grid
-from metricsearch.search.model_loading import OnnxEmbedder, load_checkpoint_embedder
-from metricsearch.search.predict_embeddings import make_predict_trainer
 from metricsearch.utils.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def train_or_reuse(run_dir: Path, train_args: list[str]) -> Path:
     """The demo run's checkpoint: the best one of an earlier demo if there is one, else a fresh short run's."""
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_dir / LAST_CHECKPOINT
     if not last.is_file():
         command = [sys.executable, str(REPO_ROOT / "train.py"), f"hydra.run.dir={run_dir}", *train_args]
         log.info("Training the demo model: %s", " ".join(command))
@@ -45,7 +45,7 @@ def train_or_reuse(run_dir: Path, train_args: list[str]) -> Path:
     else:
         log.info("Reusing the demo model in %s (delete the folder to retrain)", run_dir)
     try:
-        best = Path(json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"])
+        best = Path(read_metrics(run_dir)["best_checkpoint"])
     except (OSError, ValueError, KeyError):
         best = last
     return best if best.is_file() else last
@@ -69,7 +69,7 @@ def run_demo(
     embedder = load_checkpoint_embedder(checkpoint)
 
     # The test classes exactly as the run saw them: same generator settings, same data folder.
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = OmegaConf.load(run_dir / CONFIG_FILE)
     test = instantiate(cfg.data.source).load().test
     root = Path(test.paths[0]).parents[1]  # <data>/<config>/images/<class>/<image>.jpg
     relative = [Path(p).relative_to(root).as_posix() for p in test.paths]

@@ -18,7 +18,6 @@ an embedding map, and for evaluations of at most ``max_confusion_classes`` class
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -35,15 +34,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from metricsearch.analysis.run_folder import write_metrics
 from metricsearch.callbacks.visualization import VisualizationCallback
 from metricsearch.data.datamodule import MetricDataModule
 from metricsearch.data.disk_source import SplitCounts
+from metricsearch.inference.errors import ModelLoadError
+from metricsearch.inference.model_choice import ModelChoice
+from metricsearch.inference.model_loading import TorchEmbedder, load_embedder
+from metricsearch.inference.predict_embeddings import predict_trainer_settings
 from metricsearch.models.module import MetricLearningModule
-from metricsearch.search.errors import ModelLoadError
-from metricsearch.search.model_choice import ModelChoice
-from metricsearch.search.model_loading import TorchEmbedder, load_embedder
-from metricsearch.search.predict_embeddings import predict_trainer_settings
-from metricsearch.utils.atomic_io import atomic_write_text
 from metricsearch.utils.config import CONFIG_DIR, ConfigError, normalize_overrides, to_plain
 from metricsearch.utils.report import format_metrics_table
 
@@ -228,7 +227,7 @@ def evaluate_model(
         "metrics": {PREFIX: metrics},
     }
     if trainer.is_global_zero:
-        atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
+        write_metrics(out, summary)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     return Evaluation(metrics=metrics, out=out, files=files, summary=summary)
 

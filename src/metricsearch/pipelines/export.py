@@ -1,6 +1,6 @@
 """Export workflow behind ``scripts/export.py``: a checkpoint's (or a pretrained backbone's) model to ONNX, checked.
 
-The exported file and its metadata are described in :mod:`metricsearch.search.export`.
+The exported file and its metadata are described in :mod:`metricsearch.inference.export`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Unpack
 
 import torch
 
-from metricsearch.search.errors import ModelLoadError, SearchError
-from metricsearch.search.export import DEFAULT_OPSET, check_parity, export_onnx
-from metricsearch.search.model_choice import ModelChoice
-from metricsearch.search.model_loading import OnnxEmbedder, TorchEmbedder, load_embedder
+from metricsearch.inference.errors import InferenceError, ModelLoadError
+from metricsearch.inference.export import DEFAULT_OPSET, check_parity, export_onnx
+from metricsearch.inference.model_choice import ModelChoice
+from metricsearch.inference.model_loading import OnnxEmbedder, TorchEmbedder, load_embedder
 
 # Largest |onnxruntime - PyTorch| difference an export may show on a random batch.
 MAX_PARITY_DIFFERENCE = 1e-4
@@ -43,10 +43,10 @@ def export_model(
         out: the file to write; by default :func:`default_export_path`.
         opset: the ONNX opset.
         check: compare onnxruntime with PyTorch on a random batch of 4 images after exporting.
-        choice: the model (:mod:`metricsearch.search.model_choice`).
+        choice: the model (:mod:`metricsearch.inference.model_choice`).
 
     Raises:
-        SearchError: the model cannot be loaded or is not a PyTorch model, or the export differs from it by more
+        InferenceError: the model cannot be loaded or is not a PyTorch model, or the export differs from it by more
             than :data:`MAX_PARITY_DIFFERENCE`.
     """
     embedder = load_embedder(**choice)
@@ -59,7 +59,7 @@ def export_model(
         images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
         difference = check_parity(embedder, OnnxEmbedder(path), images)
         if difference > MAX_PARITY_DIFFERENCE:
-            raise SearchError(
+            raise InferenceError(
                 f"the ONNX model written to {path} differs from PyTorch by {difference:.2e} "
                 f"(> {MAX_PARITY_DIFFERENCE:g}) on a random batch"
             )

@@ -18,12 +18,12 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 
 from metricsearch.data.io import load_rgb_image
+from metricsearch.inference.model_loading import Embedder
+from metricsearch.inference.predict_embeddings import embed_files, predict_trainer_settings
 from metricsearch.search.errors import SearchError
 from metricsearch.search.gallery import inside_root, list_gallery_images
 from metricsearch.search.grid import gallery_loader, save_result_grid
 from metricsearch.search.index import METADATA_NAME, GalleryIndex, Hit, IndexSpec, recorded_embedder
-from metricsearch.search.model_loading import Embedder
-from metricsearch.search.predict_embeddings import embed_files, predict_trainer_settings
 from metricsearch.utils.config import CONFIG_DIR, ConfigError
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from metricsearch.analysis.files import save_figure, write_csv
 from metricsearch.analysis.results import (
-    CELL_INFO_NAME,
     cell_dir,
     collect_results,
     format_results_markdown,
@@ -44,7 +43,7 @@ from metricsearch.analysis.results import (
     summarize_results,
     summary_csv_rows,
 )
-from metricsearch.pipelines.resume import LAST_CHECKPOINT
+from metricsearch.analysis.run_folder import LAST_CHECKPOINT, REPRODUCE_INFO, REPRODUCE_LOG
 from metricsearch.utils.atomic_io import atomic_write_text
 from metricsearch.utils.config import CONFIG_DIR, REPO_ROOT, normalize_overrides
 from metricsearch.utils.recipes import recipe_cards, recipes_for
@@ -194,7 +193,7 @@ def run_cell(
     seconds = time.perf_counter() - start
     if ok:
         info = {"seconds": round(seconds, 1), "overrides": overrides, "cell": cell.__dict__}
-        atomic_write_text(folder / CELL_INFO_NAME, json.dumps(info, indent=1) + "\n")
+        atomic_write_text(folder / REPRODUCE_INFO, json.dumps(info, indent=1) + "\n")
     return ok, seconds
 
 
@@ -206,7 +205,7 @@ def _train(
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "train.py", *overrides]
-    with open(folder / "reproduce.log", "a", encoding="utf-8") as log_file:
+    with open(folder / REPRODUCE_LOG, "a", encoding="utf-8") as log_file:
         log_file.write(shlex.join(command) + "\n\n")
         log_file.flush()
         try:
@@ -297,7 +296,7 @@ def run_grid(
                 else:
                     failed.append(cell)
                     progress.console.print(
-                        f"[red]failed {cell} after {seconds:.0f} s: see {folder / 'reproduce.log'}[/red]"
+                        f"[red]failed {cell} after {seconds:.0f} s: see {folder / REPRODUCE_LOG}[/red]"
                     )
             progress.advance(task)
     return failed
@@ -370,7 +369,7 @@ def _per_run(total: float, results: Sequence) -> str:
 def _warn_if_settings_changed(folder: Path, overrides: list[str], cell: Cell, console: Console) -> None:
     """A finished cell trained with other settings (epochs, extras) is kept; say so, since its numbers differ."""
     try:
-        previous = json.loads((folder / CELL_INFO_NAME).read_text(encoding="utf-8"))["overrides"]
+        previous = json.loads((folder / REPRODUCE_INFO).read_text(encoding="utf-8"))["overrides"]
     except (OSError, ValueError, KeyError):
         return
     if previous != overrides:

@@ -10,6 +10,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from metricsearch.analysis.run_folder import CONFIG_FILE, LAST_CHECKPOINT, has_metrics
+
 log = logging.getLogger(__name__)
 
 # Settings that do not change what a run trains, only where it is written, how it is watched and what is evaluated
@@ -38,8 +40,6 @@ _NOT_IDENTITY = (
     "data.eval_batch_size",
 )
 RUN_FOLDER = "<run folder>"
-LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-FINISHED_MARKER = "metrics.json"
 # A run's resolved config is a few kB; a larger config.yaml in a sibling folder is not one of ours.
 _MAX_CONFIG_BYTES = 1 << 20
 
@@ -79,7 +79,7 @@ def _replace_folder(value: Any, folder: str) -> Any:
 
 def _saved_identity(run: Path) -> dict[str, Any] | None:
     """The identity of the run saved in ``run/config.yaml``, or None when there is no readable one."""
-    path = run / "config.yaml"
+    path = run / CONFIG_FILE
     try:
         if not path.is_file() or path.stat().st_size > _MAX_CONFIG_BYTES:
             return None
@@ -105,7 +105,7 @@ def find_resumable_run(cfg: DictConfig, output_dir: Path) -> Path | None:
     candidates = [p for p in parent.iterdir() if p != output_dir and (p / LAST_CHECKPOINT).is_file()]
     others = 0
     for run in sorted(candidates, key=lambda p: (p / LAST_CHECKPOINT).stat().st_mtime, reverse=True):
-        if (run / FINISHED_MARKER).exists():
+        if has_metrics(run):
             continue
         if _saved_identity(run) == identity:
             return run

@@ -8,12 +8,13 @@
   (Proxy-Anchor, Multi-Similarity, XBM): the test set picks the model, so the number is an upper bound of what
   an honest protocol gives. It exists to compare with published numbers, and every output says so.
 
-:func:`apply_selection` turns the choice into the settings that implement it, before anything is built, so the
-run's saved ``config.yaml`` shows what ran; :func:`selection_record` is what ``metrics.json`` records.
+:func:`apply_selection` turns the choice into a new config holding the settings that implement it, before anything is
+built, so the run's saved ``config.yaml`` shows what ran; :func:`selection_record` is what ``metrics.json`` records.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -50,16 +51,17 @@ def selection_of(cfg: DictConfig) -> str:
     return mode
 
 
-def apply_selection(cfg: DictConfig) -> str:
-    """Rewrites ``cfg`` in place into the settings the selection mode needs; returns the mode.
+def apply_selection(cfg: DictConfig) -> tuple[DictConfig, str]:
+    """A copy of ``cfg`` with the settings the selection mode needs, and the mode; ``cfg`` itself is left as it is.
 
     ``last`` and ``test_best`` train on every training class (``data.val_fraction=0``); ``last`` keeps only the
     latest checkpoint, ``test_best`` evaluates the test classes every epoch under :data:`TEST_EPOCH_PREFIX` and
     monitors the same metric there.
     """
     mode = selection_of(cfg)
+    cfg = copy.deepcopy(cfg)
     if mode == "val":
-        return mode
+        return cfg, mode
     with open_dict(cfg):
         if OmegaConf.select(cfg, "data.val_fraction", default=0.0):
             log.info("selection=%s trains on every training class: data.val_fraction set to 0", mode)
@@ -73,7 +75,7 @@ def apply_selection(cfg: DictConfig) -> str:
             if early_stopping is not None:
                 log.warning("selection=last has no validation to stop early on: callbacks.early_stopping removed")
                 del cfg.callbacks["early_stopping"]
-            return mode
+            return cfg, mode
         metric = str(cfg.monitor).split("/", 1)[-1]
         cfg.monitor = f"{TEST_EPOCH_PREFIX}/{metric}"
         cfg.data.validate_on_test = True
@@ -85,7 +87,7 @@ def apply_selection(cfg: DictConfig) -> str:
             )
         if early_stopping is not None:
             early_stopping.monitor = cfg.monitor
-    return mode
+    return cfg, mode
 
 
 def selection_record(mode: str, monitor: str) -> dict[str, object]:

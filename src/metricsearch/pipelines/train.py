@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import logging
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from metricsearch.analysis.compare import TEST_EMBEDDINGS_FILE, save_embeddings
+from metricsearch.analysis.run_folder import (
+    TEST_EMBEDDINGS_FILE,
+    UNTRAINED_METRICS_FILE,
+    read_metrics,
+    save_embeddings,
+    write_config,
+    write_metrics,
+)
 from metricsearch.data.datamodule import MetricDataModule
 from metricsearch.data.records import DatasetError
 from metricsearch.data.samplers import SamplerConfigError
@@ -21,16 +25,14 @@ from metricsearch.models.backbone import PretrainedWeightsError
 from metricsearch.models.embedding_model import build_embedding_model
 from metricsearch.models.model_config import ModelConfig
 from metricsearch.models.module import MetricLearningModule, NonFiniteLossError
-from metricsearch.pipelines.resume import LAST_CHECKPOINT, CheckpointError, check_checkpoint_matches, find_resumable_run
-from metricsearch.pipelines.selection import TEST_EPOCH_PREFIX, apply_selection, selection_record
-from metricsearch.utils.atomic_io import atomic_write_text
+from metricsearch.pipelines.resume import CheckpointError, check_checkpoint_matches
+from metricsearch.pipelines.run_config import RunConfig, resolve_run_config
+from metricsearch.pipelines.selection import TEST_EPOCH_PREFIX, selection_record
 from metricsearch.utils.checkpoint_io import CheckpointWriteError
-from metricsearch.utils.config import ConfigError, instantiate_partial_with, to_plain, validate_config
+from metricsearch.utils.config import ConfigError, instantiate_partial_with, to_plain
 from metricsearch.utils.console_logging import quiet_lightning_console
 from metricsearch.utils.loggers import finish_loggers
 from metricsearch.utils.report import format_metrics_table
-
-log = logging.getLogger(__name__)
 
 # Problems the user can fix (a setting, the data, a checkpoint, a full disk): `train.py` prints their one-line
 # message without a traceback.
@@ -109,32 +111,23 @@ def _test(trainer: L.Trainer, module: MetricLearningModule, datamodule: MetricDa
     return {k.split("/", 1)[1]: float(v) for k, v in (results[0] if results else {}).items() if k.startswith(prefix)}
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(run: RunConfig | DictConfig) -> dict[str, float]:
     """Trains and evaluates one run; returns the flat metric dict (what sweepers optimize).
 
     Order: evaluate the untrained model on the test classes, fit with checkpoint selection on validation
     classes, evaluate the best checkpoint on the test classes, write ``metrics.json`` and print a table.
     ``selection=last`` tests the final model instead, and ``selection=test_best`` reports the best per-epoch
     test evaluation (optimistic; see :mod:`metricsearch.pipelines.selection`).
+
+    Args:
+        run: the resolved config (``train.py`` resolves it before importing torch), or a composed one, which is
+            resolved here (:func:`~metricsearch.pipelines.run_config.resolve_run_config`).
     """
     quiet_lightning_console()  # Lightning's INFO lines go to the run's log file, not the console
-    selection = apply_selection(cfg)
-    validate_config(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = cfg.get("ckpt_path")
-    ckpt_setting = "ckpt_path"
-    if cfg.get("resume") == "auto":
-        previous = find_resumable_run(cfg, output_dir)
-        if previous is None:
-            log.info("resume=auto: no unfinished run of this config under %s; starting afresh", output_dir.parent)
-        else:
-            ckpt_path, ckpt_setting = str(previous / LAST_CHECKPOINT), "resume=auto"
-            log.info("resume=auto: continuing %s from %s", previous, ckpt_path)
-            with open_dict(cfg):
-                cfg.paths.output_dir = str(previous)
-            output_dir = previous
-    elif cfg.get("resume"):
-        ckpt_path, ckpt_setting = cfg.resume, "resume"
+    if not isinstance(run, RunConfig):
+        run = resolve_run_config(run)
+    cfg, selection, output_dir = run.cfg, run.selection, run.output_dir
+    ckpt_path, ckpt_setting = run.ckpt_path, run.ckpt_setting
     if ckpt_path:
         # Before any data or model is built: a damaged or foreign checkpoint is refused in seconds.
         model = {"backbone": to_plain(cfg.backbone), "head": to_plain(cfg.head)}
@@ -142,7 +135,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
-    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_config(output_dir, OmegaConf.to_yaml(cfg, resolve=True))
 
     module, datamodule = build_run(cfg)
     callbacks = _instantiate_group(cfg.get("callbacks"))
@@ -150,15 +143,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     results: dict[str, dict[str, float]] = {}
-    untrained_file = output_dir / "untrained_metrics.json"
+    untrained_file = output_dir / UNTRAINED_METRICS_FILE
     if cfg.get("test_untrained"):
         # A resumed run keeps the untrained numbers measured when it started.
         if ckpt_path and untrained_file.is_file():
-            results["untrained"] = json.loads(untrained_file.read_text())
+            results["untrained"] = read_metrics(output_dir, UNTRAINED_METRICS_FILE)
         else:
             results["untrained"] = _test(trainer, module, datamodule, "untrained")
             if trainer.is_global_zero:
-                atomic_write_text(untrained_file, json.dumps(results["untrained"], indent=2))
+                write_metrics(output_dir, results["untrained"], UNTRAINED_METRICS_FILE)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -185,7 +178,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "global_step": trainer.global_step,
     }
     if trainer.is_global_zero:
-        atomic_write_text(output_dir / "metrics.json", json.dumps(summary, indent=2))
+        write_metrics(output_dir, summary)
         title = f"{cfg.get('task_name', 'train')}: {output_dir} (selection={selection})"
         print(format_metrics_table(results, title=title))
         if selection == "test_best":

@@ -38,10 +38,11 @@ from typing import Any, Unpack
 import faiss
 import numpy as np
 
-from metricsearch.search.errors import IndexLoadError, IndexMismatchError, ModelLoadError, RequestError, SearchError
-from metricsearch.search.model_choice import CHOICE_OF_SOURCE, ModelChoice, given_choice
-from metricsearch.search.model_loading import Embedder, file_sha256, load_embedder, load_embedder_from_source
-from metricsearch.search.predict_embeddings import SHARDS_NAME
+from metricsearch.inference.errors import ModelLoadError
+from metricsearch.inference.model_choice import CHOICE_OF_SOURCE, ModelChoice, given_choice
+from metricsearch.inference.model_loading import Embedder, file_sha256, load_embedder, load_embedder_from_source
+from metricsearch.inference.predict_embeddings import SHARDS_NAME
+from metricsearch.search.errors import IndexLoadError, IndexMismatchError, RequestError, SearchError
 from metricsearch.utils.atomic_io import atomic_path, atomic_write_text, remove_orphaned_temp_files, temp_file_target
 from metricsearch.utils.messages import shorten
 
@@ -615,7 +616,7 @@ def _no_index_message(folder: Path) -> str:
     """Why ``folder`` holds no index: it does not exist, holds something else, or holds an unfinished build.
 
     What a build leaves in the folder besides the index: the embedding shards (see
-    :func:`~metricsearch.search.predict_embeddings.embed_files`) and the temporary files of the atomic writes of the
+    :func:`~metricsearch.inference.predict_embeddings.embed_files`) and the temporary files of the atomic writes of the
     data files and the metadata.
     """
     if not folder.is_dir():
@@ -660,7 +661,7 @@ def open_index(
         folder: the index folder.
         gallery: where the gallery images are now, if they moved.
         choice: a model to embed queries with (``ckpt=``, ``model=`` or ``backbone=``; see
-            :mod:`~metricsearch.search.model_choice`) instead of the one the index records; it must have the same
+            :mod:`~metricsearch.inference.model_choice`) instead of the one the index records; it must have the same
             weights (a checkpoint and its ONNX export are interchangeable).
 
     Raises:

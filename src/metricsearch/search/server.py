@@ -42,10 +42,10 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
 from metricsearch.data.io import ImageLoadError, load_rgb_image
+from metricsearch.inference.model_choice import ModelChoice
+from metricsearch.inference.model_loading import Embedder
 from metricsearch.search.errors import MAX_K, RequestError, SearchError, check_k
 from metricsearch.search.index import GalleryIndex, Hit, open_index
-from metricsearch.search.model_choice import ModelChoice
-from metricsearch.search.model_loading import Embedder
 from metricsearch.search.page import render_page
 from metricsearch.utils.messages import shorten
 

@@ -29,6 +29,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from metricsearch.data.transforms import build_eval_transform
+from metricsearch.inference.errors import ModelLoadError
+from metricsearch.inference.model_choice import ModelChoice, given_choice
 from metricsearch.models.embedding_model import EmbeddingModel, build_embedding_model
 from metricsearch.models.model_config import (
     NORMALIZE_HEAD_TARGET,
@@ -37,8 +39,6 @@ from metricsearch.models.model_config import (
     check_model_config,
     preprocessing_of,
 )
-from metricsearch.search.errors import ModelLoadError
-from metricsearch.search.model_choice import ModelChoice, given_choice
 from metricsearch.utils.config import CONFIG_DIR
 from metricsearch.utils.messages import shorten
 
@@ -151,7 +151,7 @@ class TorchEmbedder(Embedder):
 
 
 class OnnxEmbedder(Embedder):
-    """An ONNX export (see :mod:`metricsearch.search.export`) run by onnxruntime on the CPU.
+    """An ONNX export (see :mod:`metricsearch.inference.export`) run by onnxruntime on the CPU.
 
     Its preprocessing and fingerprint come from the metadata the export wrote into the file.
 

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from metricsearch.data.dataset import IMAGE, INDEX, OK
 from metricsearch.data.io import ImageLoadError, load_rgb_image
-from metricsearch.search.errors import SearchError
-from metricsearch.search.model_loading import Embedder, TorchEmbedder
+from metricsearch.inference.errors import InferenceError
+from metricsearch.inference.model_loading import Embedder, TorchEmbedder
 from metricsearch.utils.atomic_io import atomic_path
 from metricsearch.utils.trainer_settings import quiet_trainer_settings
 
@@ -132,7 +132,7 @@ def merge_shards(shard_dir: Path, count: int, dim: int) -> tuple[np.ndarray, np.
     """Embeddings ``[count, dim]`` and the readable-image mask from every rank's shard, ordered by index.
 
     Raises:
-        SearchError: an image index is missing from every shard (a rank died or wrote elsewhere).
+        InferenceError: an image index is missing from every shard (a rank died or wrote elsewhere).
     """
     embeddings = np.zeros((count, dim), dtype=np.float32)
     ok = np.zeros(count, dtype=bool)
@@ -146,7 +146,7 @@ def merge_shards(shard_dir: Path, count: int, dim: int) -> tuple[np.ndarray, np.
             ok[data["indices"]] = data["ok"]
             seen[data["indices"]] = True
     if not seen.all():
-        raise SearchError(
+        raise InferenceError(
             f"{int((~seen).sum())} of {count} images are in none of the {len(shards)} shards under {shard_dir}; "
             "the folder must be shared by every rank (e.g. on a network file system)"
         )

@@ -2,7 +2,7 @@
 
 The exported graph maps a batch of preprocessed images ``[batch, 3, H, W]`` (the batch axis is dynamic) to
 L2-normalised embeddings ``[batch, D]``. The metadata makes the file self-describing: an
-:class:`~metricsearch.search.model_loading.OnnxEmbedder` preprocesses queries exactly as the checkpoint did, and
+:class:`~metricsearch.inference.model_loading.OnnxEmbedder` preprocesses queries exactly as the checkpoint did, and
 carries the checkpoint's weight fingerprint, so an index built with either is searchable with the other.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 import torch
 
-from metricsearch.search.errors import SearchError
-from metricsearch.search.model_loading import (
+from metricsearch.inference.errors import InferenceError
+from metricsearch.inference.model_loading import (
     ONNX_EMBEDDING_DIM,
     ONNX_FINGERPRINT,
     ONNX_MODEL_CONFIG,
@@ -45,7 +45,7 @@ def export_onnx(embedder: TorchEmbedder, out_path: str | Path, opset: int = DEFA
     """
     out_path = Path(out_path).expanduser().resolve()
     if out_path.suffix.lower() != ".onnx":
-        raise SearchError(f"out={out_path} must end in .onnx")
+        raise InferenceError(f"out={out_path} must end in .onnx")
     model = embedder.model.eval().cpu()
     size = embedder.preprocessing["image_size"]
     example = torch.zeros(2, 3, size, size)
