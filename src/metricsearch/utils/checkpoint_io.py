@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,25 @@ def _write_error(err: BaseException, path: Path, written: int) -> CheckpointWrit
             "hydra.run.dir (or paths.output_dir) at a disk with room"
         )
     return CheckpointWriteError(f"could not write checkpoint {path} ({reason}); {room} free in {path.parent}")
+
+
+def unreadable_checkpoint_reason(path: Path, err: BaseException) -> str:
+    """Why ``torch.load`` could not read ``path``, in plain words (torch's own are about zip readers and pickle memos).
+
+    Args:
+        path: the file.
+        err: what ``torch.load`` raised (any type: a text file named ``.ckpt`` gives a ``KeyError``).
+    """
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError:
+        is_zip = False
+    if not is_zip:
+        return "it is not a PyTorch checkpoint: torch.save writes a zip archive, and this file is not one"
+    kind = type(err).__name__
+    if kind == "UnpicklingError" and "weights_only" in str(err):
+        return "it holds objects other than tensors and plain data, which are not loaded from a file handed over"
+    return f"it is a truncated or corrupt checkpoint ({kind} while reading it)"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
