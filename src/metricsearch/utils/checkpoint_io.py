@@ -17,6 +17,8 @@ from metricsearch.utils.atomic_io import atomic_path
 # torch.save's C++ zip writer reports a failed write (a full disk among others) as a RuntimeError naming itself.
 _WRITER_FAILURES = ("PytorchStreamWriter", "inline_container", "file write failed")
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# The first bytes of a zip archive, which torch.save writes.
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 class CheckpointWriteError(OSError):
@@ -60,15 +62,18 @@ def unreadable_checkpoint_reason(path: Path, err: BaseException) -> str:
         err: what ``torch.load`` raised (any type: a text file named ``.ckpt`` gives a ``KeyError``).
     """
     try:
-        is_zip = zipfile.is_zipfile(path)
+        with open(path, "rb") as f:
+            starts_as_zip = f.read(4) == ZIP_MAGIC
     except OSError:
-        is_zip = False
-    if not is_zip:
+        starts_as_zip = False
+    if not starts_as_zip:
         return "it is not a PyTorch checkpoint: torch.save writes a zip archive, and this file is not one"
     kind = type(err).__name__
     if kind == "UnpicklingError" and "weights_only" in str(err):
         return "it holds objects other than tensors and plain data, which are not loaded from a file handed over"
-    return f"it is a truncated or corrupt checkpoint ({kind} while reading it)"
+    if not zipfile.is_zipfile(path):
+        return "it is truncated or corrupt: its zip archive has no end"
+    return f"it is truncated or corrupt ({kind} while reading it)"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

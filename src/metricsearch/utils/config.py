@@ -83,18 +83,12 @@ def check_group_options(args: Sequence[str], config_dir: Path = CONFIG_DIR) -> N
         if options is None and "/" not in group:
             continue  # a setting (seed=1, data.root=PATH), not a group
         names = [value] if options is None or "(" in value else [v.strip() for v in value.split(",")]
+        listed = f"conf/{group} ({', '.join(options)})" if options else f"the {group} group"
         for name in names:
             if any(mark in name for mark in _PATH_MARKS):
-                listed = f"; the options: {', '.join(options)}" if options else ""
-                raise ConfigError(
-                    f"{group}={name} is a path, not an option name: config options are the names of the YAML files "
-                    f"in conf/{group}/{listed}"
-                )
+                raise ConfigError(f"{group}={name} is a path, not an option name: name one of the options of {listed}")
             if options is not None and "(" not in value and name not in options and name not in ("null", ""):
-                raise ConfigError(
-                    f"{group}={name} is not an option of {group}; the options (conf/{group}/*.yaml): "
-                    f"{', '.join(options)}"
-                )
+                raise ConfigError(f"{group}={name} is not an option of {listed}")
 
 
 def instantiate_partial_with(cfg: DictConfig | dict | None, **runtime: Any) -> Any:
