@@ -95,10 +95,10 @@ class ServerSettings:
         for name in ("max_upload_bytes", "max_pixels", "max_resized_pixels", "large_image_pixels", "max_large_decodes"):
             if getattr(self, name) < 1:
                 raise SearchError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_aspect_ratio < 1 or self.decode_wait_s <= 0:
+        if not 1 <= self.max_aspect_ratio <= MAX_ASPECT_RATIO or self.decode_wait_s <= 0:
             raise SearchError(
-                f"max_aspect_ratio ({self.max_aspect_ratio}) must be at least 1 and decode_wait_s "
-                f"({self.decode_wait_s}) positive"
+                f"max_aspect_ratio ({self.max_aspect_ratio}) must be between 1 and {MAX_ASPECT_RATIO:g} (the decoder's "
+                f"bound) and decode_wait_s ({self.decode_wait_s}) positive"
             )
 
 
@@ -340,7 +340,7 @@ def decode_image(data: bytes, image_format: str | None) -> Image.Image:
         try:
             return load_rgb_image(tmp.name)
         except ImageTooLargeError as err:  # the decoder's own bounds, where the settings allow more
-            raise UploadRejected(413, f"the uploaded image {str(err).partition(' is ')[2]}") from err
+            raise UploadRejected(413, f"the uploaded image is {str(err).partition(' is ')[2]}") from err
         except ImageLoadError as err:
             cause = err.__cause__
             reason = f"{type(cause).__name__}: {cause}" if cause else str(err)

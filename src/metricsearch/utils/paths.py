@@ -12,8 +12,12 @@ read, drawn or served.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
+
+# ``C:\data`` or ``C:/data``: absolute on Windows, where a list may have been written.
+_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:([/\\]|$)")
 
 
 class PathOutsideRootError(ValueError):
@@ -29,7 +33,7 @@ def relative_name_problem(name: str) -> str | None:
         return "it is empty"
     if any(ord(c) < 32 for c in name):
         return "it holds control characters"
-    if name.startswith(("/", "\\")) or PurePosixPath(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
+    if name.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(name):
         return "it is an absolute path"
     if ".." in name.replace("\\", "/").split("/"):
         return "it climbs out of its folder with '..'"
@@ -46,11 +50,6 @@ def join_inside(root: Path, name: str) -> Path:
     if problem:
         raise PathOutsideRootError(f"the path {name!r} cannot be used: {problem}; paths must stay inside {root}")
     return root / PurePosixPath(name)
-
-
-def normalized_name(name: str) -> str:
-    """A relative name written one way (``img/./a//b.jpg`` -> ``img/a/b.jpg``), to find a file listed twice."""
-    return PurePosixPath(name).as_posix()
 
 
 def split_inside(root: str | os.PathLike[str], paths: Sequence[str | os.PathLike[str]]) -> tuple[list[int], list[int]]:
