@@ -30,5 +30,6 @@ if __name__ == "__main__":
     try:  # an option that is a path or not an option at all: one line, before Hydra reads a file
         sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
     except ConfigError as err:
-        sys.exit(print(f"error: {err}", file=sys.stderr) or USER_ERROR_EXIT)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
     main()
