@@ -422,3 +422,15 @@ def test_cifar_labels_ragged_or_deeply_nested_are_one_line(labels, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: CIFAR-10: ") and "\n" not in err, err
     assert "test_batch has a ragged or nested list of labels" in err
+
+
+def test_a_data_root_that_is_itself_a_link_is_read_as_its_target(tmp_path):
+    """The rule is about where a listed file leads from its root, not about how the root is reached: a copy kept on
+    another disk and linked into data/ reads as it always did."""
+    real = tmp_path / "disk" / "CUB_200_2011"
+    make_cub(real, images_per_class=1, num_classes=102)
+    linked = tmp_path / "data" / "CUB_200_2011"
+    linked.parent.mkdir()
+    linked.symlink_to(real, target_is_directory=True)
+    split = CUBSource(linked).load()
+    assert len(split.train) == 100 and len(split.test) == 2
