@@ -56,8 +56,8 @@ class CUBSource(DiskSource):
     def _table(
         self, folder: Path, filename: str, columns: str, int_values: bool = False, image_root: Path | None = None
     ) -> dict[int, str | int | Path]:
-        """``id -> rest of line`` of one of the 1-based id files (ids must be unique): an int with ``int_values``, an
-        image path inside ``image_root`` with that (see :meth:`~DiskSource.listed_path`)."""
+        """``id -> rest of line`` of one of the 1-based id files (ids must be unique): an int with ``int_values``; with
+        ``image_root``, the image path under it (see :meth:`~DiskSource.listed_path`), each image listed once."""
         path = folder / filename
         if not path.is_file():
             raise self.missing_file_error(path)
