@@ -10,6 +10,10 @@ SUDO := $(shell test "$$(id -u)" -eq 0 || echo sudo)
 
 .PHONY: help install train test test-all check-data prepare-data chromium demo serve load-test bench-search bench-postprocess benchmark device-wheels lint format clean reproduce compare docs docs-serve
 
+# Where `make reproduce` and `make compare` write their runs, studies and tables: by default a git-ignored folder
+# (outputs/reproduce, outputs/compare), so a trial run never touches the committed results. The committed results are
+# refreshed only when named: `make reproduce RESULTS_DIR=results`, `make compare RESULTS_DIR=results/compare`.
+RESULTS_DIR ?=
 # `make reproduce`: DATASETS adds real datasets (cub,cars196,sop; only those on disk) to the built-in synthetic
 # data; LOSSES, SEEDS and EPOCHS replace the grid's defaults; EXTRA is passed to every run as Hydra overrides.
 DATASETS ?=
@@ -50,16 +54,17 @@ test: install chromium ## Run the test suite (slow tests excluded; the browser t
 test-all: install chromium ## Run every test that can run on this machine, slow ones included
 	$(PY) -m pytest -m "not gpu" $(ARGS)
 
-reproduce: install ## Loss x dataset x seed grid into results/ (resumable; DATASETS=cub,cars196,sop LOSSES= SEEDS= EPOCHS= EXTRA=)
+reproduce: install ## Loss x dataset x seed grid into outputs/reproduce/ (resumable; RESULTS_DIR=results refreshes the committed tables; DATASETS=cub,cars196,sop LOSSES= SEEDS= EPOCHS= EXTRA=)
 	$(PY) scripts/reproduce.py --datasets "synthetic,$(DATASETS)" $(if $(LOSSES),--losses "$(LOSSES)") \
-		$(if $(SEEDS),--seeds "$(SEEDS)") $(if $(EPOCHS),--epochs $(EPOCHS)) --extra "$(EXTRA)"
+		$(if $(SEEDS),--seeds "$(SEEDS)") $(if $(EPOCHS),--epochs $(EPOCHS)) --extra "$(EXTRA)" \
+		--results-dir "$(or $(RESULTS_DIR),outputs/reproduce)"
 
-compare: install ## Fair loss comparison into results/compare/ (resumable; DATASETS= LOSSES= TRIALS= FOLDS= SEEDS= EPOCHS= IMAGE_SIZE= WORKERS= INCLUDE_DEFAULT= EXTRA=)
+compare: install ## Fair loss comparison into outputs/compare/ (resumable; RESULTS_DIR=results/compare refreshes the committed one; DATASETS= LOSSES= TRIALS= FOLDS= SEEDS= EPOCHS= IMAGE_SIZE= WORKERS= INCLUDE_DEFAULT= EXTRA=)
 	$(PY) scripts/compare.py --datasets "synthetic,$(DATASETS)" $(if $(LOSSES),--losses "$(LOSSES)") \
 		$(if $(TRIALS),--trials $(TRIALS)) $(if $(FOLDS),--folds $(FOLDS)) $(if $(SEEDS),--seeds "$(SEEDS)") \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) \
 		$(if $(WORKERS),--workers $(WORKERS)) $(if $(INCLUDE_DEFAULT),--include-default=$(INCLUDE_DEFAULT)) \
-		--extra "$(EXTRA)"
+		--extra "$(EXTRA)" --results-dir "$(or $(RESULTS_DIR),outputs/compare)"
 
 demo: install ## Train (or reuse) a short default run, index its unseen test classes, search, write outputs/demo/search_grid.png
 	$(PY) scripts/demo.py $(ARGS)

@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from metricsearch.utils.config import ConfigError, normalize_overrides, report_user_errors
+from metricsearch.utils.config import USER_ERROR_EXIT, ConfigError, normalize_overrides, report_user_errors
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -23,5 +23,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
+    try:  # an option that is a path or not an option at all: one line, before Hydra reads a file
+        sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
     main()

@@ -281,7 +281,7 @@ def test_check_data_prints_the_counts(cifar10_copy, cifar100_copy, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert (summary["train_images"], summary["test_classes"], summary["protocol"]) == (150, 50, ZERO_SHOT)
     assert summary["expected"] == SplitCounts(30000, 30000, 50, 50).as_dict()
-    assert check_data(["data=cifar100", f"data.root={root}", "--strict"]) == 1
+    assert check_data(["data=cifar100", f"data.root={root}", "--strict"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "expected train 50,000 images / 100 classes" in err[0]
 

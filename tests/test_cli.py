@@ -142,3 +142,26 @@ def test_the_spellings_readme_and_makefile_use_mean_what_key_value_says():
     assert prepare["info"] is True and prepare["mirror"] == "http://host/x?a=b" and prepare["timeout"] == 5.0
     assert prepare.overrides == ["data=cub"]
     assert SEARCH.parse(["index=I", "query=Q", "k=10", "--json", "model=model.onnx"])["json"] is True
+
+
+@pytest.mark.parametrize(
+    ("target", "default", "committed"),
+    [("compare", "outputs/compare", "results/compare"), ("reproduce", "outputs/reproduce", "results")],
+)
+def test_make_writes_a_users_run_to_an_ignored_folder_and_the_committed_results_only_when_named(
+    target, default, committed
+):
+    def command(*variables: str) -> str:
+        printed = subprocess.run(
+            ["make", "-n", "-o", "install", target, *variables],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return " ".join(printed.replace("\\\n", " ").split())
+
+    assert f'--results-dir "{default}"' in command("LOSSES=triplet", "TRIALS=2")
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{default}/x.csv"], cwd=REPO_ROOT)
+    assert ignored.returncode == 0, f"{default} is not git-ignored"
+    assert f'--results-dir "{committed}"' in command(f"RESULTS_DIR={committed}")

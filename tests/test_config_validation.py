@@ -10,7 +10,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from metricsearch.pipelines.run_config import resolve_run_config
-from metricsearch.utils.config import CONFIG_DIR, ConfigError, validate_config
+from metricsearch.utils.config import CONFIG_DIR, ConfigError, check_group_options, validate_config
 from tests.helpers import REPO_ROOT, TINY, compose_config, run_train
 
 # (overrides, what the one-line message must say). The first five are the settings of the outside probe.
@@ -40,6 +40,10 @@ BAD_SETTINGS = [
     ),
     (["resume=never"], "resume=never does not exist; resume takes null (start afresh), auto (continue an"),
     (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt does not exist"),
+    (["seed=-1"], "seed=-1 must be at least 0; set e.g. seed=42"),
+    (["seed=4294967296"], "seed=4294967296 is over 4294967295 (numpy's largest seed, 2**32 - 1)"),
+    (["optimizer.lr=nan"], "optimizer.lr=nan is not a finite number; set e.g. optimizer.lr=0.001"),
+    (["optimizer.weight_decay=inf"], "optimizer.weight_decay=inf is not a finite number"),
 ]
 
 
@@ -140,3 +144,24 @@ def test_multirun_names_the_failing_job_without_a_traceback(tmp_path, data_dir):
     assert "Traceback" not in result.stderr
     assert "Error executing job with overrides:" in result.stderr and "'data.batch_size=7'" in result.stderr
     assert "data.batch_size=7 is not divisible by sampler.m=4" in result.stderr
+
+
+def test_group_options_are_names_of_their_group_never_paths():
+    # What users and sweeps legitimately write passes.
+    check_group_options(
+        ["loss=triplet,contrastive", "loss=glob(*)", "+experiment=synthetic_triplet", "miner=null", "seed=3"]
+        + ["data.root=/data/../cub", "hydra/launcher=basic", "ckpt_path=/runs/a/last.ckpt", "~logger"]
+    )
+    options = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml")))
+    for override, message in [
+        ("loss=doesnotexist", f"loss=doesnotexist is not an option of conf/loss ({options})"),
+        ("loss=triplet,nope", "loss=nope is not an option of conf/loss"),
+        ("+experiment=../../../../elsewhere/evil", "experiment=../../../../elsewhere/evil is a path, not an option"),
+        ("loss=..\\x", "is a path, not an option name"),
+        ("loss=/etc/passwd", "loss=/etc/passwd is a path"),
+        ("hydra/launcher=../../x", "hydra/launcher=../../x is a path"),
+        ("loss=glob(../*)", "is a path"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            check_group_options([override])
+        assert message in str(caught.value) and "\n" not in str(caught.value)

@@ -352,17 +352,17 @@ def test_check_data_prints_the_counts(option, request, capsys):
 
 def test_check_data_names_what_is_broken_in_one_line(cub_copy, tmp_path, capsys):
     root = copy_tree(cub_copy[0], tmp_path / "CUB_200_2011")
-    assert check_data(["data=cub", f"data.root={root}", "--strict"]) == 1
+    assert check_data(["data=cub", f"data.root={root}", "--strict"]) == 2
     assert "expected train 5,864 images" in capsys.readouterr().err
     broken = root / "images" / cub_folder_name(120) / "Bird_Number_120_0000_239.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     assert check_data(["data=cub", f"data.root={root}"]) == 0
     capsys.readouterr()
-    assert check_data(["data=cub", f"data.root={root}", "--verify"]) == 1
+    assert check_data(["data=cub", f"data.root={root}", "--verify"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Bird_Number_120_0000_239.jpg" in err[0]
     (root / "image_class_labels.txt").unlink()
-    assert check_data(["data=cub", f"data.root={root}"]) == 1
+    assert check_data(["data=cub", f"data.root={root}"]) == 2
     assert "image_class_labels.txt is missing" in capsys.readouterr().err
     assert check_data(["data=no_such_dataset"]) == 2
 

@@ -178,12 +178,12 @@ def test_check_data_reports_queries_and_gallery(inshop, capsys):
 
 
 def test_check_data_verifies_the_gallery_and_is_strict(damaged, capsys):
-    assert check_data(["data=inshop", f"data.root={damaged.root}", "--strict"]) == 1
+    assert check_data(["data=inshop", f"data.root={damaged.root}", "--strict"]) == 2
     err = capsys.readouterr().err
     assert "expected train 25,882 images / 3,997 classes, test 14,218 queries + 12,612 gallery images" in err
     name = damaged.rows["gallery"][-1][0]
     (damaged.root / name).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    assert check_data(["data=inshop", f"data.root={damaged.root}", "--verify"]) == 1
+    assert check_data(["data=inshop", f"data.root={damaged.root}", "--verify"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and Path(name).name in err[0]
 

@@ -126,7 +126,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_model_is_refused(tiny, tmp_path
 
 def test_files_that_are_not_checkpoints_are_refused(tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ModelLoadError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(ModelLoadError, match="cannot be read: it is not a PyTorch checkpoint"):
         load_embedder(ckpt=tmp_path / "junk.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
     with pytest.raises(ModelLoadError, match="no hyper_parameters.model_config"):

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from metricsearch.cli.search import main_build_index, main_search
+from metricsearch.cli.evaluate import main_evaluate
+from metricsearch.cli.search import main_build_index, main_export, main_search
 from metricsearch.inference.errors import ModelLoadError
 from metricsearch.inference.model_loading import (
     load_backbone_embedder,
@@ -507,3 +508,25 @@ def test_the_projects_own_model_parts_are_allowed():
         "metricsearch.models.pretrained.NormalizeHead",
     } <= allowed
     assert not any(target.startswith(("builtins", "os", "subprocess")) for target in allowed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A file that is no checkpoint, given as ckpt= to the tools that load a model
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "search", "export"])
+def test_a_text_file_given_as_ckpt_is_one_line(tool, tiny, tmp_path, capsys):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello world\n")
+    run, args = {
+        "evaluate": (main_evaluate, [f"data.root={tiny.gallery}"]),
+        "search": (main_search, [f"index={tiny.index_dir}", f"query={tiny.gallery / QUERY}", "grid=none"]),
+        "export": (main_export, [f"out={tmp_path / 'model.onnx'}"]),
+    }[tool]
+    capsys.readouterr()
+    assert run([f"ckpt={text}", *args]) == 2
+    assert error_line(capsys) == (
+        f"error: ckpt={text} cannot be read: it is not a PyTorch checkpoint: torch.save writes a zip archive, and "
+        "this file is not one; pass a checkpoint that training wrote (a run's checkpoints/*.ckpt)"
+    )
+    assert not (tmp_path / "model.onnx").exists()

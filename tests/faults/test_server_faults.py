@@ -1,5 +1,6 @@
-"""Server faults: bad uploads over real HTTP are refused with a message and cost nothing, and a short load test
-(many concurrent clients for a fixed time) gets only correct answers.
+"""Server faults: bad uploads over real HTTP are refused with a message and cost nothing, a short load test
+(many concurrent clients for a fixed time) gets only correct answers, and a tampered index folder never makes the
+server hand out a file that is not one of the gallery's indexed images.
 
 The app, its limits and the upload helper are the HTTP tests' own (``tests/search_fixtures.py``); here they run
 behind a real uvicorn server, and each refusal is followed by a search that must get the answer it got before.
@@ -8,16 +9,21 @@ behind a real uvicorn server, and each refusal is followed by a search that must
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from metricsearch.benchmarks.load_test import LoadTestError, LoadTestSettings, Sample, SetupError, summarize
 from metricsearch.cli.benchmarks import main_load_test
-from metricsearch.search.index import open_index
+from metricsearch.cli.search import main_serve
+from metricsearch.search.errors import SearchError
+from metricsearch.search.index import METADATA_NAME, open_index
 from metricsearch.search.server import ServerSettings, build_app
 from tests.faults.snapshots import snapshot
 from tests.search_fixtures import (
@@ -25,6 +31,7 @@ from tests.search_fixtures import (
     UPLOAD_LIMIT,
     BackgroundServer,
     build_limited_app,
+    copy_index,
     encode,
     upload,
 )
@@ -155,3 +162,73 @@ def test_the_probes_thin_image_is_refused_over_http_and_the_server_answers_as_be
         refused = upload(http, thin, "thin.png", k="3")
         assert refused.status_code == 413 and "aspect ratio of 12,000.0:1" in refused.json()["detail"]
         assert upload(http, image, k="3").json()["results"] == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tampered index folder: the server serves only the gallery's indexed image files, inside an existing gallery root
+
+
+def _tampered_index(tiny, folder: Path, gallery_root: str, paths: list[str]) -> Path:
+    """A copy of the tiny index whose metadata names another gallery root and other first paths (the vectors and
+    their checksums untouched, as an attacker who edits only ``metadata.json`` leaves them)."""
+    copy_index(tiny, folder)
+    meta = json.loads((folder / METADATA_NAME).read_text())
+    meta["gallery_root"] = gallery_root
+    meta["paths"][: len(paths)] = paths
+    (folder / METADATA_NAME).write_text(json.dumps(meta))
+    return folder
+
+
+def _secrets(tmp_path: Path) -> Path:
+    """A folder of files no server may hand out: text, and an image in a hidden folder."""
+    root = tmp_path / "home"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (root / ".ssh").mkdir()
+    Image.new("RGB", (8, 8)).save(root / ".ssh" / "key.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("gallery_root", "paths", "message"),
+    [
+        ("/", ["etc/passwd", "proc/self/environ", "root/.bash_history"], "gallery_root should be the absolute path"),
+        ("SECRETS", ["etc/passwd"], r"paths\[0\] should name an image file"),
+        ("SECRETS", [".ssh/key.png"], r"paths\[0\] should name an image file .* that is not hidden"),
+        ("relative/gallery", ["000/000.jpg"], "gallery_root should be the absolute path of the gallery folder"),
+    ],
+    ids=["file-system-root", "not-an-image", "hidden", "relative-root"],
+)
+def test_a_tampered_index_is_refused_before_the_server_starts(
+    gallery_root, paths, message, tiny, tmp_path, capsys, monkeypatch
+):
+    secrets = _secrets(tmp_path)
+    folder = _tampered_index(tiny, tmp_path / "index", gallery_root.replace("SECRETS", str(secrets)), paths)
+    served = []
+    monkeypatch.setattr("metricsearch.search.server.serve", lambda app, **where: served.append(app))
+    capsys.readouterr()
+    assert main_serve([f"index={folder}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: index={folder}: metadata.json is damaged") and "\n" not in err, err
+    assert re.search(message, err), err
+    assert not served
+
+
+def test_the_server_serves_only_indexed_image_files_inside_an_existing_gallery(tiny, tmp_path):
+    index, embedder = open_index(tiny.index_dir)
+    gallery = tmp_path / "gallery"
+    shutil.copytree(tiny.gallery, gallery)
+    (gallery / "000" / "notes.txt").write_text("not an image")
+    (tmp_path / "secret.jpg").write_bytes((gallery / "001" / "000.jpg").read_bytes())
+    (gallery / "000" / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    # An index in memory holding what the metadata check would refuse on disk: a text file and a link out.
+    index.paths[:2] = ["000/notes.txt", "000/link.jpg"]
+    index.gallery_root = str(gallery)
+    index.__post_init__()
+    with TestClient(build_app(index, embedder)) as client:
+        assert client.get("/gallery/000/notes.txt").status_code == 404
+        assert client.get("/gallery/000/link.jpg").status_code == 404
+        assert client.get("/gallery/001/000.jpg").status_code == 200
+    index.gallery_root = str(tmp_path / "moved away")
+    with pytest.raises(SearchError, match="is not a gallery folder .* pass gallery=PATH"):
+        build_app(index, embedder)

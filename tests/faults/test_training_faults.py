@@ -21,8 +21,10 @@ from tests.helpers import REPO_ROOT, TINY, run_train
 
 def test_unknown_config_option(tmp_path, data_dir):
     result = run_train(["optimizer=adamx"], tmp_path / "run", data_dir)
-    assert result.returncode != 0
-    assert "Could not find 'optimizer/adamx'" in result.stderr and "adamw" in result.stderr
+    assert result.returncode == 2
+    options = ", ".join(sorted(p.stem for p in (REPO_ROOT / "conf" / "optimizer").glob("*.yaml")))
+    assert result.stderr.strip() == f"error: optimizer=adamx is not an option of conf/optimizer ({options})"
+    assert "adamw" in options
 
 
 def test_unknown_key(tmp_path, data_dir):
@@ -314,9 +316,9 @@ def test_corrupt_last_checkpoint_under_resume_auto_is_one_line(tmp_path, data_di
     # Before: the right refusal inside a 23-27-line double traceback.
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: cannot read checkpoint {last} (PytorchStreamReader failed reading zip")
-    assert lines[0].endswith(
-        "it is truncated or corrupt: delete it (or move it away) and rerun, or run without resume=auto to start afresh"
+    assert lines[0] == (
+        f"error: cannot read checkpoint {last}: it is truncated or corrupt: its zip archive has no end; delete it (or "
+        "move it away) and rerun, or run without resume=auto to start afresh"
     )
     assert last.read_bytes() == b"PK\x03\x04 truncated by a crash"
     assert not (run_dir / "untrained_metrics.json").exists()
@@ -334,3 +336,50 @@ def test_truncated_checkpoint(tmp_path, data_dir):
     result = run_train([f"ckpt_path={bad}"], tmp_path / "run", data_dir)
     assert result.returncode != 0
     assert f"cannot read checkpoint {bad}" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings that failed late or read files from outside conf/: refused by train.py in one line, status 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["seed=-1"], "seed=-1 must be at least 0"),
+        (["seed=4294967296"], "seed=4294967296 is over 4294967295"),
+        (["optimizer.lr=nan"], "optimizer.lr=nan is not a finite number"),
+        (["loss=doesnotexist"], "loss=doesnotexist is not an option of conf/loss (anchor_positive_softmax, arcface"),
+        (["experiment=../../x"], "experiment=../../x is a path, not an option name: name one of the options of"),
+    ],
+    ids=["negative-seed", "seed-over-numpy", "nan-lr", "unknown-option", "option-path"],
+)
+def test_a_setting_that_would_fail_late_is_one_line_at_start_up(args, message, tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    result = run_train(args, run_dir, data_dir)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr[-2000:]
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_an_experiment_named_by_a_path_outside_conf_is_never_composed(tmp_path, data_dir):
+    evil = tmp_path / "elsewhere" / "evil.yaml"
+    evil.parent.mkdir()
+    evil.write_text("# @package _global_\ntask_name: PWNED-BY-CONFIG\n")
+    climbing = os.path.relpath(evil.with_suffix(""), REPO_ROOT / "conf" / "experiment")
+    run_dir = tmp_path / "run"
+    result = run_train([f"experiment={climbing}"], run_dir, data_dir)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: experiment={climbing} is a path, not an option name")
+    assert "PWNED" not in result.stdout + result.stderr and not run_dir.exists()
+
+
+def test_a_file_that_is_no_checkpoint_is_refused_in_plain_words(tmp_path, data_dir):
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    result = run_train([f"ckpt_path={passwd}"], tmp_path / "run", data_dir)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: cannot read checkpoint {passwd}: it is not a PyTorch checkpoint: torch.save writes a zip archive, "
+        "and this file is not one; pass another checkpoint as ckpt_path=..., or drop ckpt_path to start afresh"
+    )

@@ -25,7 +25,9 @@ TRAINING_OVERRIDES = PassedOn(
         ("KEY=VALUE", "any other override of the training config, as train.py takes it"),
     ),
 )
-# A config that does not compose is a usage error (2); a dataset copy that is broken or cannot be unpacked, 1.
+# check_data: a config that does not compose and a broken dataset copy are both bad input, one line, status 2.
+CHECK_DATA_ERRORS = {ConfigError: 2, DatasetError: 2}
+# prepare_data: a config that does not compose is a usage error (2); a download or unpacking that failed, 1.
 DATA_ERRORS = {ConfigError: 2, DatasetError: 1, ArchiveError: 1}
 
 CHECK_DATA = Command(
@@ -33,7 +35,7 @@ CHECK_DATA = Command(
     summary=(
         "Check a dataset copy: layout, annotations, image files, counts of the standard split. Prints one JSON line "
         "and exits 0 when the copy loads (a count that differs from the complete dataset is a warning, unless "
-        "strict=true), or one line naming what is broken and exits 1."
+        "strict=true), or one line naming what is broken and exits 2."
     ),
     options={
         "verify": Option(False, "decode every image (slow) and report the first bad one"),
@@ -51,7 +53,7 @@ def _check_data(args: Arguments) -> None:
 
 def main_check_data(argv: Sequence[str] | None = None) -> int:
     """``scripts/check_data.py``."""
-    return run_command(CHECK_DATA, argv, _check_data, DATA_ERRORS)
+    return run_command(CHECK_DATA, argv, _check_data, CHECK_DATA_ERRORS)
 
 
 PREPARE_DATA = Command(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from metricsearch.cli.args import Arguments, Command, Option, PassedOn, UsageError, run_command
-from metricsearch.data.io import ImageLoadError
+from metricsearch.data.io import MAX_ASPECT_RATIO, ImageLoadError
 from metricsearch.inference.errors import InferenceError
 from metricsearch.inference.model_choice import MODEL_CHOICE_HELP, ModelChoice, given_choice
 from metricsearch.search.errors import MAX_K, SearchError, check_k
@@ -166,7 +166,9 @@ SERVE = Command(
         "gallery": Option(None, GALLERY_MOVED),
         "max_upload_mb": Option(10.0, "largest accepted upload, MiB"),
         "max_megapixels": Option(40.0, "largest accepted image, megapixels (decompression-bomb guard)"),
-        "max_aspect_ratio": Option(20.0, "most elongated accepted image, long side / short side"),
+        "max_aspect_ratio": Option(
+            MAX_ASPECT_RATIO, f"most elongated accepted image, long side / short side (at most {MAX_ASPECT_RATIO:g})"
+        ),
         "max_large_decodes": Option(2, "large images (4 megapixels and more) decoded at once; others wait"),
     },
 )

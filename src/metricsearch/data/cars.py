@@ -152,7 +152,8 @@ class Cars196Source(DiskSource):
         columns = struct_fields(mat, "annotations", ("relative_im_path", "class"), annotations_path, self.name)
         paths, labels = [], []
         for i, (rel, cls) in enumerate(zip(columns["relative_im_path"], columns["class"], strict=True)):
-            paths.append(folder / _string(rel, i, "relative_im_path", annotations_path, self.name))
+            relative = _string(rel, i, "relative_im_path", annotations_path, self.name)
+            paths.append(self.listed_path(folder, relative, annotations_path, f"annotation {i + 1}"))
             labels.append(_scalar_int(cls, i, "class", annotations_path, self.name))
         names = class_names_of(mat, annotations_path, self.name)
         return self._records(paths, labels, names, annotations_path)
@@ -200,7 +201,8 @@ class Cars196Source(DiskSource):
             mat = load_mat(annotations_path, self.name)
             columns = struct_fields(mat, "annotations", ("fname", "class"), annotations_path, self.name)
             for i, (fname, cls) in enumerate(zip(columns["fname"], columns["class"], strict=True)):
-                paths.append(images / _string(fname, i, "fname", annotations_path, self.name))
+                name = _string(fname, i, "fname", annotations_path, self.name)
+                paths.append(self.listed_path(images, name, annotations_path, f"annotation {i + 1}"))
                 labels.append(_scalar_int(cls, i, "class", annotations_path, self.name))
         names = class_names_of(load_mat(meta, self.name), meta, self.name)
         return self._records(paths, labels, names, meta)

@@ -197,6 +197,10 @@ class CIFARSource(DiskSource):
         base = Path(self.image_dir).expanduser() if self.image_dir is not None else dataset_dir
         return base / f"{self.option}-png-v{FORMAT_VERSION}"
 
+    def image_root(self, folder: Path) -> Path | None:
+        """None: the PNGs are this reader's own build (possibly in ``image_dir``), not paths a file names."""
+        return None
+
     def _read(self, folder: Path) -> tuple[DatasetSplit, str]:
         sources = [folder / name for name in (*self.train_files, *self.test_files, self.meta_file)]
         for path in sources:
@@ -277,10 +281,14 @@ class CIFARSource(DiskSource):
             )
         if not isinstance(labels, list | np.ndarray):
             raise DatasetError(f"{self.name}: {path} has no list of labels under {self.labels_key!r}; {self.fix}")
-        labels = np.asarray(labels)
-        if labels.shape != (len(data),) or (len(labels) and labels.dtype.kind not in "iu"):
+        try:
+            labels = np.asarray(labels)
+        except (ValueError, TypeError, RecursionError):  # ragged or deeply nested lists
+            labels = None
+        if labels is None or labels.shape != (len(data),) or (len(labels) and labels.dtype.kind not in "iu"):
+            shape = "a ragged or nested list" if labels is None else _describe(labels)
             raise DatasetError(
-                f"{self.name}: {path} has {_describe(labels)} of labels under {self.labels_key!r} for its "
+                f"{self.name}: {path} has {shape} of labels under {self.labels_key!r} for its "
                 f"{len(data):,} images (one integer each); {self.fix}"
             )
         outside = labels[(labels < 0) | (labels >= self.num_classes)]

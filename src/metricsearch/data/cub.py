@@ -53,24 +53,39 @@ class CUBSource(DiskSource):
         "(the CUB_200_2011 folder of CUB_200_2011.tgz)"
     )
 
-    def _table(self, folder: Path, filename: str, columns: str, int_values: bool = False) -> dict[int, str | int]:
-        """``id -> rest of line`` (an int with ``int_values``) of one of the 1-based id files; ids must be unique."""
+    def _table(
+        self, folder: Path, filename: str, columns: str, int_values: bool = False, image_root: Path | None = None
+    ) -> dict[int, str | int | Path]:
+        """``id -> rest of line`` of one of the 1-based id files (ids must be unique): an int with ``int_values``; with
+        ``image_root``, the image path under it (see :meth:`~DiskSource.listed_path`), each image listed once."""
         path = folder / filename
         if not path.is_file():
             raise self.missing_file_error(path)
-        table: dict[int, str] = {}
+        table: dict[int, str | int | Path] = {}
+        images: dict[Path, int] = {}
         for line, (key, value) in read_rows(path, 2, dataset=self.name, columns=columns):
             ident = parse_int(key, path, line, dataset=self.name, what="the id")
             if ident in table:
                 raise DatasetError(f"{self.name}: {path} line {line}: id {ident} appears twice")
             value = value.strip()
-            table[ident] = parse_int(value, path, line, dataset=self.name, what="the class id") if int_values else value
+            if int_values:
+                table[ident] = parse_int(value, path, line, dataset=self.name, what="the class id")
+            elif image_root is not None:
+                image = self.listed_path(image_root, value, path, f"line {line}")
+                if image in images:
+                    raise DatasetError(
+                        f"{self.name}: {path} line {line}: image {value} is listed twice (also on line {images[image]})"
+                    )
+                images[image] = line
+                table[ident] = image
+            else:
+                table[ident] = value
         if not table:
             raise DatasetError(f"{self.name}: {path} is empty")
         return table
 
     def _read(self, folder: Path) -> tuple[DatasetSplit, str]:
-        images = self._table(folder, "images.txt", "<image_id> <class_folder>/<file>.jpg")
+        images = self._table(folder, "images.txt", "<image_id> <class_folder>/<file>.jpg", image_root=folder / "images")
         labels = self._table(folder, "image_class_labels.txt", "<image_id> <class_id>", int_values=True)
         classes = self._table(folder, "classes.txt", "<class_id> <NNN.Class_Name>")
 
@@ -106,7 +121,7 @@ class CUBSource(DiskSource):
             )
 
         order = sorted(images)
-        paths = [folder / "images" / images[i] for i in order]
+        paths = [images[i] for i in order]
         label_array = np.array([labels[i] for i in order], dtype=np.int64)
         names = {c: readable_class_name(classes[c]) for c in classes}
         records = ImageRecords(paths, label_array, names)

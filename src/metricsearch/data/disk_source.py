@@ -6,7 +6,9 @@ broken copy fail at start-up with a message naming the problem instead of minute
 
 1. the data root exists (an archive's top folder inside it is found too);
 2. both splits have images (and the gallery, for a query/gallery dataset such as In-Shop);
-3. every listed image file exists (one directory listing per folder, so 120k images take about a second);
+3. every listed image lies inside the dataset folder, symbolic links followed (a list naming an absolute path or
+   climbing with ``..`` is refused by the reader itself, with its line; see :mod:`metricsearch.utils.paths`), and
+   exists (one directory listing per folder, so 120k images take about a second);
 4. optionally, every image decodes (``verify_images``; slow, so off by default and run once by
    ``scripts/check_data.py --verify``);
 5. the counts match the complete published dataset. A mismatch is a WARNING by default, because miniature and
@@ -28,6 +30,7 @@ from typing import Any, ClassVar
 
 from metricsearch.data.io import ImageLoadError, load_rgb_image
 from metricsearch.data.records import DatasetError, DatasetSplit
+from metricsearch.utils.paths import join_inside, relative_name_problem, split_inside
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +169,9 @@ class DiskSource:
             if len(records) == 0 and not (records is split.train and self.train_optional):
                 raise DatasetError(f"{self.name}: no {side} images ({description}) in {folder} ({layout} layout)")
         paths = listed_paths(split)
+        image_root = self.image_root(folder)
+        if image_root is not None:
+            check_inside_root(paths, dataset=self.name, root=image_root)
         check_images_exist(paths, dataset=self.name, root=folder)
         if self.verify_images:
             verify_images(paths, root=folder, workers=self.workers)
@@ -194,6 +200,27 @@ class DiskSource:
     def _read(self, folder: Path) -> tuple[DatasetSplit, str]:
         """Parse the dataset in ``folder``; returns the split and a short name of the layout found."""
         raise NotImplementedError
+
+    def image_root(self, folder: Path) -> Path | None:
+        """The folder every listed image must lie in (links followed): the dataset folder, whose files name them.
+
+        None for a reader whose image paths are its own build (CIFAR's PNGs), not names read from a file.
+        """
+        return folder
+
+    def listed_path(self, root: Path, name: str, source: Path, where: str) -> Path:
+        """``root / name`` for an image path read from ``source`` (``where``: e.g. ``line 12``).
+
+        Raises:
+            DatasetError: ``name`` is empty, absolute or climbs out of ``root`` with ``..``.
+        """
+        problem = relative_name_problem(name)
+        if problem:
+            raise DatasetError(
+                f"{self.name}: {source} {where}: the image path {name!r} is refused ({problem}); listed images "
+                f"must lie inside {root}: fix or remove that line"
+            )
+        return join_inside(root, name)
 
     def missing_file_error(self, path: Path, what: str = "annotation file") -> DatasetError:
         """The error for a missing annotation file, with the layout this reader expects."""
@@ -281,6 +308,17 @@ def find_missing_files(paths: Sequence[Path]) -> list[Path]:
             present = set()
         missing.update(p for p in members if p.name not in present)
     return [Path(p) for p in paths if Path(p) in missing]
+
+
+def check_inside_root(paths: Sequence[Path], *, dataset: str, root: Path) -> None:
+    """Raise a :class:`DatasetError` when listed images resolve outside ``root`` (through a symbolic link)."""
+    _, outside = split_inside(root, paths)
+    if outside:
+        raise DatasetError(
+            f"{dataset}: {len(outside):,} of {len(paths):,} listed images lead outside the data root {root} through "
+            f"a symbolic link, e.g. {relative_to_root(paths[outside[0]], root)}; images are read only inside the "
+            "data root: copy those files into it, or point data.root at the folder that holds them"
+        )
 
 
 def check_images_exist(paths: Sequence[Path], *, dataset: str, root: Path) -> None:

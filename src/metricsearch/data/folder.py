@@ -17,7 +17,8 @@ Labels are class indices over the sorted folder names (train classes first in th
 folder name is the same label wherever it appears, and ``class_names`` maps labels back to folder names. Hidden
 files and folders (``.DS_Store``, macOS ``._*`` resource forks) and ``__MACOSX`` folders are skipped; other files
 without an image extension are skipped with a warning, so that a stray ``notes.txt`` is neither trained on nor
-silently ignored.
+silently ignored. So are class folders and files that lead out of the root through a symbolic link (the rule of
+:mod:`metricsearch.utils.paths`, as the index builder applies it to a gallery): nothing outside the root is read.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 from metricsearch.data.disk_source import DiskSource, relative_to_root
 from metricsearch.data.io import IMAGE_EXTENSIONS
 from metricsearch.data.records import CLOSED_SET, QUERY_GALLERY, ZERO_SHOT, DatasetError, DatasetSplit, ImageRecords
+from metricsearch.utils.paths import split_inside
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,25 @@ def _is_junk(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def _class_folders(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir() and not _is_junk(p.name)), key=lambda p: p.name)
+def _class_folders(folder: Path, root: Path | None = None) -> list[Path]:
+    """The class sub-folders of ``folder``, sorted by name; those that lead out of ``root`` are left out, warned."""
+    folders = sorted((p for p in folder.iterdir() if p.is_dir() and not _is_junk(p.name)), key=lambda p: p.name)
+    return _inside(folders, root or folder, "class folders")
+
+
+def _inside(paths: list[Path], root: Path, what: str) -> list[Path]:
+    """The ``paths`` that resolve inside ``root``; the others are left out with a warning that names a few."""
+    inside, outside = split_inside(root, paths)
+    if outside:
+        log.warning(
+            "%s: skipped %d %s that lead outside the data root %s through a symbolic link, e.g. %s",
+            FolderSource.name,
+            len(outside),
+            what,
+            root,
+            [str(paths[i]) for i in outside[:3]],
+        )
+    return [paths[i] for i in inside]
 
 
 @dataclass
@@ -102,6 +121,7 @@ class FolderSource(DiskSource):
                     continue
                 path = Path(current) / name
                 (images if path.suffix.lower() in self.extensions else skipped).append(path)
+        images = _inside(images, root, "files")
         if skipped:
             log.warning(
                 "%s: skipped %d files without an image extension in %s, e.g. %s",
@@ -194,7 +214,7 @@ class FolderSource(DiskSource):
                     f"expected {self.layout_help}"
                 )
         self._refuse_other_folders(folder, ("train", "test"))
-        train_classes, test_classes = _class_folders(train_dir), _class_folders(test_dir)
+        train_classes, test_classes = _class_folders(train_dir, folder), _class_folders(test_dir, folder)
         for side, classes in (("train", train_classes), ("test", test_classes)):
             if not classes:
                 raise DatasetError(f"{self.name}: {folder / side} has no class sub-folders")
@@ -240,7 +260,9 @@ class FolderSource(DiskSource):
                 "which are always read as queries searched in the gallery; remove the setting"
             )
         self._refuse_other_folders(folder, ("train", "query", "gallery"))
-        sides = {side: _class_folders(folder / side) for side in ("train", "query", "gallery") if side in present}
+        sides = {
+            side: _class_folders(folder / side, folder) for side in ("train", "query", "gallery") if side in present
+        }
         for side, classes in sides.items():
             if not classes:
                 raise DatasetError(f"{self.name}: {folder / side} has no class sub-folders")

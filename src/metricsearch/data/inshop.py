@@ -63,10 +63,10 @@ class InShopSource(DiskSource):
             raise self.missing_file_error(partition, "partition file")
         # The rows' paths start with img/: beside Eval/ in the usual unpacking, inside Img/ in the Drive folder's.
         image_root, layout = (folder / "Img", "Img/img") if (folder / "Img" / "img").is_dir() else (folder, "img")
-        rows = self._read_partition(partition)
+        rows = self._read_partition(partition, image_root)
         sides = {
             status: ImageRecords(
-                [image_root / name for name, _, s, _ in rows if s == status],
+                [path for path, _, s, _ in rows if s == status],
                 np.asarray([label for _, label, s, _ in rows if s == status], dtype=np.int64),
                 {label: item for _, label, s, item in rows if s == status},
             )
@@ -87,8 +87,9 @@ class InShopSource(DiskSource):
         split = DatasetSplit(sides["train"], queries, protocol=QUERY_GALLERY, gallery=gallery)
         return split, layout
 
-    def _read_partition(self, path: Path) -> list[tuple[str, int, str, str]]:
-        """``(image_name, label, status, item_id)`` per row, after checking the count line, header and statuses."""
+    def _read_partition(self, path: Path, image_root: Path) -> list[tuple[Path, int, str, str]]:
+        """``(image path, label, status, item_id)`` per row, after checking the count line, header and statuses; the
+        image paths must lie inside ``image_root`` (see :meth:`~DiskSource.listed_path`), each listed once."""
         try:
             lines = path.read_text(encoding="utf-8-sig").splitlines()
         except UnicodeDecodeError as exc:
@@ -107,7 +108,7 @@ class InShopSource(DiskSource):
                 f"{self.name}: {path} line {rest[0][0] if rest else count_line + 1} should be the header "
                 f"'{' '.join(HEADER)}', got {got!r}"
             )
-        rows, seen = [], set()
+        rows, seen = [], {}
         for number, fields in rest[1:]:
             if len(fields) != 3:
                 raise DatasetError(
@@ -124,10 +125,14 @@ class InShopSource(DiskSource):
                 raise DatasetError(
                     f"{self.name}: {path} line {number}: item_id {item!r} should look like 'id_00000002'"
                 )
-            if name in seen:
-                raise DatasetError(f"{self.name}: {path} line {number}: image {name} is listed twice")
-            seen.add(name)
-            rows.append((name, int(match.group(1)), status, item))
+            image = self.listed_path(image_root, name, path, f"line {number}")
+            # Compared once written one way: img/./a.jpg and img//a.jpg are img/a.jpg.
+            if image in seen:
+                raise DatasetError(
+                    f"{self.name}: {path} line {number}: image {name} is listed twice (also on line {seen[image]})"
+                )
+            seen[image] = number
+            rows.append((image, int(match.group(1)), status, item))
         if len(rows) != int(count_fields[0]):
             raise DatasetError(
                 f"{self.name}: {path} line {count_line} says {int(count_fields[0]):,} images but the file lists "

@@ -1,9 +1,10 @@
 """Reading images robustly, and building a dataset's files once.
 
 Every image the project trains or searches on goes through :func:`load_rgb_image`, so a bad file fails
-loudly with its path instead of silently becoming a grey square in the middle of a run. A folder of generated
-or converted files (a dataset, a cache) is built through :func:`build_once`, which marks a finished build with a
-manifest written last (atomically, see :mod:`metricsearch.utils.atomic_io`).
+loudly with its path instead of silently becoming a grey square in the middle of a run, and an image whose header
+declares too many pixels or too thin a strip is refused before it is decoded (:func:`check_image_dimensions`).
+A folder of generated or converted files (a dataset, a cache) is built through :func:`build_once`, which marks a
+finished build with a manifest written last (atomically, see :mod:`metricsearch.utils.atomic_io`).
 """
 
 from __future__ import annotations
@@ -32,12 +33,47 @@ except ImportError:  # pragma: no cover - Windows
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+# The largest image decoded anywhere (training, evaluation, indexing, search, the server), checked on the header
+# before a pixel is decoded: PIL's own decompression-bomb threshold (about 89.5 megapixels, 268 MB as RGB), which
+# a 48-megapixel phone photo passes.
+MAX_IMAGE_PIXELS = 89_478_485
+# The most elongated image decoded (long side over short side). Every model input resizes the short side to a few
+# hundred pixels, so the long side grows by the same factor: a 1 x 300,000 strip would become 256 x 76,800,000
+# pixels (gigabytes). Photos and product shots, the images of the retrieval benchmarks, are a few to one at most;
+# a 20:1 strip resized to a short side of 256 is 256 x 5,120, the cost of an ordinary photo.
+MAX_ASPECT_RATIO = 20.0
 # File suffixes read as images (compared in lower case), wherever a folder is scanned for them.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class ImageLoadError(DatasetError):
     """An image file is missing, unreadable, truncated or not an image at all."""
+
+
+class ImageTooLargeError(ImageLoadError):
+    """An image's header declares more pixels, or a more elongated shape, than the decoder accepts."""
+
+
+def check_image_dimensions(width: int, height: int, what: str = "the image") -> None:
+    """Refuse an image of ``width`` x ``height`` whose decoding or resizing would cost far more than its file size.
+
+    Raises:
+        ImageTooLargeError: no pixels, more than :data:`MAX_IMAGE_PIXELS`, or an aspect ratio over
+            :data:`MAX_ASPECT_RATIO`.
+    """
+    if width < 1 or height < 1:
+        raise ImageTooLargeError(f"{what} is {width} x {height} pixels: it has no pixels; remove or replace the file")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(
+            f"{what} is {width:,} x {height:,} = {width * height / 1e6:.1f} megapixels, over the limit of "
+            f"{MAX_IMAGE_PIXELS / 1e6:.1f} (a decompression bomb, or simply too large): resize the file"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageTooLargeError(
+            f"{what} is {width:,} x {height:,}, an aspect ratio of {ratio:,.1f}:1, over the limit of "
+            f"{MAX_ASPECT_RATIO:g}:1 (resized for a model it would take gigabytes): crop the file"
+        )
 
 
 def load_rgb_image(path: str | os.PathLike[str]) -> Image.Image:
@@ -54,8 +90,9 @@ def load_rgb_image(path: str | os.PathLike[str]) -> Image.Image:
         An in-memory RGB image, detached from the file.
 
     Raises:
-        ImageLoadError: The file is missing, unreadable, truncated, corrupt, of an unsupported pixel mode, or
-            so large that decoding it could exhaust memory (PIL's decompression-bomb limit).
+        ImageLoadError: The file is missing, unreadable, truncated, corrupt, or of an unsupported pixel mode.
+        ImageTooLargeError: Its header declares too many pixels or too elongated a shape
+            (:func:`check_image_dimensions`), found before any pixel is decoded.
     """
     path = Path(path)
     try:
@@ -64,8 +101,12 @@ def load_rgb_image(path: str | os.PathLike[str]) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                # PIL opens lazily: the size comes from the header, before load() decodes a pixel.
+                check_image_dimensions(*img.size, what=f"image {path}")
                 img.load()
                 return _to_rgb(img)
+    except ImageTooLargeError:
+        raise
     except FileNotFoundError as exc:
         raise ImageLoadError(f"image file {path} does not exist: remove or replace the file") from exc
     except Exception as exc:  # PIL's decoders raise many exception types for bad input

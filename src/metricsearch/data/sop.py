@@ -61,7 +61,7 @@ class SOPSource(DiskSource):
                 f"{self.name}: the first line of {path} should be the header '{' '.join(HEADER)}', got {got!r}"
             )
         folder = path.parent
-        paths, labels, names, seen = [], [], {}, set()
+        paths, labels, names, seen, images = [], [], {}, set(), {}
         for line, (image_id, class_id, _super_class, relative) in rows[1:]:
             ident = parse_int(image_id, path, line, dataset=self.name, what="image_id")
             if ident in seen:
@@ -69,7 +69,13 @@ class SOPSource(DiskSource):
             seen.add(ident)
             label = parse_int(class_id, path, line, dataset=self.name, what="class_id")
             relative = relative.strip()
-            paths.append(folder / relative)
+            image = self.listed_path(folder, relative, path, f"line {line}")
+            if image in images:
+                raise DatasetError(
+                    f"{self.name}: {path} line {line}: image {relative} is listed twice (also on line {images[image]})"
+                )
+            images[image] = line
+            paths.append(image)
             labels.append(label)
             names.setdefault(label, product_name(relative))
         if not paths:

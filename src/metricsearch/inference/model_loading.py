@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from metricsearch.models.model_config import (
     check_model_config,
     preprocessing_of,
 )
+from metricsearch.utils.checkpoint_io import unreadable_checkpoint_reason
 from metricsearch.utils.config import CONFIG_DIR
 from metricsearch.utils.messages import shorten
 
@@ -215,8 +215,11 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         # weights_only: a checkpoint is data; never run code from a file someone handed us.
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise ModelLoadError(f"ckpt={path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a file that is no checkpoint
+        raise ModelLoadError(
+            f"ckpt={path} cannot be read: {unreadable_checkpoint_reason(path, err)}; pass a checkpoint that training "
+            "wrote (a run's checkpoints/*.ckpt)"
+        ) from err
 
 
 def _check_state_dict_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:

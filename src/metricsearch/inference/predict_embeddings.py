@@ -63,7 +63,7 @@ class GalleryDataset(Dataset):
             image = self.transform(load_rgb_image(self.paths[index]))
             ok = True
         except ImageLoadError as err:
-            log.warning("Skipping %s", err)
+            log.warning("Skipping an image: %s", err)
             image, ok = torch.zeros(self.blank_shape), False
         return {IMAGE: image, INDEX: index, OK: ok}
 

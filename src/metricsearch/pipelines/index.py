@@ -24,7 +24,7 @@ from metricsearch.search.errors import SearchError
 from metricsearch.search.gallery import inside_root, list_gallery_images
 from metricsearch.search.grid import gallery_loader, save_result_grid
 from metricsearch.search.index import METADATA_NAME, GalleryIndex, Hit, IndexSpec, recorded_embedder
-from metricsearch.utils.config import CONFIG_DIR, ConfigError
+from metricsearch.utils.config import CONFIG_DIR, ConfigError, check_group_options
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ def make_configured_trainer(name: str, overrides: Sequence[str], output_dir: Pat
     """
     GlobalHydra.instance().clear()
     args = [f"trainer={name}", f"paths.output_dir={output_dir}", *overrides]
+    check_group_options(args)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("train", overrides=args)

@@ -143,6 +143,8 @@ def check_checkpoint_matches(ckpt_path: str | Path, model_config: dict[str, Any]
     """
     import torch
 
+    from metricsearch.utils.checkpoint_io import unreadable_checkpoint_reason
+
     path = Path(ckpt_path)
     if not path.is_file():
         raise CheckpointError(f"{setting}={ckpt_path} does not exist; {_start_afresh_advice(setting)}")
@@ -150,10 +152,8 @@ def check_checkpoint_matches(ckpt_path: str | Path, model_config: dict[str, Any]
         # weights_only: a checkpoint is data; loading it never runs code named inside it.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
-        # The first sentence of torch's message ("... failed reading zip archive: not a ZIP archive").
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:200]
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({reason}); it is truncated or corrupt: {_start_afresh_advice(setting)}"
+            f"cannot read checkpoint {path}: {unreadable_checkpoint_reason(path, err)}; {_start_afresh_advice(setting)}"
         ) from None
     theirs = (checkpoint.get("hyper_parameters") or {}).get("model_config") if isinstance(checkpoint, dict) else None
     if not isinstance(theirs, dict) or "state_dict" not in checkpoint:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from metricsearch.data.io import IMAGE_EXTENSIONS
 from metricsearch.search.errors import SearchError
+from metricsearch.utils.paths import split_inside
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,12 @@ def inside_root(root: str | Path, paths: Sequence[str]) -> list[str]:
     """The ``paths`` (relative to ``root``) whose files, symbolic links followed, lie inside ``root``.
 
     The others are left out with a warning that names a few: a link to a file elsewhere would be indexed but
-    never served, since the server refuses every file outside the gallery root.
+    never served, since the server refuses every file outside the gallery root. The rule is the one every dataset
+    reader follows (:mod:`metricsearch.utils.paths`).
     """
     root = Path(root).expanduser().resolve()
-    kept, outside = [], []
-    for path in paths:
-        (kept if (root / path).resolve().is_relative_to(root) else outside).append(path)
+    inside, outside_positions = split_inside(root, [root / path for path in paths])
+    kept, outside = [paths[i] for i in inside], [paths[i] for i in outside_positions]
     if outside:
         log.warning(
             "Left %d files out of the index that lead outside the gallery %s (symbolic links), e.g. %s",

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 from metricsearch.data.io import ImageLoadError, load_rgb_image
 from metricsearch.search.index import Hit
 from metricsearch.utils.atomic_io import atomic_path
+from metricsearch.utils.paths import resolves_inside
 
 BACKGROUND = (255, 255, 255)
 TILE_BACKGROUND = (238, 238, 238)
@@ -116,6 +117,13 @@ def save_result_grid(
 
 
 def gallery_loader(gallery_root: str | Path) -> Callable[[Hit], Image.Image]:
-    """A ``load_result`` for :func:`save_result_grid` that reads results from the gallery folder."""
+    """A ``load_result`` for :func:`save_result_grid` that reads results from the gallery folder (only files that
+    lie inside it, links followed: a result that leads elsewhere is drawn as an empty tile)."""
     root = Path(gallery_root)
-    return lambda hit: load_rgb_image(root / hit.path)
+
+    def load(hit: Hit) -> Image.Image:
+        if not resolves_inside(root, root / hit.path):
+            raise ImageLoadError(f"{hit.path} leads outside the gallery {root}; it is not shown")
+        return load_rgb_image(root / hit.path)
+
+    return load

@@ -38,6 +38,7 @@ from typing import Any, Unpack
 import faiss
 import numpy as np
 
+from metricsearch.data.io import IMAGE_EXTENSIONS
 from metricsearch.inference.errors import ModelLoadError
 from metricsearch.inference.model_choice import CHOICE_OF_SOURCE, ModelChoice, given_choice
 from metricsearch.inference.model_loading import Embedder, file_sha256, load_embedder, load_embedder_from_source
@@ -45,6 +46,7 @@ from metricsearch.inference.predict_embeddings import SHARDS_NAME
 from metricsearch.search.errors import IndexLoadError, IndexMismatchError, RequestError, SearchError
 from metricsearch.utils.atomic_io import atomic_path, atomic_write_text, remove_orphaned_temp_files, temp_file_target
 from metricsearch.utils.messages import shorten
+from metricsearch.utils.paths import relative_name_problem
 
 log = logging.getLogger(__name__)
 
@@ -517,7 +519,12 @@ def _check_metadata(meta: dict[str, Any]) -> None:
     _path_text(source, "path", "model.source.")
     _field(model, "preprocessing", dict, "model.")
     _field(model, "model_config", dict, "model.")
-    _path_text(meta, "gallery_root")
+    gallery_root = _path_text(meta, "gallery_root")
+    if not Path(gallery_root).is_absolute() or Path(gallery_root) == Path(gallery_root).parent:
+        raise _Malformed(
+            f"gallery_root should be the absolute path of the gallery folder (not the file system's root), not "
+            f"{shorten(gallery_root)}"
+        )
     names = [_field(meta, key, str) for key in ("vectors_file", "embeddings_file")]
     for key, name in zip(("vectors_file", "embeddings_file"), names, strict=True):
         if not DATA_FILE_NAME.fullmatch(name) or not name.startswith(key.split("_")[0]):
@@ -537,6 +544,11 @@ def _check_metadata(meta: dict[str, Any]) -> None:
             raise _Malformed(
                 f"paths[{position}] should be a relative path inside the gallery root, not {shorten(path)}"
             )
+        if not is_gallery_image_name(path):
+            raise _Malformed(
+                f"paths[{position}] should name an image file ({', '.join(IMAGE_EXTENSIONS)}) that is not hidden, "
+                f"not {shorten(path)}"
+            )
     if len(set(paths)) != len(paths):
         raise _Malformed("a gallery path is listed twice")
     for position, label in enumerate(labels):
@@ -545,15 +557,21 @@ def _check_metadata(meta: dict[str, Any]) -> None:
 
 
 def is_gallery_relative(path: str) -> bool:
-    """Whether ``path`` is a POSIX path relative to the gallery root that cannot climb out of it."""
+    """Whether ``path`` is a POSIX path relative to the gallery root that cannot climb out of it (the rule of
+    :mod:`metricsearch.utils.paths`, written one way only: no backslash, no empty or ``.`` part)."""
     return (
-        bool(path)
-        and len(path) <= MAX_PATH_CHARS
-        and not path.startswith("/")
+        len(path) <= MAX_PATH_CHARS
+        and relative_name_problem(path) is None
         and "\\" not in path
-        and not any(ord(c) < 32 for c in path)
         and all(part not in ("", ".", "..") for part in path.split("/"))
     )
+
+
+def is_gallery_image_name(path: str) -> bool:
+    """Whether a gallery path names what :func:`~metricsearch.search.gallery.list_gallery_images` indexes: a file
+    with an image extension, in no hidden folder and not hidden itself."""
+    parts = path.split("/")
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in parts)
 
 
 def _damaged_metadata(folder: Path, meta: dict[str, Any], problem: str) -> str:

@@ -41,13 +41,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
-from metricsearch.data.io import ImageLoadError, load_rgb_image
+from metricsearch.data.io import MAX_ASPECT_RATIO, ImageLoadError, ImageTooLargeError, load_rgb_image
 from metricsearch.inference.model_choice import ModelChoice
 from metricsearch.inference.model_loading import Embedder
 from metricsearch.search.errors import MAX_K, RequestError, SearchError, check_k
-from metricsearch.search.index import GalleryIndex, Hit, open_index
+from metricsearch.search.index import GalleryIndex, Hit, is_gallery_image_name, open_index
 from metricsearch.search.page import render_page
 from metricsearch.utils.messages import shorten
+from metricsearch.utils.paths import resolves_inside
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,9 @@ class ServerSettings:
         max_pixels: largest accepted image (width x height), checked before decoding.
         max_aspect_ratio: longest side over shortest side of an accepted image: resizing the short side to the
             model's input makes the long side this many times that (a 1 x 12,000 strip would become
-            256 x 3,072,000 pixels).
+            256 x 3,072,000 pixels). The shared decoder refuses more than
+            :data:`~metricsearch.data.io.MAX_ASPECT_RATIO` and :data:`~metricsearch.data.io.MAX_IMAGE_PIXELS` whatever
+            the settings say.
         max_resized_pixels: largest image after resizing its short side to the model's input, before the crop.
         large_image_pixels: images of at least this many pixels (decoded or resized) count as large.
         max_large_decodes: large images decoded and resized at once; more wait their turn.
@@ -80,7 +83,7 @@ class ServerSettings:
     max_k: int = MAX_K
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
-    max_aspect_ratio: float = 20.0
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
     max_resized_pixels: int = 8_000_000
     large_image_pixels: int = 4_000_000
     max_large_decodes: int = 2
@@ -92,10 +95,10 @@ class ServerSettings:
         for name in ("max_upload_bytes", "max_pixels", "max_resized_pixels", "large_image_pixels", "max_large_decodes"):
             if getattr(self, name) < 1:
                 raise SearchError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_aspect_ratio < 1 or self.decode_wait_s <= 0:
+        if not 1 <= self.max_aspect_ratio <= MAX_ASPECT_RATIO or self.decode_wait_s <= 0:
             raise SearchError(
-                f"max_aspect_ratio ({self.max_aspect_ratio}) must be at least 1 and decode_wait_s "
-                f"({self.decode_wait_s}) positive"
+                f"max_aspect_ratio ({self.max_aspect_ratio}) must be between 1 and {MAX_ASPECT_RATIO:g} (the decoder's "
+                f"bound) and decode_wait_s ({self.decode_wait_s}) positive"
             )
 
 
@@ -336,6 +339,8 @@ def decode_image(data: bytes, image_format: str | None) -> Image.Image:
         tmp.flush()
         try:
             return load_rgb_image(tmp.name)
+        except ImageTooLargeError as err:  # the decoder's own bounds, where the settings allow more
+            raise UploadRejected(413, f"the uploaded image is {str(err).partition(' is ')[2]}") from err
         except ImageLoadError as err:
             cause = err.__cause__
             reason = f"{type(cause).__name__}: {cause}" if cause else str(err)
@@ -394,6 +399,11 @@ def build_app(index: GalleryIndex, embedder: Embedder, settings: ServerSettings 
     settings = settings or ServerSettings()
     index.check_embedder(embedder)
     root = Path(index.gallery_root).resolve()
+    if not root.is_dir() or root == root.parent:
+        raise SearchError(
+            f"the gallery root {index.gallery_root} of the index is not a gallery folder (it does not exist, is not a "
+            "folder, or is the file system's root); pass gallery=PATH, the folder that holds the indexed images"
+        )
     model_lock = threading.Lock()
     gate = DecodeGate(settings.max_large_decodes, settings.large_image_pixels, settings.decode_wait_s)
     page = render_page(settings.gallery_page_size)
@@ -436,12 +446,12 @@ def build_app(index: GalleryIndex, embedder: Embedder, settings: ServerSettings 
 
     @app.get("/gallery/{path:path}")
     def gallery_file(path: str) -> FileResponse:
-        # Only paths the index holds are served; those never contain "..", but a symlink inside the gallery
-        # could still point elsewhere, so the resolved file must lie inside the root as well.
-        if path not in index:
+        # Only the image files the index holds are served; their names never contain "..", but a symlink inside the
+        # gallery could still point elsewhere, so the resolved file must lie inside the root as well.
+        if path not in index or not is_gallery_image_name(path) or not resolves_inside(root, root / path):
             raise HTTPException(404, "no such gallery image")
         file = (root / path).resolve()
-        if not file.is_relative_to(root) or not file.is_file():
+        if not file.is_file():
             raise HTTPException(404, "no such gallery image")
         return FileResponse(file, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from metricsearch.utils.atomic_io import atomic_path
 # torch.save's C++ zip writer reports a failed write (a full disk among others) as a RuntimeError naming itself.
 _WRITER_FAILURES = ("PytorchStreamWriter", "inline_container", "file write failed")
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# The first bytes of a zip archive, which torch.save writes.
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 class CheckpointWriteError(OSError):
@@ -49,6 +52,28 @@ def _write_error(err: BaseException, path: Path, written: int) -> CheckpointWrit
             "hydra.run.dir (or paths.output_dir) at a disk with room"
         )
     return CheckpointWriteError(f"could not write checkpoint {path} ({reason}); {room} free in {path.parent}")
+
+
+def unreadable_checkpoint_reason(path: Path, err: BaseException) -> str:
+    """Why ``torch.load`` could not read ``path``, in plain words (torch's own are about zip readers and pickle memos).
+
+    Args:
+        path: the file.
+        err: what ``torch.load`` raised (any type: a text file named ``.ckpt`` gives a ``KeyError``).
+    """
+    try:
+        with open(path, "rb") as f:
+            starts_as_zip = f.read(4) == ZIP_MAGIC
+    except OSError:
+        starts_as_zip = False
+    if not starts_as_zip:
+        return "it is not a PyTorch checkpoint: torch.save writes a zip archive, and this file is not one"
+    kind = type(err).__name__
+    if kind == "UnpicklingError" and "weights_only" in str(err):
+        return "it holds objects other than tensors and plain data, which are not loaded from a file handed over"
+    if not zipfile.is_zipfile(path):
+        return "it is truncated or corrupt: its zip archive has no end"
+    return f"it is truncated or corrupt ({kind} while reading it)"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

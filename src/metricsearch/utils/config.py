@@ -6,6 +6,7 @@ import errno
 import functools
 import inspect
 import logging
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,11 +31,16 @@ NULLABLE_GROUPS = ("miner", "scheduler", "sampler", "logger")
 
 
 def normalize_overrides(args: Sequence[str]) -> list[str]:
-    """Rewrites ``miner=null`` into ``miner=none`` and ``data.root=PATH`` into ``data.source.root=PATH``.
+    """Rewrites ``miner=null`` into ``miner=none`` and ``data.root=PATH`` into ``data.source.root=PATH``, after
+    checking every config-group option (:func:`check_group_options`).
 
     Hydra 1.3 rejects a null value for a config group on the command line ("Config group override must be a
     string or a list"), yet ``miner=null`` is what a user types to switch the miner off.
+
+    Raises:
+        ConfigError: a group option is a path, or not an option of its group.
     """
+    check_group_options(args)
     out = []
     for arg in args:
         key, sep, value = arg.partition("=")
@@ -44,6 +50,45 @@ def normalize_overrides(args: Sequence[str]) -> list[str]:
             value = ",".join("none" if v.strip() == "null" else v for v in value.split(","))
         out.append(f"{key}{sep}{value}" if sep else arg)
     return out
+
+
+# What an option name may not contain: it names a YAML file of its group's folder, never a path to one elsewhere.
+_PATH_MARKS = ("/", "\\", "..")
+
+
+def group_options(group: str, config_dir: Path = CONFIG_DIR) -> list[str] | None:
+    """The options of a config group (``loss`` -> ``arcface, ..., triplet``), or None if ``group`` is not one."""
+    folder = config_dir / group
+    if not group or not group.replace("_", "").isalnum() or not folder.is_dir():
+        return None
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def check_group_options(args: Sequence[str], config_dir: Path = CONFIG_DIR) -> None:
+    """Refuses a config-group option that is a path, or that its group does not have, before Hydra composes.
+
+    An option name is a name: ``experiment=../../elsewhere/evil`` would make Hydra load a YAML file from outside
+    ``conf/``. Hydra's own groups (``hydra/launcher=...``) and sweep expressions (``loss=glob(*)``) are checked
+    for path characters only; a comma-separated sweep (``loss=triplet,contrastive``) option by option.
+
+    Raises:
+        ConfigError: one line naming the option and listing the group's options.
+    """
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            continue
+        group = key.lstrip("+~").partition("@")[0]
+        options = group_options(group, config_dir)
+        if options is None and "/" not in group:
+            continue  # a setting (seed=1, data.root=PATH), not a group
+        names = [value] if options is None or "(" in value else [v.strip() for v in value.split(",")]
+        listed = f"conf/{group} ({', '.join(options)})" if options else f"the {group} group"
+        for name in names:
+            if any(mark in name for mark in _PATH_MARKS):
+                raise ConfigError(f"{group}={name} is a path, not an option name: name one of the options of {listed}")
+            if options is not None and "(" not in value and name not in options and name not in ("null", ""):
+                raise ConfigError(f"{group}={name} is not an option of {listed}")
 
 
 def instantiate_partial_with(cfg: DictConfig | dict | None, **runtime: Any) -> Any:
@@ -154,9 +199,11 @@ def _is_number(value: Any) -> bool:
 
 # How a run's tested model is chosen (see metricsearch.pipelines.selection).
 SELECTIONS = ("val", "last", "test_best")
+# Seeds go to numpy, torch and Python's random; numpy takes 0 to 2**32 - 1.
+MAX_SEED = 2**32 - 1
 # Whole-number settings: (key, smallest valid value, example shown in the message).
 _WHOLE_NUMBERS = (
-    ("seed", None, 42),
+    ("seed", 0, 42),
     ("data.batch_size", 1, 64),
     ("data.eval_batch_size", 1, 256),
     ("data.num_workers", 0, 2),
@@ -201,12 +248,16 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={_shown(value)} is not a whole number; set e.g. {key}={example}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{key}={value} must be at least {minimum}; set e.g. {key}={example}")
+        if key == "seed" and value > MAX_SEED:
+            raise ConfigError(f"seed={value} is over {MAX_SEED} (numpy's largest seed, 2**32 - 1); set e.g. seed=42")
     for key, minimum, exclusive, example in _NUMBERS:
         value = OmegaConf.select(cfg, key, default=_NOT_SET)
         if value is _NOT_SET:
             continue
         if not _is_number(value):
             raise ConfigError(f"{key}={_shown(value)} is not a number; set e.g. {key}={example}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number; set e.g. {key}={example}")
         if value < minimum or (exclusive and value == minimum):
             bound = "greater than" if exclusive else "at least"
             raise ConfigError(f"{key}={value} must be {bound} {minimum:g}; set e.g. {key}={example}")
