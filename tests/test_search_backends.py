@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from metricsearch.cli.search import main_build_index, main_search
 from metricsearch.pipelines.index import add_to_index, build_index, remove_from_index
 from metricsearch.search.backends import filtered_search, load_gallery_index
 from metricsearch.search.errors import IndexLoadError, IndexMismatchError, RequestError, SearchError
@@ -303,3 +304,52 @@ def test_a_faiss_add_killed_before_its_commit_leaves_the_index_as_it_was(tiny, t
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert (folder / METADATA_NAME).read_text() == before
     assert len(GalleryIndex.load(folder)) == 96
+
+
+@pytest.mark.parametrize("backend", ["faiss", "milvus"])
+def test_the_server_answers_from_either_backend_and_shows_the_current_gallery(backend, tiny, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from metricsearch.search.server import create_app
+
+    folder = tmp_path / "index"
+    assert (
+        main_build_index(
+            [f"ckpt={tiny.ckpt}", f"gallery={tiny.gallery}", f"out={folder}", f"backend={backend}", "num_workers=0"]
+        )
+        == 0
+    )
+    with TestClient(create_app(folder)) as client:
+        info = client.get("/api/info").json()
+        assert info["backend"] == backend and info["count"] == 96
+        answer = client.post("/api/search", data={"path": "005/001.jpg", "k": "5"}).json()
+        assert answer["results"][0]["path"] == "005/001.jpg" and answer["results"][0]["score"] == pytest.approx(1)
+        only = client.post("/api/search", data={"path": "005/001.jpg", "k": "5", "label": "007"}).json()
+        assert [h["label"] for h in only["results"]] == ["007"] * 5
+        hostile = client.post("/api/search", data={"path": "005/001.jpg", "label": '007" or id >= 0 or label == "'})
+        assert hostile.status_code == 200 and hostile.json()["results"] == []
+        assert client.post("/api/search", data={"path": "005/001.jpg", "folder": "../x"}).status_code == 400
+        # Another writer removes images (Milvus Lite: one process at a time, so here in this process).
+        remove_from_index(folder, paths=["005/001.jpg"], ids=[0])
+        assert client.get("/api/info").json()["count"] == 94
+        listed = [item["path"] for item in client.get("/api/gallery", params={"limit": 500}).json()["items"]]
+        assert "005/001.jpg" not in listed and "000/000.jpg" not in listed and len(listed) == 94
+        assert client.post("/api/search", data={"path": "005/001.jpg"}).status_code == 404
+        assert client.get("/gallery/005/001.jpg").status_code == 404
+
+
+def test_build_search_and_remove_command_lines_on_milvus(tiny, tmp_path, capsys):
+    folder = tmp_path / "index"
+    args = [f"ckpt={tiny.ckpt}", f"gallery={tiny.gallery}", f"out={folder}", "backend=milvus", "num_workers=0"]
+    assert main_build_index(args) == 0
+    assert "96 images (96 labelled), 16-d, flat index in Milvus" in capsys.readouterr().out
+    assert (
+        main_search([f"index={folder}", f"query={tiny.gallery / '005/001.jpg'}", "k=3", "folder=007", "json=true"]) == 0
+    )
+    document = json.loads(capsys.readouterr().out)
+    assert [r["path"].split("/")[0] for r in document["results"]] == ["007"] * 3
+    assert main_build_index([f"out={folder}", "remove=007/000.jpg,007/001.jpg", "remove_ids=3"]) == 0
+    assert "removed 3 images, 93 left (milvus index)" in capsys.readouterr().out
+    assert main_build_index([f"out={folder}", "remove=007/000.jpg"]) == 2
+    assert capsys.readouterr().err.startswith("error: the index holds no image '007/000.jpg'")
+    assert main_build_index([f"out={folder}", "backend=faiss", "uri=x.db", f"gallery={tiny.gallery}"]) == 2
