@@ -101,9 +101,10 @@ def _build_index(args: Arguments) -> None:
         )
     if index is not None:  # rank 0 only
         labelled = sum(label is not None for label in index.labels)
+        where = " in Milvus" if index.backend == "milvus" else ""
         print(
             f"index {out}: {len(index)} images ({labelled} labelled), {index.embedding_dim}-d, "
-            f"{index.index_params['kind']} index{' in Milvus' if index.backend == 'milvus' else ''}, model fingerprint {index.model['fingerprint'][:12]}"
+            f"{index.index_params['kind']} index{where}, model fingerprint {index.model['fingerprint'][:12]}"
         )
 
 
