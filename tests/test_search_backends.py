@@ -353,3 +353,18 @@ def test_build_search_and_remove_command_lines_on_milvus(tiny, tmp_path, capsys)
     assert main_build_index([f"out={folder}", "remove=007/000.jpg"]) == 2
     assert capsys.readouterr().err.startswith("error: the index holds no image '007/000.jpg'")
     assert main_build_index([f"out={folder}", "backend=faiss", "uri=x.db", f"gallery={tiny.gallery}"]) == 2
+
+
+@pytest.mark.slow  # two spawned processes and Milvus Lite's start: minutes on two busy cores
+def test_the_backend_benchmark_measures_milvus_lite_beside_faiss():
+    from metricsearch.benchmarks.search_backends import format_backend_table, run_backend_benchmark
+
+    result = run_backend_benchmark(
+        n=3000, dim=32, num_queries=50, clusters=50, seconds=0.2, backends=(("faiss", "flat"), ("milvus", "flat"))
+    )
+    faiss_row, milvus_row = result["rows"]
+    assert "error" not in milvus_row, milvus_row
+    assert faiss_row["recall@10"] == 1.0 and milvus_row["recall@10"] == 1.0  # both exact: the same top 10
+    for row in (faiss_row, milvus_row):
+        assert row["qps"][1] > 0 and row["qps"][16] > 0 and row["build_s"] > 0 and row["add_1k_s"] > 0
+    assert "| Milvus Lite | flat |" in format_backend_table(result)
