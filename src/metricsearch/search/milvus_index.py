@@ -473,7 +473,10 @@ def _create_collection(client: Any, name: str, dim: int, params: dict[str, Any])
     index_params.add_index(
         "vector", index_type=MILVUS_INDEX_TYPES[params["kind"]], metric_type="IP", params=_build_params(params)
     )
-    client.create_collection(name, schema=schema, index_params=index_params)
+    client.create_collection(name, schema=schema)
+    # NOTE: sync=False: a synchronous create_index polls the index state with a timestamp RPC that Milvus Lite
+    # does not implement (a logged traceback per collection); the index is registered either way before loading.
+    client.create_index(name, index_params, sync=False)
 
 
 def _check_rows(paths: list[str], labels: list[str | None]) -> None:
