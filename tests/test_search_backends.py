@@ -90,8 +90,10 @@ def test_a_milvus_index_refuses_another_model(tiny, embedder, faiss_index, tmp_p
     milvus_copy(faiss_index, embedder, tmp_path / "milvus")
     index, chosen = open_index(tmp_path / "milvus")  # the model the index records
     assert chosen.fingerprint == embedder.fingerprint and isinstance(index, MilvusGalleryIndex)
-    with pytest.raises(IndexMismatchError, match="built by another model"):
+    with pytest.raises(IndexMismatchError, match="built by another model") as refused:
         open_index(tmp_path / "milvus", ckpt=tiny.other_ckpt)
+    # The command it gives rebuilds the index where it is, in Milvus.
+    assert f"overwrite=true backend=milvus uri={tmp_path / 'milvus' / 'gallery.db'}" in str(refused.value)
     with pytest.raises(IndexMismatchError, match="16-d embeddings"):
         index.check_embedder(load_embedder(ckpt=tiny.wide_ckpt))
 

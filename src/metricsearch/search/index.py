@@ -331,7 +331,8 @@ class GalleryIndex:
         built_with = self.model["source"]
         where = f"index={self.folder}: " if self.folder else ""
         folder = Path(self.folder) if self.folder else Path("INDEX_DIR")
-        rebuild = rebuild_command(folder, {"gallery_root": self.gallery_root}, source=embedder.source)
+        where_vectors = {"backend": self.backend, "uri": getattr(self, "uri", None)}
+        rebuild = rebuild_command(folder, {"gallery_root": self.gallery_root, **where_vectors}, source=embedder.source)
         if embedder.embedding_dim != self.embedding_dim:
             raise IndexMismatchError(
                 f"{where}this index holds {self.embedding_dim}-d embeddings (built with {built_with['kind']} "
@@ -677,6 +678,8 @@ def rebuild_command(folder: Path, meta: dict[str, Any], source: dict[str, Any] |
     option = CHOICE_OF_SOURCE.get(text(source, "kind", "checkpoint"), "ckpt")
     gallery = text(meta, "gallery_root", "GALLERY")
     args = [f"{option}={text(source, 'path', 'PATH')}", f"gallery={gallery}", f"out={folder}", "overwrite=true"]
+    if isinstance(meta, dict) and meta.get("backend") == "milvus":
+        args += ["backend=milvus", f"uri={text(meta, 'uri', 'URI')}"]
     return f"rebuild the index: python scripts/build_index.py {shlex.join(args)}"
 
 
