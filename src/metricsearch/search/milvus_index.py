@@ -129,6 +129,14 @@ def one_line(err: BaseException) -> str:
     return shorten(" ".join(str(text).split()), 300)
 
 
+def release_all() -> None:
+    """Closes every Milvus client this process opened (Milvus Lite files are then free for others)."""
+    with _clients_lock:
+        uris = list(_clients)
+    for uri in uris:
+        release(uri)
+
+
 def default_collection_prefix(folder: Path) -> str:
     """The collection-name prefix of the index in ``folder``: unique per folder, so indexes may share a server."""
     return "metricsearch_" + hashlib.sha256(str(folder).encode()).hexdigest()[:12]
