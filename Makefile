@@ -73,7 +73,7 @@ serve: install ## Serve the demo index's search page at http://127.0.0.1:8000/
 load-test: install ## Load-test the demo index's search server on loopback (16 clients x 20 s; ARGS="clients=64 duration=60")
 	$(PY) scripts/load_test.py index=$(INDEX) $(ARGS)
 
-bench-search: install ## Benchmark exact vs IVF vs HNSW search on a 100k synthetic gallery
+bench-search: install ## Benchmark faiss exact/IVF/HNSW and Milvus Lite on a 100k synthetic gallery
 	$(PY) scripts/bench_search.py $(ARGS)
 
 benchmark: install ## Speed and scale report into results/benchmark/ (training, Lightning overhead, evaluation; GPU parts with CUDA)
