@@ -362,7 +362,7 @@ def test_build_search_and_remove_command_lines_on_milvus(tiny, tmp_path, capsys)
     assert main_build_index([f"out={folder}", "backend=faiss", "uri=x.db", f"gallery={tiny.gallery}"]) == 2
 
 
-@pytest.mark.slow  # two spawned processes and Milvus Lite's start: minutes on two busy cores
+@pytest.mark.slow  # two spawned processes that import the package and start Milvus Lite: 25 s to minutes
 def test_the_backend_benchmark_measures_milvus_lite_beside_faiss():
     from metricsearch.benchmarks.search_backends import format_backend_table, run_backend_benchmark
 
