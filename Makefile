@@ -29,6 +29,9 @@ FOLDS ?=
 WORKERS ?=
 IMAGE_SIZE ?=
 INCLUDE_DEFAULT ?=
+# `make serve` / `make load-test`: the index folder to serve (the demo's by default; `make demo ARGS=backend=milvus`
+# builds it in Milvus Lite instead of faiss).
+INDEX ?= outputs/demo/index
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -70,12 +73,12 @@ demo: install ## Train (or reuse) a short default run, index its unseen test cla
 	$(PY) scripts/demo.py $(ARGS)
 
 serve: install ## Serve the demo index's search page at http://127.0.0.1:8000/
-	$(PY) scripts/serve.py index=outputs/demo/index $(ARGS)
+	$(PY) scripts/serve.py index=$(INDEX) $(ARGS)
 
 load-test: install ## Load-test the demo index's search server on loopback (16 clients x 20 s; ARGS="clients=64 duration=60")
-	$(PY) scripts/load_test.py index=outputs/demo/index $(ARGS)
+	$(PY) scripts/load_test.py index=$(INDEX) $(ARGS)
 
-bench-search: install ## Benchmark exact vs IVF vs HNSW search on a 100k synthetic gallery
+bench-search: install ## Benchmark faiss exact/IVF/HNSW and Milvus Lite on a 100k synthetic gallery
 	$(PY) scripts/bench_search.py $(ARGS)
 
 bench-postprocess: install ## Re-ranking and query expansion measured by the exact metrics (ARGS="embeddings=RUN/test_embeddings.npz out=...")

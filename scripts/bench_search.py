@@ -1,4 +1,4 @@
-"""Benchmark exact vs IVF vs HNSW search on a 100k synthetic gallery.
+"""Benchmark faiss exact / IVF / HNSW and Milvus Lite search on a 100k synthetic gallery.
 
 python scripts/bench_search.py [n=100000]    (--help lists the options)
 """

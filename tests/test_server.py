@@ -54,7 +54,13 @@ def test_page_info_and_gallery_listing(client):
     assert info["default_k"] == 5
     listing = client.get("/api/gallery", params={"offset": 90, "limit": 10}).json()
     assert listing["total"] == 96 and len(listing["items"]) == 6
-    assert listing["items"][0] == {"position": 90, "path": "011/002.jpg", "label": "011", "url": "/gallery/011/002.jpg"}
+    assert listing["items"][0] == {
+        "position": 90,
+        "id": 90,
+        "path": "011/002.jpg",
+        "label": "011",
+        "url": "/gallery/011/002.jpg",
+    }
     image = client.get(listing["items"][0]["url"])
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
 

@@ -289,7 +289,7 @@ def summarize(
         "mode": settings.mode,
         "k": settings.k,
         "queries": settings.queries,
-        "index": {key: info.get(key) for key in ("count", "embedding_dim", "index_kind", "model")},
+        "index": {key: info.get(key) for key in ("count", "embedding_dim", "index_kind", "backend", "model")},
         **overall,
         "error_kinds": dict(error_kinds),
         "setup_errors": [{"path": e.path, "error": e.error} for e in left_out],
@@ -308,9 +308,10 @@ def format_load_test_report(report: dict[str, Any]) -> str:
         return "  ".join(f"{name} {values[name]:.1f} ms" for name in ("p50", "p90", "p99", "max"))
 
     index = report["index"]
+    index_kind = f"{index['index_kind']} {index.get('backend') or 'faiss'}"
     lines = [
         f"load test: {report['clients']} clients x {report['duration_s']:g} s against {report['url']} "
-        f"({index['count']} images, {index['index_kind']} index), {report['mode']} queries, k={report['k']}",
+        f"({index['count']} images, {index_kind} index), {report['mode']} queries, k={report['k']}",
         f"requests {report['requests']}  errors {report['errors']}  throughput {report['throughput_rps']:.1f} req/s "
         f"(over {report['elapsed_s']:.1f} s)",
         f"latency  {latency(report)}",

@@ -87,6 +87,12 @@ BENCH_SEARCH = Command(
         "seed": Option(0, "random seed"),
         **model_options("ckpt", "backbone"),
         "out": Option("outputs/bench/search.json", "JSON results file"),
+        "backends": Option(
+            "faiss:flat,faiss:ivf,faiss:hnsw,milvus:flat",
+            "then compare backends (BACKEND:KIND, comma-separated; none: skip): build, add 1k, QPS at 1 and 16 "
+            "clients, recall, peak memory, each in its own process",
+        ),
+        "qps_seconds": Option(10.0, "seconds of each QPS measurement"),
     },
 )
 
@@ -112,6 +118,28 @@ def _bench_search(args: Arguments) -> None:
         query_threads=args["query_threads"],
     )
     print(format_search_table(result))
+    if args["backends"]:
+        from metricsearch.benchmarks.search_backends import format_backend_table, run_backend_benchmark
+
+        pairs = [tuple(item.strip().split(":", 1)) for item in args["backends"].split(",") if item.strip()]
+        if any(len(p) != 2 or p[0] not in ("faiss", "milvus") or p[1] not in ("flat", "ivf", "hnsw") for p in pairs):
+            raise UsageError(
+                f"backends={args['backends']} should list BACKEND:KIND (faiss or milvus : flat, ivf, hnsw)"
+            )
+        if pairs[0] != ("faiss", "flat"):
+            pairs.insert(0, ("faiss", "flat"))  # the exact reference of recall
+        result["backends"] = run_backend_benchmark(
+            n=args["n"],
+            dim=args["dim"],
+            num_queries=args["queries"],
+            k=args["k"],
+            clusters=args["clusters"],
+            spread=args["spread"],
+            seed=args["seed"],
+            seconds=args["qps_seconds"],
+            backends=tuple(pairs),
+        )
+        print(format_backend_table(result["backends"]))
     out = Path(args["out"])
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"results: {out.resolve()}")

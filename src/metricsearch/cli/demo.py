@@ -19,6 +19,8 @@ DEMO = Command(
         # A few minutes on two CPU cores; max_time caps it on a slower or busier machine.
         "max_epochs": Option(8, "training epochs"),
         "max_time": Option("00:00:05:00", "training wall-clock cap (DD:HH:MM:SS)"),
+        "backend": Option("faiss", "index backend: faiss or milvus (Milvus Lite, out/index/gallery.db)"),
+        "uri": Option(None, "backend=milvus: a Milvus Lite file or a server URL (default: in the index folder)"),
     },
     passed_on=PassedOn(("train.",), (("train.KEY=VALUE", "passed on to train.py as KEY=VALUE"),)),
 )
@@ -28,7 +30,15 @@ def _demo(args: Arguments) -> None:
     from metricsearch.pipelines.demo import run_demo
 
     train_args = [override.removeprefix("train.") for override in args.overrides]
-    run_demo(args["out"], args["k"], args["max_epochs"], args["max_time"], train_args)
+    run_demo(
+        args["out"],
+        args["k"],
+        args["max_epochs"],
+        args["max_time"],
+        train_args,
+        backend=args["backend"],
+        uri=args["uri"],
+    )
 
 
 def main_demo(argv: Sequence[str] | None = None) -> int:

@@ -43,9 +43,9 @@ INDEX_SPEC_KEYS = ("kind", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_s
 BUILD_INDEX = Command(
     name="build_index",
     summary=(
-        "Embed every image under gallery= and save a faiss index to out=. With add=true, embed only the images "
-        "the index does not hold yet. trainer=ddp (plus trainer.devices=N, trainer.num_nodes=M) shards the "
-        "embedding across processes, GPUs or nodes."
+        "Embed every image under gallery= and save an index to out= (faiss, or backend=milvus). With add=true, "
+        "embed only the images the index does not hold yet; remove= / remove_ids= take images out. trainer=ddp "
+        "(plus trainer.devices=N, trainer.num_nodes=M) shards the embedding across processes, GPUs or nodes."
     ),
     options={
         **model_options(),
@@ -61,7 +61,11 @@ BUILD_INDEX = Command(
         "num_workers": Option(2, "image-decoding processes per rank"),
         "trainer": Option("cpu", "a conf/trainer option: cpu, gpu, ddp, default"),
         "add": Option(False, "add the gallery's new images to the existing index in out="),
+        "remove": Option(None, "remove these images (gallery paths, comma-separated) from the index in out="),
+        "remove_ids": Option(None, "remove the images of these ids (comma-separated) from the index in out="),
         "overwrite": Option(False, "replace an existing index in out="),
+        "backend": Option("faiss", "where the vectors live: faiss (files in out=) or milvus (a Milvus collection)"),
+        "uri": Option(None, "backend=milvus: a Milvus Lite file (default out/gallery.db) or a server URL"),
     },
     passed_on=PassedOn(("trainer.",), (("trainer.KEY=VALUE", "passed on to the trainer config"),)),
 )
@@ -73,6 +77,9 @@ def _build_index(args: Arguments) -> None:
     from metricsearch.search.index import IndexSpec
 
     out = Path(args["out"]).expanduser().resolve()
+    if args["remove"] or args["remove_ids"]:
+        _remove(args, out)
+        return
     trainer = make_configured_trainer(args["trainer"], args.overrides, out)
     common = {"trainer": trainer, "batch_size": args["batch_size"], "num_workers": args["num_workers"]}
     choice = given_choice(model_choice(args))
@@ -83,13 +90,37 @@ def _build_index(args: Arguments) -> None:
         if not args["gallery"]:
             raise UsageError("build_index needs gallery= (or add=true to grow an existing index)")
         spec = IndexSpec(**{key: args[key] for key in INDEX_SPEC_KEYS})
-        index = build_index(load_embedder(**choice), args["gallery"], out, spec, overwrite=args["overwrite"], **common)
+        index = build_index(
+            load_embedder(**choice),
+            args["gallery"],
+            out,
+            spec,
+            overwrite=args["overwrite"],
+            backend=args["backend"],
+            uri=args["uri"],
+            **common,
+        )
     if index is not None:  # rank 0 only
         labelled = sum(label is not None for label in index.labels)
+        where = " in Milvus" if index.backend == "milvus" else ""
         print(
             f"index {out}: {len(index)} images ({labelled} labelled), {index.embedding_dim}-d, "
-            f"{index.index_params['kind']} index, model fingerprint {index.model['fingerprint'][:12]}"
+            f"{index.index_params['kind']} index{where}, model fingerprint {index.model['fingerprint'][:12]}"
         )
+
+
+def _remove(args: Arguments, out: Path) -> None:
+    from metricsearch.pipelines.index import remove_from_index
+
+    if args["add"] or args["overwrite"]:
+        raise UsageError("remove= and remove_ids= change an index in place: they go without add=true or overwrite=true")
+    paths = [p.strip() for p in (args["remove"] or "").split(",") if p.strip()]
+    try:
+        ids = [int(i) for i in (args["remove_ids"] or "").split(",") if i.strip()]
+    except ValueError:
+        raise UsageError(f"remove_ids={args['remove_ids']} should be integers separated by commas") from None
+    index, removed = remove_from_index(out, paths, ids, gallery=args["gallery"])
+    print(f"index {out}: removed {len(removed)} images, {len(index)} left ({index.backend} index)")
 
 
 def main_build_index(argv: Sequence[str] | None = None) -> int:
@@ -110,21 +141,25 @@ SEARCH = Command(
         "gallery": Option(None, GALLERY_MOVED),
         "grid": Option("", "the PNG to write (default outputs/search/<query>_top<k>.png; none: no picture)"),
         "json": Option(False, "print the results as JSON (for machines)"),
+        "label": Option(None, "only results of this class"),
+        "folder": Option(None, "only results under this folder of the gallery (e.g. shoes/red)"),
     },
 )
 
 
 def _search(args: Arguments) -> None:
     from metricsearch.pipelines.index import search_image
+    from metricsearch.search.filters import SearchFilter
     from metricsearch.search.index import open_index
 
     k = check_k(args["k"])  # the server's rule, checked before anything is loaded
+    where = SearchFilter.of(args["label"], args["folder"])
     index, embedder = open_index(args["index"], gallery=args["gallery"], **model_choice(args))
     query = Path(args["query"]).expanduser().resolve()
     grid = None
     if args["grid"] is not None:
         grid = Path(args["grid"] or Path("outputs") / "search" / f"{query.stem}_top{k}.png").expanduser().resolve()
-    hits = search_image(index, embedder, query, k, grid=grid)
+    hits = search_image(index, embedder, query, k, grid=grid, where=where)
     if args["json"]:
         document = {
             "query": str(query),
@@ -133,7 +168,14 @@ def _search(args: Arguments) -> None:
             "k": k,
             "grid": str(grid) if grid else None,
             "results": [
-                {"rank": h.rank, "score": h.score, "path": h.path, "label": h.label, "file": str(index.resolve(h.path))}
+                {
+                    "rank": h.rank,
+                    "score": h.score,
+                    "path": h.path,
+                    "label": h.label,
+                    "id": h.id,
+                    "file": str(index.resolve(h.path)),
+                }
                 for h in hits
             ],
         }

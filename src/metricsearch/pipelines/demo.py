@@ -52,7 +52,13 @@ def train_or_reuse(run_dir: Path, train_args: list[str]) -> Path:
 
 
 def run_demo(
-    out_dir: str | Path, k: int, max_epochs: int, max_time: str, train_args: list[str] | None = None
+    out_dir: str | Path,
+    k: int,
+    max_epochs: int,
+    max_time: str,
+    train_args: list[str] | None = None,
+    backend: str = "faiss",
+    uri: str | None = None,
 ) -> dict[str, Any]:
     """Runs the whole demo; returns the paths it wrote and the search results.
 
@@ -62,6 +68,8 @@ def run_demo(
         max_epochs: training epochs (when training).
         max_time: training wall-clock cap, DD:HH:MM:SS.
         train_args: further ``train.py`` overrides.
+        backend: the index backend, ``faiss`` or ``milvus`` (see :mod:`metricsearch.search.backends`).
+        uri: with ``milvus``, a Milvus Lite file or server URL (default: ``gallery.db`` in the index folder).
     """
     run_dir = Path(out_dir).expanduser().resolve()
     args = [f"trainer.max_epochs={max_epochs}", f"trainer.max_time={max_time}", "test_untrained=false"]
@@ -89,6 +97,8 @@ def run_demo(
         trainer=make_predict_trainer(),
         batch_size=128,
         overwrite=True,
+        backend=backend,
+        uri=uri,
     )
     query = load_rgb_image(query_file)
     hits = index.search(embedder.embed_images([query]), k)[0]

@@ -20,10 +20,13 @@ from hydra.utils import instantiate
 from metricsearch.data.io import load_rgb_image
 from metricsearch.inference.model_loading import Embedder
 from metricsearch.inference.predict_embeddings import embed_files, predict_trainer_settings
+from metricsearch.search.backends import AnyIndex, load_gallery_index
 from metricsearch.search.errors import SearchError
+from metricsearch.search.filters import SearchFilter
 from metricsearch.search.gallery import inside_root, list_gallery_images
 from metricsearch.search.grid import gallery_loader, save_result_grid
 from metricsearch.search.index import METADATA_NAME, GalleryIndex, Hit, IndexSpec, recorded_embedder
+from metricsearch.search.milvus_index import BACKENDS, build_milvus_index
 from metricsearch.utils.config import CONFIG_DIR, ConfigError, check_group_options
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,9 @@ def build_index(
     batch_size: int = 64,
     num_workers: int = 0,
     overwrite: bool = False,
-) -> GalleryIndex | None:
+    backend: str = "faiss",
+    uri: str | Path | None = None,
+) -> AnyIndex | None:
     """Embeds a gallery and saves its index to ``out``.
 
     Args:
@@ -77,11 +82,17 @@ def build_index(
         batch_size: images per batch and process.
         num_workers: image-decoding worker processes per rank.
         overwrite: replace an index already in ``out`` (otherwise that is an error).
+        backend: where the vectors live: ``faiss`` (files in ``out``) or ``milvus`` (a Milvus collection).
+        uri: with ``milvus``, a Milvus Lite file (default ``out/gallery.db``) or a server URL.
 
     Returns:
         The saved index on rank 0; None on the other ranks, which only embed their share.
     """
     gallery, out = Path(gallery).expanduser().resolve(), Path(out).expanduser().resolve()
+    if backend not in BACKENDS:
+        raise SearchError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    if uri and backend != "milvus":
+        raise SearchError("uri= names a Milvus database: it needs backend=milvus")
     if (out / METADATA_NAME).is_file() and not overwrite:
         raise SearchError(f"out={out} already holds an index: add=true adds new images, overwrite=true rebuilds")
     if paths is None:
@@ -98,6 +109,8 @@ def build_index(
     embedded = _embed_readable(embedder, gallery, paths, labels, out, trainer, batch_size, num_workers)
     if embedded is None:
         return None
+    if backend == "milvus":
+        return build_milvus_index(*embedded, embedder=embedder, gallery_root=gallery, folder=out, spec=spec, uri=uri)
     index = GalleryIndex.build(*embedded, embedder=embedder, gallery_root=gallery, spec=spec)
     index.save(out)
     return index
@@ -110,7 +123,7 @@ def add_to_index(
     trainer: L.Trainer | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
-) -> GalleryIndex | None:
+) -> AnyIndex | None:
     """Embeds the images of the gallery that the index does not hold yet, and saves the grown index.
 
     Images already indexed are not embedded again. The model must be the one that built the index (by
@@ -119,7 +132,7 @@ def add_to_index(
     Returns:
         The saved index on rank 0; None on the other ranks.
     """
-    index = GalleryIndex.load(index_dir, gallery_root=gallery)
+    index = load_gallery_index(index_dir, gallery_root=gallery)
     embedder = embedder or recorded_embedder(index)
     index.check_embedder(embedder)
     root = Path(index.gallery_root)
@@ -142,20 +155,40 @@ def add_to_index(
     if embedded is None:
         return None
     index.add(*embedded)
-    index.save(index_dir)
+    if index.backend == "faiss":  # a Milvus index commits its additions itself
+        index.save(index_dir)
     return index
 
 
+def remove_from_index(
+    index_dir: str | Path, paths: Sequence[str] = (), ids: Sequence[int] = (), gallery: str | Path | None = None
+) -> tuple[AnyIndex, list[str]]:
+    """Removes images from an index by gallery path and by id (no re-embedding); returns the index and the paths.
+
+    The change is atomic as every save is: the index is the old one or the new one.
+    """
+    index = load_gallery_index(index_dir, gallery_root=gallery)
+    removed = index.remove(list(paths), list(ids))
+    if removed and index.backend == "faiss":
+        index.save(index_dir)
+    return index, removed
+
+
 def search_files(
-    index: GalleryIndex, embedder: Embedder, queries: Sequence[str | Path], k: int = 10
+    index: AnyIndex, embedder: Embedder, queries: Sequence[str | Path], k: int = 10, where: SearchFilter | None = None
 ) -> list[list[Hit]]:
-    """The top ``k`` gallery images of each query image file."""
+    """The top ``k`` gallery images of each query image file (only those that pass ``where``, if given)."""
     images = [load_rgb_image(q) for q in queries]
-    return index.search(embedder.embed_images(images), k)
+    return index.search(embedder.embed_images(images), k, where)
 
 
 def search_image(
-    index: GalleryIndex, embedder: Embedder, query: str | Path, k: int = 10, grid: str | Path | None = None
+    index: AnyIndex,
+    embedder: Embedder,
+    query: str | Path,
+    k: int = 10,
+    grid: str | Path | None = None,
+    where: SearchFilter | None = None,
 ) -> list[Hit]:
     """The top ``k`` gallery images of one query image file; with ``grid``, also drawn into that PNG.
 
@@ -163,7 +196,7 @@ def search_image(
     """
     query = Path(query)
     image = load_rgb_image(query)
-    hits = index.search(embedder.embed_images([image]), k)[0]
+    hits = index.search(embedder.embed_images([image]), k, where)[0]
     if grid is not None:
         save_result_grid(
             image,
@@ -177,7 +210,7 @@ def search_image(
     return hits
 
 
-def _label_if_in_gallery(index: GalleryIndex, query: Path) -> str | None:
+def _label_if_in_gallery(index: AnyIndex, query: Path) -> str | None:
     """The query's label when the query is itself a gallery file (so the grid can mark same-class results)."""
     try:
         relative = query.resolve().relative_to(Path(index.gallery_root).resolve()).as_posix()

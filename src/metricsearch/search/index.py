@@ -30,7 +30,7 @@ import logging
 import re
 import secrets
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Unpack
@@ -44,6 +44,7 @@ from metricsearch.inference.model_choice import CHOICE_OF_SOURCE, ModelChoice, g
 from metricsearch.inference.model_loading import Embedder, file_sha256, load_embedder, load_embedder_from_source
 from metricsearch.inference.predict_embeddings import SHARDS_NAME
 from metricsearch.search.errors import IndexLoadError, IndexMismatchError, RequestError, SearchError
+from metricsearch.search.filters import SearchFilter
 from metricsearch.utils.atomic_io import atomic_path, atomic_write_text, remove_orphaned_temp_files, temp_file_target
 from metricsearch.utils.messages import shorten
 from metricsearch.utils.paths import relative_name_problem
@@ -141,6 +142,7 @@ class Hit:
     path: str
     label: str | None
     score: float
+    id: int | None = None
 
 
 @dataclass
@@ -161,7 +163,10 @@ class GalleryIndex:
         gallery_root: absolute folder the paths are relative to.
         created: creation time (ISO 8601, UTC).
         folder: the folder it was loaded from or last saved to; None for an index only in memory.
+        ids: a stable id of each image (kept when others are removed; new images get ids above all others).
     """
+
+    backend = "faiss"
 
     faiss_index: faiss.Index
     embeddings: np.ndarray
@@ -172,9 +177,13 @@ class GalleryIndex:
     gallery_root: str
     created: str = field(default_factory=lambda: _now())
     folder: str | None = None
+    ids: list[int] | None = None
     _positions: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.ids = list(range(len(self.paths))) if self.ids is None else list(self.ids)
+        if len(self.ids) != len(self.paths) or len(set(self.ids)) != len(self.ids):
+            raise IndexLoadError(f"inconsistent index: {len(self.ids)} ids (unique or not) for {len(self.paths)} paths")
         self._positions = {path: i for i, path in enumerate(self.paths)}
         if len(self._positions) != len(self.paths):
             raise SearchError("an index cannot hold the same path twice")
@@ -238,18 +247,53 @@ class GalleryIndex:
         if duplicates or len(set(paths)) != len(paths):
             raise SearchError(f"{len(duplicates)} paths are already indexed (e.g. {duplicates[:3]})")
         self.faiss_index.add(embeddings)
-        start = len(self.paths)
+        start, first_id = len(self.paths), max(self.ids, default=-1) + 1
+        self.ids.extend(range(first_id, first_id + len(paths)))
         self.embeddings = np.concatenate([self.embeddings, embeddings]) if len(self.embeddings) else embeddings
         self.paths.extend(paths)
         self.labels.extend(labels)
         self._positions.update({path: start + i for i, path in enumerate(paths)})
 
+    def remove(self, paths: Sequence[str] = (), ids: Sequence[int] = ()) -> list[str]:
+        """Removes images by gallery path and by id, without re-embedding; returns the paths removed.
+
+        The faiss index keeps its trained state (IVF cells) and is refilled with the remaining embeddings.
+
+        Raises:
+            SearchError: a path or id the index does not hold (nothing is removed then).
+        """
+        from metricsearch.search.milvus_index import _rows_to_remove
+
+        rows = _rows_to_remove(self, list(paths), list(ids))
+        if not rows:
+            return []
+        if len(rows) == len(self):
+            raise SearchError("removing every image would leave an empty index; build a new one instead")
+        removed = [self.paths[r] for r in rows]
+        keep = np.setdiff1d(np.arange(len(self)), rows)
+        refilled = faiss.clone_index(self.faiss_index)
+        refilled.reset()
+        refilled.add(self.embeddings[keep])
+        configure_search(refilled, self.index_params)
+        self.faiss_index, self.embeddings = refilled, np.ascontiguousarray(self.embeddings[keep])
+        self.paths = [self.paths[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep]
+        self.ids = [self.ids[i] for i in keep]
+        self._positions = {path: i for i, path in enumerate(self.paths)}
+        return removed
+
+    def embedding_of(self, path: str) -> np.ndarray:
+        """The stored embedding of a gallery image; KeyError if it is not indexed."""
+        return self.embeddings[self.position_of(path)]
+
     def rebuild(self, spec: IndexSpec) -> None:
         """Replaces the faiss index by one of ``spec``'s kind over the stored embeddings (no re-embedding)."""
         self.faiss_index, self.index_params = create_faiss_index(self.embeddings, spec)
 
-    def search(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int = 10, where: SearchFilter | None = None) -> list[list[Hit]]:
         """The ``k`` most similar gallery images of each query embedding, best first (all of them if fewer).
+
+        With ``where``, only images that pass the filter, found by an exact post-filter (:func:`filtered_search`).
 
         Raises:
             RequestError: ``k`` is below 1.
@@ -261,14 +305,24 @@ class GalleryIndex:
             raise IndexMismatchError(
                 f"query embeddings have {queries.shape[1]} dims but the index holds {self.embedding_dim}-d ones"
             )
-        k = min(int(k), len(self))
-        scores, rows = self.faiss_index.search(queries, k)
-        results = []
-        for query_scores, query_rows in zip(scores, rows, strict=True):
+        if where is not None:
+            from metricsearch.search.backends import filtered_search
+
+            allowed = np.fromiter(
+                (where.matches(p, lab) for p, lab in zip(self.paths, self.labels, strict=True)), bool, len(self)
+            )
+            found = filtered_search(self.faiss_index, queries, int(k), allowed)
+        else:
+            scores, rows = self.faiss_index.search(queries, min(int(k), len(self)))
             # Approximate indexes return -1 when they find fewer than k neighbours.
-            kept = [(int(r), float(s)) for r, s in zip(query_rows, query_scores, strict=True) if r >= 0]
-            results.append([Hit(rank + 1, r, self.paths[r], self.labels[r], s) for rank, (r, s) in enumerate(kept)])
-        return results
+            found = [
+                [(int(r), float(s)) for r, s in zip(query_rows, query_scores, strict=True) if r >= 0]
+                for query_scores, query_rows in zip(scores, rows, strict=True)
+            ]
+        return [
+            [Hit(rank + 1, r, self.paths[r], self.labels[r], s, self.ids[r]) for rank, (r, s) in enumerate(kept)]
+            for kept in found
+        ]
 
     def check_embedder(self, embedder: Embedder) -> None:
         """Refuses a model that would produce embeddings incomparable with the indexed ones.
@@ -280,7 +334,8 @@ class GalleryIndex:
         built_with = self.model["source"]
         where = f"index={self.folder}: " if self.folder else ""
         folder = Path(self.folder) if self.folder else Path("INDEX_DIR")
-        rebuild = rebuild_command(folder, {"gallery_root": self.gallery_root}, source=embedder.source)
+        where_vectors = {"backend": self.backend, "uri": getattr(self, "uri", None)}
+        rebuild = rebuild_command(folder, {"gallery_root": self.gallery_root, **where_vectors}, source=embedder.source)
         if embedder.embedding_dim != self.embedding_dim:
             raise IndexMismatchError(
                 f"{where}this index holds {self.embedding_dim}-d embeddings (built with {built_with['kind']} "
@@ -310,6 +365,7 @@ class GalleryIndex:
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
+            "backend": "faiss",
             "created": self.created,
             "updated": _now(),
             "count": len(self),
@@ -322,6 +378,7 @@ class GalleryIndex:
             "files": files,
             "paths": self.paths,
             "labels": self.labels,
+            "ids": self.ids,
         }
 
     def save(self, folder: str | Path) -> Path:
@@ -368,6 +425,8 @@ class GalleryIndex:
         """
         folder = Path(folder).expanduser().resolve()
         meta = read_metadata(folder)
+        if meta.get("backend", "faiss") != "faiss":
+            raise IndexLoadError(f"index={folder} is a {meta['backend']} index: open it with load_gallery_index")
         vectors_path, embeddings_path = folder / meta["vectors_file"], folder / meta["embeddings_file"]
         # Indexes saved before sizes and checksums were recorded have no "files" entry: nothing to check them with.
         for path in (vectors_path, embeddings_path):
@@ -409,6 +468,7 @@ class GalleryIndex:
             gallery_root=str(Path(gallery_root).expanduser().resolve()) if gallery_root else meta["gallery_root"],
             created=meta["created"],
             folder=str(folder),
+            ids=meta.get("ids"),
         )
 
 
@@ -525,6 +585,12 @@ def _check_metadata(meta: dict[str, Any]) -> None:
             f"gallery_root should be the absolute path of the gallery folder (not the file system's root), not "
             f"{shorten(gallery_root)}"
         )
+    backend = _field(meta, "backend", str) if "backend" in meta else "faiss"
+    if backend not in ("faiss", "milvus"):
+        raise _Malformed(f"backend should be faiss or milvus, not {shorten(backend)}")
+    if backend != "faiss":
+        # Another backend's data lives outside the folder; its module checks its own keys.
+        return
     names = [_field(meta, key, str) for key in ("vectors_file", "embeddings_file")]
     for key, name in zip(("vectors_file", "embeddings_file"), names, strict=True):
         if not DATA_FILE_NAME.fullmatch(name) or not name.startswith(key.split("_")[0]):
@@ -551,6 +617,10 @@ def _check_metadata(meta: dict[str, Any]) -> None:
             )
     if len(set(paths)) != len(paths):
         raise _Malformed("a gallery path is listed twice")
+    if "ids" in meta:
+        ids = _field(meta, "ids", list)
+        if len(ids) != count or any(type(i) is not int or i < 0 for i in ids) or len(set(ids)) != count:
+            raise _Malformed(f"ids should be {count} distinct non-negative integers")
     for position, label in enumerate(labels):
         if label is not None and not isinstance(label, str):
             raise _Malformed(f"labels[{position}] should be a str or null, not {shorten(label)}")
@@ -627,6 +697,8 @@ def rebuild_command(folder: Path, meta: dict[str, Any], source: dict[str, Any] |
     option = CHOICE_OF_SOURCE.get(text(source, "kind", "checkpoint"), "ckpt")
     gallery = text(meta, "gallery_root", "GALLERY")
     args = [f"{option}={text(source, 'path', 'PATH')}", f"gallery={gallery}", f"out={folder}", "overwrite=true"]
+    if isinstance(meta, dict) and meta.get("backend") == "milvus":
+        args += ["backend=milvus", f"uri={text(meta, 'uri', 'URI')}"]
     return f"rebuild the index: python scripts/build_index.py {shlex.join(args)}"
 
 
@@ -685,7 +757,9 @@ def open_index(
     Raises:
         IndexMismatchError: the model given is not the one that built the index.
     """
-    index = GalleryIndex.load(folder, gallery_root=gallery)
+    from metricsearch.search.backends import load_gallery_index
+
+    index = load_gallery_index(folder, gallery_root=gallery)
     choice = given_choice(choice)
     embedder = load_embedder(**choice) if choice else recorded_embedder(index)
     index.check_embedder(embedder)

@@ -5,7 +5,8 @@ Routes:
     ``GET /api/info``               index size, embedding size, index kind, model
     ``GET /api/gallery``            a page of gallery items (``offset``, ``limit``)
     ``GET /gallery/{path}``         a gallery image; only files the index holds, inside the gallery root
-    ``POST /api/search``            multipart ``file`` (an upload) or ``path`` (a gallery image), and ``k``
+    ``POST /api/search``            multipart ``file`` (an upload) or ``path`` (a gallery image), ``k``, and
+                                    optionally ``label`` / ``folder`` (only results of that class / under it)
 
 Untrusted input is bounded before it costs anything: the request body is cut off at the upload limit while
 it streams in (413); an image's size is read from its header and checked before it is decoded (413), on
@@ -44,8 +45,11 @@ from PIL import Image, UnidentifiedImageError
 from metricsearch.data.io import MAX_ASPECT_RATIO, ImageLoadError, ImageTooLargeError, load_rgb_image
 from metricsearch.inference.model_choice import ModelChoice
 from metricsearch.inference.model_loading import Embedder
+from metricsearch.search.backends import AnyIndex
 from metricsearch.search.errors import MAX_K, RequestError, SearchError, check_k
-from metricsearch.search.index import GalleryIndex, Hit, is_gallery_image_name, open_index
+from metricsearch.search.filters import SearchFilter
+from metricsearch.search.index import Hit, is_gallery_image_name, open_index
+from metricsearch.search.live_index import LiveIndex
 from metricsearch.search.page import render_page
 from metricsearch.utils.messages import shorten
 from metricsearch.utils.paths import resolves_inside
@@ -391,13 +395,27 @@ def gallery_url(path: str) -> str:
 
 
 def _hit_json(hit: Hit) -> dict[str, Any]:
-    return {"rank": hit.rank, "path": hit.path, "label": hit.label, "score": hit.score, "url": gallery_url(hit.path)}
+    return {
+        "rank": hit.rank,
+        "id": hit.id,
+        "path": hit.path,
+        "label": hit.label,
+        "score": hit.score,
+        "url": gallery_url(hit.path),
+    }
 
 
-def build_app(index: GalleryIndex, embedder: Embedder, settings: ServerSettings | None = None) -> FastAPI:
-    """The FastAPI app serving ``index``; ``embedder`` must be the model that built it (checked here)."""
+def build_app(
+    index: AnyIndex, embedder: Embedder, settings: ServerSettings | None = None, gallery: str | Path | None = None
+) -> FastAPI:
+    """The FastAPI app serving ``index``; ``embedder`` must be the model that built it (checked here).
+
+    Each request answers from the index as its folder holds it then (:class:`LiveIndex`): images added or removed
+    by another process show at once.
+    """
     settings = settings or ServerSettings()
     index.check_embedder(embedder)
+    live = LiveIndex(index, embedder, gallery)
     root = Path(index.gallery_root).resolve()
     if not root.is_dir() or root == root.parent:
         raise SearchError(
@@ -412,6 +430,7 @@ def build_app(index: GalleryIndex, embedder: Embedder, settings: ServerSettings 
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.state.index, app.state.embedder, app.state.settings = index, embedder, settings
     app.state.decode_gate = gate
+    app.state.live_index = live
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -423,10 +442,12 @@ def build_app(index: GalleryIndex, embedder: Embedder, settings: ServerSettings 
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
+        index = live.current()
         return {
             "count": len(index),
             "embedding_dim": index.embedding_dim,
             "index_kind": index.index_params["kind"],
+            "backend": index.backend,
             # The file name only: the page may be seen by people who have no business knowing server paths.
             "model": f"{embedder.source['kind']} {Path(embedder.source['path']).name} ({embedder.fingerprint[:12]})",
             "default_k": settings.default_k,
@@ -438,8 +459,15 @@ def build_app(index: GalleryIndex, embedder: Embedder, settings: ServerSettings 
     def gallery(
         offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 48
     ) -> dict[str, Any]:
+        index = live.current()
         items = [
-            {"position": i, "path": index.paths[i], "label": index.labels[i], "url": gallery_url(index.paths[i])}
+            {
+                "position": i,
+                "id": index.ids[i],
+                "path": index.paths[i],
+                "label": index.labels[i],
+                "url": gallery_url(index.paths[i]),
+            }
             for i in range(offset, min(offset + limit, len(index)))
         ]
         return {"total": len(index), "offset": offset, "items": items}
@@ -448,7 +476,7 @@ def build_app(index: GalleryIndex, embedder: Embedder, settings: ServerSettings 
     def gallery_file(path: str) -> FileResponse:
         # Only the image files the index holds are served; their names never contain "..", but a symlink inside the
         # gallery could still point elsewhere, so the resolved file must lie inside the root as well.
-        if path not in index or not is_gallery_image_name(path) or not resolves_inside(root, root / path):
+        if path not in live.current() or not is_gallery_image_name(path) or not resolves_inside(root, root / path):
             raise HTTPException(404, "no such gallery image")
         file = (root / path).resolve()
         if not file.is_file():
@@ -460,10 +488,14 @@ def build_app(index: GalleryIndex, embedder: Embedder, settings: ServerSettings 
         file: Annotated[UploadFile | None, File()] = None,
         path: Annotated[str | None, Form()] = None,
         k: Annotated[int | None, Form()] = None,
+        label: Annotated[str | None, Form()] = None,
+        folder: Annotated[str | None, Form()] = None,
     ) -> dict[str, Any]:
         started = time.perf_counter()
+        index = live.current()
         try:
             k = check_k(settings.default_k if k is None else k, settings.max_k)
+            where = SearchFilter.of(label, folder)
         except RequestError as err:
             raise HTTPException(400, str(err)) from err
         if (file is None) == (path is None):
@@ -472,7 +504,7 @@ def build_app(index: GalleryIndex, embedder: Embedder, settings: ServerSettings 
             if path not in index:
                 raise HTTPException(404, f"{shorten(path)} is not an image of this gallery")
             # A gallery image's embedding is already stored: no decoding, no model call.
-            query = index.embeddings[index.position_of(path)][None]
+            query = index.embedding_of(path)[None]
             described = {"kind": "gallery", "path": path, "label": index.labels[index.position_of(path)]}
         else:
             # Read one byte past the limit to know whether the file exceeds it without reading it all.
@@ -487,7 +519,7 @@ def build_app(index: GalleryIndex, embedder: Embedder, settings: ServerSettings 
                 query = embedder.embed_tensor(batch).numpy()
             filename = file.filename[:255] if file.filename else file.filename
             described = {"kind": "upload", "filename": filename, "size": list(size)}
-        hits = index.search(np.asarray(query, dtype=np.float32), k)[0]
+        hits = index.search(np.asarray(query, dtype=np.float32), k, where)[0]
         return {
             "query": described,
             "k": k,
@@ -507,7 +539,7 @@ def create_app(
     """The app for the index in ``index_dir``, with the model it records (or the one ``choice`` names, if it matches;
     see :func:`~metricsearch.search.index.open_index`)."""
     index, embedder = open_index(index_dir, gallery=gallery, **choice)
-    return build_app(index, embedder, settings)
+    return build_app(index, embedder, settings, gallery=gallery)
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
