@@ -17,6 +17,7 @@ from torch import nn
 from metricsearch.data.dataset import IMAGE, INDEX, LABEL
 from metricsearch.metrics import CollectedEmbeddings, RetrievalMetric
 from metricsearch.models.embedding_model import EmbeddingModel
+from metricsearch.models.losses import ProjectCrossBatchMemory
 from metricsearch.utils.config import ConfigError
 
 # The parts of the model that get their own optimizer parameter group (``lr_multipliers``); the loss's parameters
@@ -79,6 +80,9 @@ class MetricLearningModule(L.LightningModule):
             run refills it within ``xbm_memory_size / global batch`` steps.
         xbm_start_step: optimizer steps trained without the memory first (XBM fills it only once the embeddings
             have settled: its paper's warm-up of iterations).
+        xbm_add_batch_loss: with the memory on, the loss is the batch's loss against itself plus its loss against
+            the memory (which holds the batch too), as the official XBM code adds them; false: the memory loss only
+            (pytorch-metric-learning's ``CrossBatchMemory`` alone).
         val_prefix: the prefix the per-epoch evaluation is logged under: ``val``, or ``test_epoch`` when it runs on
             the test classes (``selection=test_best``; see ``metricsearch.pipelines.selection``).
     """
@@ -104,6 +108,7 @@ class MetricLearningModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         xbm_memory_size: int = 0,
         xbm_start_step: int = 0,
+        xbm_add_batch_loss: bool = False,
         val_prefix: str = "val",
     ) -> None:
         super().__init__()
@@ -241,7 +246,10 @@ class MetricLearningModule(L.LightningModule):
                 f"module.xbm_memory_size={memory.memory_size} is smaller than the global batch ({len(embeddings)} "
                 f"embeddings): the memory must hold at least one batch of every process; raise module.xbm_memory_size"
             )
-        return memory(embeddings, labels) * world_size, world_size
+        loss = memory(embeddings, labels)
+        if self.hparams.xbm_add_batch_loss:
+            loss = loss + self.loss(embeddings, labels)
+        return loss * world_size, world_size
 
     def _skip_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
         """Skips the update of a NaN / inf loss; stops training when they keep coming.
@@ -363,17 +371,17 @@ class MetricLearningModule(L.LightningModule):
 def _cross_batch_memory(loss: nn.Module, miner: nn.Module | None, embedding_dim: int, size: int) -> CrossBatchMemory:
     """pytorch-metric-learning's ``CrossBatchMemory`` around a pair loss, with the miner mining against it."""
     name = type(loss).__name__
-    if any(True for _ in loss.parameters()) or name not in CrossBatchMemory.supported_losses():
+    if any(True for _ in loss.parameters()) or name not in ProjectCrossBatchMemory.supported_losses():
         raise XBMConfigError(
             f"module.xbm_memory_size={size} needs a pair loss, and loss {name} is a proxy or classification loss "
-            f"or one CrossBatchMemory cannot wrap; use one of {', '.join(CrossBatchMemory.supported_losses())} "
+            f"or one CrossBatchMemory cannot wrap; use one of {', '.join(ProjectCrossBatchMemory.supported_losses())} "
             "(e.g. loss=contrastive or loss=multi_similarity), or set module.xbm_memory_size=0"
         )
     if miner is not None and not isinstance(miner, BaseMiner):
         raise XBMConfigError(
             f"module.xbm_memory_size needs a pytorch-metric-learning miner, not {type(miner).__name__}; set miner=null"
         )
-    return CrossBatchMemory(loss, embedding_size=embedding_dim, memory_size=size, miner=miner)
+    return ProjectCrossBatchMemory(loss, embedding_size=embedding_dim, memory_size=size, miner=miner)
 
 
 def _gather_in_rank_order(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
