@@ -74,7 +74,8 @@ def test_multi_similarity_drops_copies_of_the_anchor_where_the_library_does_not(
     labels = torch.tensor([0, 0, 0, 1, 1])
     expected = official_multi_similarity(feats, labels.tolist())
     ours = OfficialMultiSimilarityLoss()(feats, labels).item()
-    library = MultiSimilarityLoss(alpha=2.0, beta=40.0, base=0.5)(feats, labels, MultiSimilarityMiner(0.1)(feats, labels))
+    pairs = MultiSimilarityMiner(0.1)(feats, labels)
+    library = MultiSimilarityLoss(alpha=2.0, beta=40.0, base=0.5)(feats, labels, pairs)
     assert ours == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert library.item() != pytest.approx(expected, rel=1e-3)
 
