@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from pytorch_metric_learning.losses import MultiSimilarityLoss
 from pytorch_metric_learning.miners import MultiSimilarityMiner
 
-from metricsearch.models.losses import OfficialMultiSimilarityLoss, OfficialXBMContrastiveLoss, ProjectCrossBatchMemory
+from metricsearch.models.losses import (
+    OfficialMultiSimilarityLoss,
+    OfficialXBMContrastiveLoss,
+    ProjectCrossBatchMemory,
+    ViewPairCrossEntropyLoss,
+)
 
 
 def official_multi_similarity(feats, labels, alpha=2.0, beta=40.0, base=0.5, margin=0.1) -> float:
@@ -113,3 +118,45 @@ def test_batch_plus_memory_loss_equals_the_official_sum(seed):
             feats, labels.tolist(), stored[0], stored[1].tolist()
         )
         assert ours.item() == pytest.approx(expected, rel=1e-5)
+
+
+def hyp_metric_loss(z, tau):
+    """hyp_metric's loop (sphere mode): z is classes x views x dim; cross-entropy per ordered pair of views, summed."""
+    total = 0.0
+    classes, views = z.shape[0], z.shape[1]
+    for i in range(views):
+        for j in range(views):
+            if i == j:
+                continue
+            pair_sum = 0.0
+            for k in range(classes):
+                logits = [float(z[k, i] @ z[c, j]) / tau for c in range(classes)]
+                logits += [float(z[k, i] @ z[c, i]) / tau for c in range(classes) if c != k]
+                top = max(logits)
+                pair_sum += -(logits[k] - top) + math.log(sum(math.exp(v - top) for v in logits))
+            total += pair_sum / classes
+    return total
+
+
+@pytest.mark.parametrize("views", [2, 3, 9])
+def test_view_pair_cross_entropy_equals_the_hyp_metric_loop(views):
+    generator = torch.Generator().manual_seed(views)
+    classes = 5
+    z = F.normalize(torch.randn(classes, views, 6, generator=generator, dtype=torch.float64), dim=-1)
+    # The batch in view-major order with the classes shuffled: each class's views keep their order (view i of a class
+    # is its i-th image in the batch), which is all the official loss depends on.
+    class_order = torch.randperm(classes, generator=generator)
+    feats = z[class_order].transpose(0, 1).reshape(-1, 6)
+    labels = class_order.repeat(views)
+    ours = ViewPairCrossEntropyLoss(temperature=0.1)(feats, labels)
+    assert ours.item() == pytest.approx(hyp_metric_loss(z, 0.1), rel=1e-9)
+
+
+def test_view_pair_cross_entropy_with_two_views_is_twice_nt_xent():
+    from pytorch_metric_learning.losses import NTXentLoss
+
+    feats, _ = batch(7, n=12, classes=6)
+    labels = torch.arange(12) % 6
+    ours = ViewPairCrossEntropyLoss(temperature=0.1)(feats, labels)
+    # NT-Xent adds a tiny constant inside its log for stability: equal to 1e-6.
+    assert ours.item() == pytest.approx(2 * NTXentLoss(temperature=0.1)(feats, labels).item(), rel=1e-6)

@@ -182,6 +182,58 @@ class OfficialXBMContrastiveLoss(BaseMetricLossFunction):
         return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
 
 
+class ViewPairCrossEntropyLoss(BaseMetricLossFunction):
+    """The pairwise cross-entropy of hyp_metric (Ermolov et al. 2022, CVPR; ``train.py`` ``contrastive_loss``), in its
+    sphere mode (``--hyp_c 0``): each class of the batch appears ``m`` times; for every ordered pair of views
+    ``(i, j)``, ``i != j``, view ``i`` of each class must pick view ``j`` of the same class among view ``j`` of every
+    class and view ``i`` of the other classes (softmax cross-entropy over dot products / temperature, averaged over
+    classes), and the loss is the sum over the ``m (m - 1)`` pairs of views.
+
+    With ``m = 2`` this is pytorch-metric-learning's ``NTXentLoss`` times 2; with more views per class it differs:
+    NT-Xent's denominator holds every view of every other class, this one only views ``i`` and ``j``.
+
+    Args:
+        temperature: divides the similarities (0.1 for the sphere version, 0.2 the code's default).
+    """
+
+    def __init__(self, temperature: float = 0.1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not temperature > 0:
+            raise ValueError(f"loss.temperature={temperature} must be positive")
+        self.temperature = float(temperature)
+        self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
+
+    def get_default_distance(self) -> DotProductSimilarity:
+        return DotProductSimilarity(normalize_embeddings=False)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> dict:
+        if indices_tuple is not None or ref_emb is not embeddings:
+            raise ValueError(
+                "loss=view_pair_cross_entropy compares the views of one batch and takes no miner or memory: set "
+                "miner=none and module.xbm_memory_size=0"
+            )
+        order = torch.sort(labels, stable=True).indices
+        _, counts = torch.unique_consecutive(labels[order], return_counts=True)
+        views = int(counts[0])
+        if views < 2 or bool((counts != views).any()):
+            raise ValueError(
+                "loss=view_pair_cross_entropy needs every label of a batch the same number of times (at least 2): use "
+                "the m-per-class sampler (sampler.m >= 2)"
+            )
+        grouped = embeddings[order].reshape(len(counts), views, -1)
+        targets = torch.arange(len(counts), device=embeddings.device)
+        self_mask = torch.eye(len(counts), device=embeddings.device, dtype=torch.bool)
+        loss = embeddings.new_zeros(())
+        for i in range(views):
+            for j in range(views):
+                if i == j:
+                    continue
+                across = grouped[:, i] @ grouped[:, j].T / self.temperature
+                within = (grouped[:, i] @ grouped[:, i].T / self.temperature).masked_fill(self_mask, float("-inf"))
+                loss = loss + F.cross_entropy(torch.cat([across, within], dim=1), targets)
+        return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
+
+
 def _log_one_plus_sum_exp(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Row-wise ``log(1 + sum of exp(values) over mask)``, computed stably (0 for an empty row)."""
     masked = torch.where(mask, values, torch.full_like(values, float("-inf")))

@@ -23,7 +23,7 @@ from metricsearch.utils.config import ConfigError
 # The parts of the model that get their own optimizer parameter group (``lr_multipliers``); the loss's parameters
 # form a third group with ``loss_lr_multiplier``.
 MODEL_PARTS = ("backbone", "head")
-SCHEDULER_INTERVALS = ("epoch", "step")
+SCHEDULER_INTERVALS = ("epoch", "step", "validation")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,7 +72,10 @@ class MetricLearningModule(L.LightningModule):
             (keys ``backbone`` and ``head``, each 1.0 when left out). Each part is its own parameter group, named
             after it; parameters that do not train (``requires_grad`` false) are in none.
         scheduler_interval: step the scheduler every ``epoch`` or every optimizer ``step`` (milestones in
-            iterations).
+            iterations), or after every ``validation`` with the value of ``scheduler_metric`` (a plateau scheduler,
+            ``ReduceLROnPlateau``, as the official XBM code steps it after each evaluation).
+        scheduler_metric: with ``scheduler_interval=validation``, the evaluation metric (``recall@1``, ``map@r``,
+            ...) under the evaluation's prefix (``val``, or ``test_epoch`` under ``selection=test_best``).
         xbm_memory_size: cross-batch memory (XBM, Wang et al. 2020): the pair loss also compares the batch with
             the embeddings of this many recent training images (pytorch-metric-learning's ``CrossBatchMemory``;
             the miner mines against the memory). 0 turns it off. Under DDP the memory receives every process's
@@ -106,6 +109,7 @@ class MetricLearningModule(L.LightningModule):
         warmup_epochs: int = 0,
         lr_multipliers: Mapping[str, float] | None = None,
         scheduler_interval: str = "epoch",
+        scheduler_metric: str | None = None,
         xbm_memory_size: int = 0,
         xbm_start_step: int = 0,
         xbm_add_batch_loss: bool = False,
@@ -119,7 +123,12 @@ class MetricLearningModule(L.LightningModule):
                 "(the loss's multiplier is loss.lr_multiplier)"
             )
         if scheduler_interval not in SCHEDULER_INTERVALS:
-            raise ConfigError(f"scheduler.interval={scheduler_interval} must be epoch or step")
+            raise ConfigError(f"scheduler.interval={scheduler_interval} must be epoch, step or validation")
+        if (scheduler_interval == "validation") != (scheduler_metric is not None):
+            raise ConfigError(
+                "scheduler.metric names the evaluation metric a plateau scheduler follows: set it together with "
+                f"scheduler.interval=validation (got interval {scheduler_interval}, metric {scheduler_metric})"
+            )
         lr_multipliers = {part: float((lr_multipliers or {}).get(part, 1.0)) for part in MODEL_PARTS}
         self.save_hyperparameters(ignore=["model", "loss", "miner", "optimizer", "scheduler"])
         self.model = model
@@ -292,6 +301,29 @@ class MetricLearningModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_retrieval(self.val_metric, self.hparams.val_prefix)
+        self._step_plateau_scheduler()
+
+    def _step_plateau_scheduler(self) -> None:
+        """Steps a ``scheduler.interval=validation`` scheduler with the metric just evaluated (not in the sanity
+        check, which evaluates an untrained model on two batches)."""
+        scheduler = getattr(self, "_validation_scheduler", None)
+        if scheduler is None or self.trainer.sanity_checking:
+            return
+        values = self.last_metrics.get(self.hparams.val_prefix, {})
+        metric = self.hparams.scheduler_metric
+        if metric not in values:
+            raise ConfigError(
+                f"scheduler.metric={metric} is not an evaluation metric; it is one of {', '.join(sorted(values))}"
+            )
+        scheduler.step(float(values[metric]))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        scheduler = getattr(self, "_validation_scheduler", None)
+        if scheduler is not None:
+            checkpoint["validation_scheduler"] = scheduler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._validation_scheduler_state = checkpoint.get("validation_scheduler")
 
     def on_test_epoch_end(self) -> None:
         self._log_retrieval(self.test_metric, self.test_prefix)
@@ -365,6 +397,14 @@ class MetricLearningModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         interval = self.hparams.scheduler_interval
+        if interval == "validation":
+            # Stepped by the module after each evaluation (see _step_plateau_scheduler), not by Lightning, whose
+            # step-interval plateau stepping counts batches within the epoch rather than evaluations.
+            state = getattr(self, "_validation_scheduler_state", None)
+            if state is not None:
+                scheduler.load_state_dict(state)
+            self._validation_scheduler = scheduler
+            return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
 
