@@ -50,9 +50,10 @@ test: install chromium ## Run the test suite (slow tests excluded; the browser t
 test-all: install chromium ## Run every test that can run on this machine, slow ones included
 	$(PY) -m pytest -m "not gpu" $(ARGS)
 
-reproduce: install ## Loss x dataset x seed grid into results/ (resumable; DATASETS=cub,cars196,sop LOSSES= SEEDS= EPOCHS= EXTRA=)
+reproduce: install ## Loss x dataset x seed grid into results/ (resumable; DATASETS=cub,cars196,sop LOSSES= SEEDS= EPOCHS= EXTRA= WEIGHTS=backbone=FILE,...)
 	$(PY) scripts/reproduce.py --datasets "synthetic,$(DATASETS)" $(if $(LOSSES),--losses "$(LOSSES)") \
-		$(if $(SEEDS),--seeds "$(SEEDS)") $(if $(EPOCHS),--epochs $(EPOCHS)) --extra "$(EXTRA)"
+		$(if $(SEEDS),--seeds "$(SEEDS)") $(if $(EPOCHS),--epochs $(EPOCHS)) --extra "$(EXTRA)" \
+		$(if $(WEIGHTS),--weights "$(WEIGHTS)")
 
 compare: install ## Fair loss comparison into results/compare/ (resumable; DATASETS= LOSSES= TRIALS= FOLDS= SEEDS= EPOCHS= IMAGE_SIZE= WORKERS= INCLUDE_DEFAULT= EXTRA=)
 	$(PY) scripts/compare.py --datasets "synthetic,$(DATASETS)" $(if $(LOSSES),--losses "$(LOSSES)") \

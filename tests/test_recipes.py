@@ -267,3 +267,56 @@ def test_the_recipe_runs_on_a_miniature_copy(recipe, data, miniature_roots, tmp_
     assert summary["selection"]["optimistic"] == (cfg.selection == "test_best")
     if cfg.selection == "test_best":
         assert any(key.startswith("test_epoch/") for key in metrics)
+
+
+@pytest.mark.parametrize("recipe", ["cub_proxy_anchor_r50", "cars196_proxy_anchor_bninception"])
+def test_proxy_anchor_warm_up_then_every_backbone_parameter_trains_with_bn_statistics_frozen(
+    recipe, miniature_roots, tmp_path
+):
+    """The official loop with --warm and --bn-freeze 1 (code/train.py:266-287): during warm-up only the embedding and
+    the proxies train; from the end of warm-up on every backbone parameter trains, BatchNorm's affine weights
+    included, while BatchNorm stays in eval mode so its running statistics never move. A small CNN stands in for
+    the recipe's backbone; every other setting is the recipe's."""
+    import lightning as L
+    import torch
+
+    from metricsearch.pipelines.train import build_run
+    from metricsearch.utils.trainer_settings import quiet_trainer_settings
+
+    cfg = compose_config([f"experiment={recipe}"], tmp_path, tmp_path, tiny=False)
+    root = miniature_roots[DATA_ROOTS[str(cfg.data.source._target_).rsplit(".", 1)[-1]]]
+    overrides = [*run_overrides(recipe, cfg, root), "backbone.model_name=resnet10t", "module.warmup_epochs=1"]
+    cfg = compose_config([f"experiment={recipe}", *overrides], tmp_path, tmp_path, tiny=False)
+    L.seed_everything(0)
+    module, datamodule = build_run(cfg)
+    backbone = module.model.backbone
+
+    def state() -> dict[str, torch.Tensor]:
+        return {name: value.detach().clone() for name, value in backbone.state_dict().items()}
+
+    snapshots = [state()]
+
+    class Snapshot(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            snapshots.append(state())
+
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        accelerator="cpu",
+        use_distributed_sampler=False,
+        callbacks=[Snapshot()],
+        **quiet_trainer_settings(),
+    )
+    trainer.fit(module, datamodule=datamodule)
+    initial, after_warm_up, after_training = snapshots
+    parameters = [name for name, _ in backbone.named_parameters()]
+    statistics = [name for name in initial if name.endswith(("running_mean", "running_var"))]
+    batch_norm_affine = [name for name in parameters if name.rsplit(".", 1)[0] + ".running_mean" in initial]
+    assert statistics and batch_norm_affine
+    assert [n for n in parameters if not torch.equal(initial[n], after_warm_up[n])] == [], "warm-up moved the backbone"
+    assert [n for n in parameters if torch.equal(after_warm_up[n], after_training[n])] == [], (
+        "after warm-up every backbone parameter trains, BatchNorm's affine weights included"
+    )
+    assert [n for n in statistics if not torch.equal(initial[n], after_training[n])] == [], "BN statistics moved"
