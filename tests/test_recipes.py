@@ -320,3 +320,20 @@ def test_proxy_anchor_warm_up_then_every_backbone_parameter_trains_with_bn_stati
         "after warm-up every backbone parameter trains, BatchNorm's affine weights included"
     )
     assert [n for n in statistics if not torch.equal(initial[n], after_training[n])] == [], "BN statistics moved"
+
+
+@pytest.mark.parametrize("recipe", [r for r in recipes() if "multi_similarity_bninception" in r])
+def test_multi_similarity_bninception_embeds_after_global_max_pooling(recipe, tmp_path):
+    """research-ms-loss's BN-Inception takes the embedding after F.adaptive_max_pool2d (bninception.py:505-507),
+    not average pooling: the recipe's backbone must pool the same way, on a real forward pass."""
+    import torch
+
+    from metricsearch.models.backbone import TimmBackbone
+
+    cfg = compose_config([f"experiment={recipe}"], tmp_path, tmp_path, tiny=False)
+    backbone = TimmBackbone(cfg.backbone.model_name, global_pool=cfg.backbone.global_pool).eval()
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        feature_map = backbone.model.forward_features(images)
+        pooled = backbone(images)
+    torch.testing.assert_close(pooled, feature_map.amax(dim=(2, 3)))
