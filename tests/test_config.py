@@ -141,9 +141,11 @@ def test_optimizer_and_schedulers(option, tmp_path):
         optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2))])
         if cfg.scheduler is not None:
             optimizer.step()
-            # `interval` (epoch or step) is for Lightning; the pipeline pops it before instantiating.
-            scheduler = {k: v for k, v in to_plain(cfg.scheduler).items() if k != "interval"}
-            instantiate(scheduler)(optimizer).step()
+            # `interval` (epoch, step or validation) and a plateau scheduler's `metric` are for the module; the
+            # pipeline pops them before instantiating. A plateau scheduler steps with the evaluated metric.
+            scheduler = {k: v for k, v in to_plain(cfg.scheduler).items() if k not in ("interval", "metric")}
+            built = instantiate(scheduler)(optimizer)
+            built.step(0.5) if cfg.scheduler.interval == "validation" else built.step()
 
 
 @pytest.mark.parametrize("option", _options("trainer"))
