@@ -160,3 +160,57 @@ def test_view_pair_cross_entropy_with_two_views_is_twice_nt_xent():
     ours = ViewPairCrossEntropyLoss(temperature=0.1)(feats, labels)
     # NT-Xent adds a tiny constant inside its log for stability: equal to 1e-6.
     assert ours.item() == pytest.approx(2 * NTXentLoss(temperature=0.1)(feats, labels).item(), rel=1e-6)
+
+
+def test_the_module_adds_the_batch_loss_to_the_memory_loss_as_the_official_trainer(tmp_path):
+    """MetricLearningModule with xbm_add_batch_loss: after xbm_start_step, each step's loss is the official
+    criterion(batch, batch) + criterion(batch, memory), the memory holding the batch (research-xbm
+    trainer.py:105-115). Margin 0, so that the untrained embeddings' negatives count too."""
+    import functools
+
+    import lightning as L
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from metricsearch.data.dataset import IMAGE, INDEX, LABEL
+    from metricsearch.models.embedding_model import EmbeddingModel
+    from metricsearch.models.head import EmbeddingHead
+    from metricsearch.models.module import MetricLearningModule
+    from metricsearch.utils.trainer_settings import quiet_trainer_settings
+    from tests.test_training_options import FixedBatches, RecordSteps
+
+    generator = torch.Generator().manual_seed(5)
+    batches = [
+        {IMAGE: torch.randn(4, 6, generator=generator), LABEL: torch.tensor([0, 0, 1, 1]) + s, INDEX: torch.arange(4)}
+        for s in range(4)
+    ]
+    torch.manual_seed(0)
+    module = MetricLearningModule(
+        model=EmbeddingModel(nn.Sequential(nn.Linear(6, 16), nn.ReLU()), EmbeddingHead(16, 5)),
+        loss=OfficialXBMContrastiveLoss(margin=0.0),
+        miner=None,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        recall_at_k=[1],
+        compute_nmi=False,
+        xbm_memory_size=64,
+        xbm_start_step=1,
+        xbm_add_batch_loss=True,
+    )
+    record = RecordSteps()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_val_batches=0, callbacks=[record], **quiet_trainer_settings()
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(FixedBatches(batches), batch_size=None))
+    labels = [b[LABEL].tolist() for b in batches]
+    # Step 0 trains without the memory: the batch loss alone.
+    first = record.embeddings[0].double()
+    plain = official_xbm_contrastive(first, labels[0], first, labels[0], margin=0.0)
+    assert record.losses[0] == pytest.approx(plain, rel=1e-5)
+    # Step 3: the batch against itself plus against the memory of steps 1-3 (step 0 never entered it).
+    last = record.embeddings[3].double()
+    memory = torch.cat([record.embeddings[s] for s in (1, 2, 3)]).double()
+    memory_labels = labels[1] + labels[2] + labels[3]
+    expected = official_xbm_contrastive(last, labels[3], last, labels[3], margin=0.0) + official_xbm_contrastive(
+        last, labels[3], memory, memory_labels, margin=0.0
+    )
+    assert record.losses[3] == pytest.approx(expected, rel=1e-5)
