@@ -57,10 +57,10 @@ test: install chromium ## Run the test suite (slow tests excluded; the browser t
 test-all: install chromium ## Run every test that can run on this machine, slow ones included
 	$(PY) -m pytest -m "not gpu" $(ARGS)
 
-reproduce: install ## Loss x dataset x seed grid into outputs/reproduce/ (resumable; RESULTS_DIR=results refreshes the committed tables; DATASETS=cub,cars196,sop LOSSES= SEEDS= EPOCHS= EXTRA=)
+reproduce: install ## Loss x dataset x seed grid into outputs/reproduce/ (resumable; RESULTS_DIR=results refreshes the committed tables; DATASETS=cub,cars196,sop LOSSES= SEEDS= EPOCHS= EXTRA= WEIGHTS=backbone=FILE,...)
 	$(PY) scripts/reproduce.py --datasets "synthetic,$(DATASETS)" $(if $(LOSSES),--losses "$(LOSSES)") \
 		$(if $(SEEDS),--seeds "$(SEEDS)") $(if $(EPOCHS),--epochs $(EPOCHS)) --extra "$(EXTRA)" \
-		--results-dir "$(or $(RESULTS_DIR),outputs/reproduce)"
+		$(if $(WEIGHTS),--weights "$(WEIGHTS)") --results-dir "$(or $(RESULTS_DIR),outputs/reproduce)"
 
 compare: install ## Fair loss comparison into outputs/compare/ (resumable; RESULTS_DIR=results/compare refreshes the committed one; DATASETS= LOSSES= TRIALS= FOLDS= SEEDS= EPOCHS= IMAGE_SIZE= WORKERS= INCLUDE_DEFAULT= EXTRA=)
 	$(PY) scripts/compare.py --datasets "synthetic,$(DATASETS)" $(if $(LOSSES),--losses "$(LOSSES)") \

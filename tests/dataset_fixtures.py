@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -176,10 +177,11 @@ def make_cars_devkit(root: Path, nested: bool = False) -> SplitCounts:
 # --- Stanford Online Products ---
 
 
-def make_sop(root: Path, classes_per_side: int = 12) -> SplitCounts:
+def make_sop(root: Path, classes_per_side: int = 12, class_sizes: Sequence[int] = (2, 3, 4)) -> SplitCounts:
     """Ebay_train.txt / Ebay_test.txt / Ebay_info.txt with the header line, images as <category>_final/*.JPG.
 
-    Class sizes cycle through 2, 3 and 4 images, so some classes have the 2 images that make m=4 impossible.
+    Class sizes cycle through ``class_sizes`` (2, 3 and 4 images by default, so some classes have the 2 images that
+    make m=4 impossible; SOP's real sizes are 2 to 12).
     """
     header = "image_id class_id super_class_id path"
     rows = {"train": [], "test": []}
@@ -191,7 +193,7 @@ def make_sop(root: Path, classes_per_side: int = 12) -> SplitCounts:
             super_class = offset % len(SOP_CATEGORIES) + 1
             category = SOP_CATEGORIES[super_class - 1]
             product = 111000000000 + class_id
-            for k in range(2 + offset % 3):
+            for k in range(class_sizes[offset % len(class_sizes)]):
                 image_id += 1
                 relative = f"{category}_final/{product}_{k}.JPG"
                 write_image(root / relative, seed=30_000 + image_id)

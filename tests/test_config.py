@@ -148,11 +148,13 @@ def test_optimizer_and_schedulers(option, tmp_path):
         assert torch.all(weight > 0) and torch.all(weight < 1), (option, weight)
         if cfg.scheduler is None:
             continue
-        # `interval` (epoch or step) is for Lightning; the pipeline pops it before instantiating.
-        settings = {k: v for k, v in to_plain(cfg.scheduler).items() if k != "interval"}
+        # `interval` (epoch, step or validation) and a plateau scheduler's `metric` are for the module; the pipeline
+        # pops them before instantiating. A plateau scheduler steps with the evaluated metric.
+        settings = {k: v for k, v in to_plain(cfg.scheduler).items() if k not in ("interval", "metric")}
         lr_scheduler = instantiate(settings)(optimizer)
+        plateau = cfg.scheduler.interval == "validation"
         assert isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler), scheduler
-        lr_scheduler.step()
+        lr_scheduler.step(0.5) if plateau else lr_scheduler.step()
         # The scheduler drives the optimizer's learning rate, and never raises it above the configured one.
         assert optimizer.param_groups[0]["lr"] == lr_scheduler.get_last_lr()[0]
         assert 0 <= optimizer.param_groups[0]["lr"] <= cfg.optimizer.lr, (option, scheduler)

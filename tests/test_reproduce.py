@@ -13,7 +13,14 @@ import sys
 import pytest
 
 from metricsearch.analysis.results import RunResult, format_results_markdown, summarize_results
-from metricsearch.pipelines.reproduce import Cell, cell_overrides, dataset_availability, grid_cells
+from metricsearch.pipelines.reproduce import (
+    Cell,
+    cell_overrides,
+    dataset_availability,
+    grid_cells,
+    recipe_comparison_table,
+    results_table,
+)
 from tests.helpers import REPO_ROOT, TINY
 
 
@@ -97,6 +104,58 @@ def test_the_table_shows_the_selection_and_the_published_number():
     assert "| triplet | 1 | val |  | 60.0 |" in table
 
 
+def test_each_recipe_cell_gets_the_weights_file_of_its_own_backbone(tmp_path):
+    weights = {"bn_inception": "/w/bn_inception-52deb4733.pth", "resnet50_tv": "/w/resnet50.pth"}
+
+    def weights_file(recipe: str) -> list[str]:
+        overrides = cell_overrides(Cell("cub", recipe, 0, recipe=recipe), tmp_path, None, [], weights)
+        return [o for o in overrides if o.startswith("backbone.weights_file=")]
+
+    assert weights_file("cub_proxy_anchor_bninception") == ["backbone.weights_file=/w/bn_inception-52deb4733.pth"]
+    assert weights_file("cub_proxy_anchor_r50") == ["backbone.weights_file=/w/resnet50.pth"]
+    assert weights_file("cub_ntxent_vits_dino") == []  # no file given for its backbone: the hub
+    assert "backbone.weights_file" not in " ".join(
+        cell_overrides(Cell("cub", "triplet", 0), tmp_path, None, [], weights)
+    )
+
+
+def test_the_printed_tables_put_each_recipe_beside_its_published_row_and_never_another_models_number():
+    from rich.console import Console
+
+    metrics = {"recall@1": 0.688, "map@r": 0.25, "r_precision": 0.36}
+    rows = summarize_results(
+        [
+            RunResult("cub", "cub_proxy_anchor_r50", 0, metrics, selection="test_best"),
+            RunResult(
+                "sop", "sop_multi_similarity_bninception", 0, {**metrics, "recall@1": 0.75}, selection="test_best"
+            ),
+            RunResult("cub", "triplet", 0, {**metrics, "recall@1": 0.6}),
+        ]
+    )
+    console = Console(record=True, width=400)
+    console.print(results_table(rows))
+    console.print(recipe_comparison_table(rows))
+    lines = console.export_text().splitlines()
+    proxy_anchor = next(line for line in lines if "cub_proxy_anchor_r50" in line and "69.9" in line)
+    # The row's source alias is spelled out as the repository at its commit.
+    assert (
+        "68.8" in proxy_anchor
+        and "tjddus9597/Proxy-Anchor-CVPR2020@51db570:README.md:80" in proxy_anchor
+        and "ResNet-50, 512-d" in proxy_anchor
+    )
+    multi_similarity = [line for line in lines if "sop_multi_similarity_bninception" in line]
+    assert any("not verified" in line for line in multi_similarity)
+    assert not any("78.2" in line for line in lines)
+    assert any("triplet" in line and "60.0" in line for line in lines)  # the whole summary, not only recipes
+    assert recipe_comparison_table([row for row in rows if row.loss == "triplet"]) is None
+
+
+def test_weights_for_an_unknown_backbone_is_a_usage_error(tmp_path):
+    result = run_reproduce(["--weights", "resnet50=/w/r50.pth", "--dry-run", "--results-dir", str(tmp_path)])
+    assert result.returncode == 2
+    assert "error: weights=resnet50=/w/r50.pth" in result.stderr and "bn_inception" in result.stderr
+
+
 def test_dry_run_lists_the_recipes_of_a_dataset_on_disk(tmp_path):
     (tmp_path / "CUB_200_2011").mkdir()
     result = run_reproduce(
@@ -164,6 +223,8 @@ def test_tiny_grid_end_to_end_with_skip_and_resume(tmp_path, data_dir):
     triplet_row = next(line for line in markdown.splitlines() if line.startswith("| triplet |"))
     assert triplet_row.startswith("| triplet | 3 |") and "±" in triplet_row
     assert "Training time of these runs" in markdown
+    # The run ends with its table on the console, not only the file's name.
+    assert "Reproduce: test classes" in second.stdout and "triplet" in second.stdout.split("Reproduce: test classes")[1]
     with open(results / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["dataset"], r["loss"], r["num_seeds"]) for r in rows] == [("synthetic", "triplet", "3")]

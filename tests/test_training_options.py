@@ -176,7 +176,7 @@ def test_learning_rate_groups_carry_their_multipliers(tmp_path, data_dir):
     [
         ("+module.lr_multipliers.trunk=1.0", "module.lr_multipliers.trunk is not a part"),
         ("module.lr_multipliers.head=-1", "module.lr_multipliers.head=-1 must be at least 0"),
-        ("scheduler.interval=batch", "scheduler.interval=batch must be epoch or step"),
+        ("scheduler.interval=batch", "scheduler.interval=batch must be epoch, step or validation"),
         ("module.warmup_epochs=-1", "module.warmup_epochs=-1 must be at least 0"),
         ("module.xbm_memory_size=8", "module.xbm_memory_size=8 is smaller than data.batch_size=16"),
         ("trainer=ddp", "set trainer.strategy=ddp_find_unused_parameters_true"),

@@ -256,8 +256,13 @@ def _protocol(ours: str, paper: str) -> str:
     return ours if paper in ("", ours) else f"{ours} (the source: {paper})"
 
 
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split()).replace("|", "/")
+
+
 def recipes_table(sources: DocsSources) -> str:
-    """One row per recipe card: the recipe, its title, the published R@1, the protocol, the card's differences."""
+    """One row per recipe card: the recipe, its title, the published R@1 with the row it comes from (or why none is
+    printed), the protocol, the expected gap by reading, and the card's declared differences."""
     body, differences = [], []
     for path in sorted(sources.experiment_dir.glob("*.yaml")):
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -265,20 +270,26 @@ def recipes_table(sources: DocsSources) -> str:
         if not isinstance(card, dict):
             continue
         published = card.get("published") or {}
-        first = next((k for k in ("recall@1",) if k in published), None)
-        shown = f"{float(published[first]):.1f}" if first else "–"
+        row = _one_line(card.get("published_row") or "")
+        if "recall@1" in published:
+            shown = f"{float(published['recall@1']):.1f}"
+        else:
+            shown = "not verified" if row.startswith("not verified") else "none"
         body.append(
             [
                 f"`{path.stem}`",
-                str(card.get("title", path.stem)),
+                _one_line(card.get("title", path.stem)),
                 shown,
+                row or "–",
                 _protocol(str(raw.get("selection") or "val"), str(card.get("published_protocol") or "")),
+                _one_line(card.get("expected_gap") or "–"),
             ]
         )
-        listed = [" ".join(str(d).split()) for d in card.get("differences") or []]
+        listed = [_one_line(d) for d in card.get("differences") or []]
         differences += [f"    - `{path.stem}`: " + " ".join(listed)] if listed else []
-    lines = _table(["recipe", "paper setting", "paper R@1", "protocol"], ["---", "---", "---:", "---"], body)
-    lines += ["", '??? note "What each card lists as different from the official code, and why"', "", *differences]
+    header = ["recipe", "paper setting", "published R@1", "its row", "protocol", "expected gap (by reading)"]
+    lines = _table(header, ["---", "---", "---:", "---", "---", "---"], body)
+    lines += ["", '??? note "What each card declares as different from the official code, and why"', "", *differences]
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from metricsearch.pipelines.reproduce import (
     DEFAULT_SYNTHETIC_EPOCHS,
     reproduce,
 )
+from metricsearch.utils.recipes import BACKBONE_WEIGHTS
 
 REPRODUCE = Command(
     name="reproduce",
@@ -45,6 +46,11 @@ REPRODUCE = Command(
         ),
         "results_dir": Option(None, "where runs/ and the tables go (none: the repository's results/)"),
         "extra": Option("", "Hydra overrides added to every cell, e.g. 'backbone=resnet18'"),
+        "weights": Option(
+            "",
+            "offline pretrained weights per recipe backbone, comma-separated BACKBONE=FILE (backbones: "
+            f"{', '.join(BACKBONE_WEIGHTS)}): each file becomes backbone.weights_file of the recipes on that backbone",
+        ),
         "timeout": Option(None, "seconds after which a cell counts as failed", type=float),
         "dry_run": Option(False, "list the cells and their commands, run nothing"),
         "aggregate_only": Option(False, "only rewrite the tables from finished cells"),
@@ -62,6 +68,7 @@ def _reproduce(args: Arguments, command: str) -> int:
         results_dir=args["results_dir"],
         epochs=args["epochs"],
         extra=shlex.split(args["extra"] or ""),
+        weights=_weights(args["weights"]),
         timeout=args["timeout"],
         dry_run=args["dry_run"],
         aggregate_only=args["aggregate_only"],
@@ -77,6 +84,20 @@ def main_reproduce(argv: Sequence[str]) -> int:
 
 def _split(text: str | None) -> list[str]:
     return [item.strip() for item in (text or "").replace(" ", ",").split(",") if item.strip()]
+
+
+def _weights(text: str | None) -> dict[str, str]:
+    """``bn_inception=PATH,resnet50_tv=PATH`` as a mapping, each backbone one of BACKBONE_WEIGHTS."""
+    weights = {}
+    for item in _split(text):
+        backbone, sep, path = item.partition("=")
+        if not sep or not path or backbone not in BACKBONE_WEIGHTS:
+            raise UsageError(
+                f"weights={text}: each item is BACKBONE=FILE with BACKBONE one of {', '.join(BACKBONE_WEIGHTS)}, "
+                "e.g. weights=bn_inception=/models/bn_inception-52deb4733.pth"
+            )
+        weights[backbone] = path
+    return weights
 
 
 def _seeds(text: str | None) -> list[int]:

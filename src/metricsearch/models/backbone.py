@@ -102,6 +102,8 @@ class TimmBackbone(nn.Module):
             model (``avg``, ``max``, ``avgmax``, ``catavgmax``; ``token`` or ``avg`` for ViTs); None keeps the
             model's own.
         img_size: input size for models that need it fixed at creation (ViTs); ignored by CNNs.
+        freeze_patch_embed: keep a ViT's patch embedding (``patch_embed``) frozen for the whole run, as hyp_metric's
+            ``--freeze 0`` does; the class token and position embeddings still train.
         freeze_bn: deprecated boolean form of ``bn_freeze`` (true = ``all``), still read from older model configs.
     """
 
@@ -113,6 +115,7 @@ class TimmBackbone(nn.Module):
         bn_freeze: str | None = None,
         global_pool: str | None = None,
         img_size: int | None = None,
+        freeze_patch_embed: bool = False,
         freeze_bn: bool | None = None,
     ) -> None:
         super().__init__()
@@ -164,6 +167,15 @@ class TimmBackbone(nn.Module):
             for module in self._batch_norms():
                 for param in module.parameters():
                     param.requires_grad_(False)
+        if freeze_patch_embed:
+            patch_embed = getattr(self.model, "patch_embed", None)
+            if patch_embed is None:
+                raise ValueError(
+                    f"backbone.freeze_patch_embed=true needs a vision transformer's patch embedding, and {model_name} "
+                    "has none; set backbone.freeze_patch_embed=false"
+                )
+            for param in patch_embed.parameters():
+                param.requires_grad_(False)
 
     def _use_avg_plus_max(self, model_name: str) -> None:
         pool = getattr(self.model, "global_pool", None)

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # default: PyTorch's Linear initialisation. kaiming_fan_out: kaiming-normal weights (mode fan_out, gain for ReLU)
-# and zero bias, Proxy-Anchor's embedding layer.
-HEAD_INITS = ("default", "kaiming_fan_out")
+# and zero bias, Proxy-Anchor's embedding layer. orthogonal: orthogonal weights and zero bias, hyp_metric's head.
+HEAD_INITS = ("default", "kaiming_fan_out", "orthogonal")
 
 
 class EmbeddingHead(nn.Module):
@@ -19,7 +19,7 @@ class EmbeddingHead(nn.Module):
         embedding_dim: output size, 128 or 512 in most papers.
         batch_norm: a BatchNorm1d after the projection (helps proxy and classification losses).
         normalize: L2-normalise the output so inner product equals cosine similarity.
-        init: the projection's initialisation, ``default`` or ``kaiming_fan_out`` (see ``HEAD_INITS``).
+        init: the projection's initialisation, ``default``, ``kaiming_fan_out`` or ``orthogonal`` (see ``HEAD_INITS``).
     """
 
     def __init__(
@@ -39,6 +39,9 @@ class EmbeddingHead(nn.Module):
         if init == "kaiming_fan_out":
             # std = sqrt(2 / fan_out), fan_out being embedding_dim for a Linear weight (out x in).
             nn.init.kaiming_normal_(self.projection.weight, mode="fan_out")
+            nn.init.zeros_(self.projection.bias)
+        elif init == "orthogonal":
+            nn.init.orthogonal_(self.projection.weight)
             nn.init.zeros_(self.projection.bias)
         self.batch_norm = nn.BatchNorm1d(embedding_dim) if batch_norm else nn.Identity()
         self.normalize = normalize

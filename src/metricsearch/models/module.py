@@ -18,12 +18,13 @@ from metricsearch.data.dataset import IMAGE, INDEX, LABEL
 from metricsearch.metrics import CollectedEmbeddings, RetrievalMetric
 from metricsearch.metrics.postprocess import PostprocessSettings
 from metricsearch.models.embedding_model import EmbeddingModel
+from metricsearch.models.losses import ProjectCrossBatchMemory
 from metricsearch.utils.config import ConfigError
 
 # The parts of the model that get their own optimizer parameter group (``lr_multipliers``); the loss's parameters
 # form a third group with ``loss_lr_multiplier``.
 MODEL_PARTS = ("backbone", "head")
-SCHEDULER_INTERVALS = ("epoch", "step")
+SCHEDULER_INTERVALS = ("epoch", "step", "validation")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,7 +73,10 @@ class MetricLearningModule(L.LightningModule):
             (keys ``backbone`` and ``head``, each 1.0 when left out). Each part is its own parameter group, named
             after it; parameters that do not train (``requires_grad`` false) are in none.
         scheduler_interval: step the scheduler every ``epoch`` or every optimizer ``step`` (milestones in
-            iterations).
+            iterations), or after every ``validation`` with the value of ``scheduler_metric`` (a plateau scheduler,
+            ``ReduceLROnPlateau``, as the official XBM code steps it after each evaluation).
+        scheduler_metric: with ``scheduler_interval=validation``, the evaluation metric (``recall@1``, ``map@r``,
+            ...) under the evaluation's prefix (``val``, or ``test_epoch`` under ``selection=test_best``).
         xbm_memory_size: cross-batch memory (XBM, Wang et al. 2020): the pair loss also compares the batch with
             the embeddings of this many recent training images (pytorch-metric-learning's ``CrossBatchMemory``;
             the miner mines against the memory). 0 turns it off. Under DDP the memory receives every process's
@@ -80,6 +84,9 @@ class MetricLearningModule(L.LightningModule):
             run refills it within ``xbm_memory_size / global batch`` steps.
         xbm_start_step: optimizer steps trained without the memory first (XBM fills it only once the embeddings
             have settled: its paper's warm-up of iterations).
+        xbm_add_batch_loss: with the memory on, the loss is the batch's loss against itself plus its loss against
+            the memory (which holds the batch too), as the official XBM code adds them; false: the memory loss only
+            (pytorch-metric-learning's ``CrossBatchMemory`` alone).
         postprocess: the test evaluations' post-processing (``method``: none, aqe, dba or k_reciprocal, and its
             parameters; see ``metricsearch.metrics.postprocess``); validation is never post-processed.
         verification_fmrs: false match rates at which test evaluations also report the FNMR over every pair
@@ -107,8 +114,10 @@ class MetricLearningModule(L.LightningModule):
         warmup_epochs: int = 0,
         lr_multipliers: Mapping[str, float] | None = None,
         scheduler_interval: str = "epoch",
+        scheduler_metric: str | None = None,
         xbm_memory_size: int = 0,
         xbm_start_step: int = 0,
+        xbm_add_batch_loss: bool = False,
         postprocess: Mapping[str, Any] | None = None,
         verification_fmrs: Sequence[float] = (),
         val_prefix: str = "val",
@@ -121,7 +130,12 @@ class MetricLearningModule(L.LightningModule):
                 "(the loss's multiplier is loss.lr_multiplier)"
             )
         if scheduler_interval not in SCHEDULER_INTERVALS:
-            raise ConfigError(f"scheduler.interval={scheduler_interval} must be epoch or step")
+            raise ConfigError(f"scheduler.interval={scheduler_interval} must be epoch, step or validation")
+        if (scheduler_interval == "validation") != (scheduler_metric is not None):
+            raise ConfigError(
+                "scheduler.metric names the evaluation metric a plateau scheduler follows: set it together with "
+                f"scheduler.interval=validation (got interval {scheduler_interval}, metric {scheduler_metric})"
+            )
         lr_multipliers = {part: float((lr_multipliers or {}).get(part, 1.0)) for part in MODEL_PARTS}
         self.save_hyperparameters(ignore=["model", "loss", "miner", "optimizer", "scheduler"])
         self.model = model
@@ -258,7 +272,10 @@ class MetricLearningModule(L.LightningModule):
                 f"module.xbm_memory_size={memory.memory_size} is smaller than the global batch ({len(embeddings)} "
                 f"embeddings): the memory must hold at least one batch of every process; raise module.xbm_memory_size"
             )
-        return memory(embeddings, labels) * world_size, world_size
+        loss = memory(embeddings, labels)
+        if self.hparams.xbm_add_batch_loss:
+            loss = loss + self.loss(embeddings, labels)
+        return loss * world_size, world_size
 
     def _skip_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
         """Skips the update of a NaN / inf loss; stops training when they keep coming.
@@ -301,6 +318,29 @@ class MetricLearningModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_retrieval(self.val_metric, self.hparams.val_prefix)
+        self._step_plateau_scheduler()
+
+    def _step_plateau_scheduler(self) -> None:
+        """Steps a ``scheduler.interval=validation`` scheduler with the metric just evaluated (not in the sanity
+        check, which evaluates an untrained model on two batches)."""
+        scheduler = getattr(self, "_validation_scheduler", None)
+        if scheduler is None or self.trainer.sanity_checking:
+            return
+        values = self.last_metrics.get(self.hparams.val_prefix, {})
+        metric = self.hparams.scheduler_metric
+        if metric not in values:
+            raise ConfigError(
+                f"scheduler.metric={metric} is not an evaluation metric; it is one of {', '.join(sorted(values))}"
+            )
+        scheduler.step(float(values[metric]))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        scheduler = getattr(self, "_validation_scheduler", None)
+        if scheduler is not None:
+            checkpoint["validation_scheduler"] = scheduler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._validation_scheduler_state = checkpoint.get("validation_scheduler")
 
     def on_test_epoch_end(self) -> None:
         self._log_retrieval(self.test_metric, self.test_prefix)
@@ -375,23 +415,31 @@ class MetricLearningModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         interval = self.hparams.scheduler_interval
+        if interval == "validation":
+            # Stepped by the module after each evaluation (see _step_plateau_scheduler), not by Lightning, whose
+            # step-interval plateau stepping counts batches within the epoch rather than evaluations.
+            state = getattr(self, "_validation_scheduler_state", None)
+            if state is not None:
+                scheduler.load_state_dict(state)
+            self._validation_scheduler = scheduler
+            return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
 
 def _cross_batch_memory(loss: nn.Module, miner: nn.Module | None, embedding_dim: int, size: int) -> CrossBatchMemory:
     """pytorch-metric-learning's ``CrossBatchMemory`` around a pair loss, with the miner mining against it."""
     name = type(loss).__name__
-    if any(True for _ in loss.parameters()) or name not in CrossBatchMemory.supported_losses():
+    if any(True for _ in loss.parameters()) or name not in ProjectCrossBatchMemory.supported_losses():
         raise XBMConfigError(
             f"module.xbm_memory_size={size} needs a pair loss, and loss {name} is a proxy or classification loss "
-            f"or one CrossBatchMemory cannot wrap; use one of {', '.join(CrossBatchMemory.supported_losses())} "
+            f"or one CrossBatchMemory cannot wrap; use one of {', '.join(ProjectCrossBatchMemory.supported_losses())} "
             "(e.g. loss=contrastive or loss=multi_similarity), or set module.xbm_memory_size=0"
         )
     if miner is not None and not isinstance(miner, BaseMiner):
         raise XBMConfigError(
             f"module.xbm_memory_size needs a pytorch-metric-learning miner, not {type(miner).__name__}; set miner=null"
         )
-    return CrossBatchMemory(loss, embedding_size=embedding_dim, memory_size=size, miner=miner)
+    return ProjectCrossBatchMemory(loss, embedding_size=embedding_dim, memory_size=size, miner=miner)
 
 
 def _gather_in_rank_order(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

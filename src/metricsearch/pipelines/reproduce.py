@@ -26,12 +26,13 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from metricsearch.analysis.files import save_figure, write_csv
 from metricsearch.analysis.results import (
@@ -46,7 +47,7 @@ from metricsearch.analysis.results import (
 from metricsearch.analysis.run_folder import LAST_CHECKPOINT, REPRODUCE_INFO, REPRODUCE_LOG
 from metricsearch.utils.atomic_io import atomic_write_text
 from metricsearch.utils.config import CONFIG_DIR, REPO_ROOT, normalize_overrides
-from metricsearch.utils.recipes import recipe_cards, recipes_for
+from metricsearch.utils.recipes import BACKBONE_WEIGHTS, published_recall_at_1, recipe_cards, recipes_for
 
 # Seven losses covering the families: triplet / pair (triplet, contrastive, multi-similarity), batch-level
 # contrastive (supcon), proxy (proxy_anchor) and classification (arcface, normalized_softmax).
@@ -145,14 +146,28 @@ def dataset_availability(dataset: str, overrides: Sequence[str] = ()) -> tuple[b
     return True, str(root)
 
 
-def cell_overrides(cell: Cell, results_dir: Path, epochs: int | None, extra: Sequence[str]) -> list[str]:
-    """The Hydra overrides of one cell: grid settings, dataset needs, the cell itself, then the user's extras."""
+def cell_overrides(
+    cell: Cell,
+    results_dir: Path,
+    epochs: int | None,
+    extra: Sequence[str],
+    weights: Mapping[str, str] | None = None,
+) -> list[str]:
+    """The Hydra overrides of one cell: grid settings, dataset needs, the cell itself, then the user's extras.
+
+    ``weights`` maps a recipe backbone (a conf/backbone name, see ``BACKBONE_WEIGHTS``) to a local weights file:
+    a recipe cell whose backbone has one gets it as ``backbone.weights_file`` (recipes of several backbones cannot
+    share one ``backbone.weights_file`` in ``extra``).
+    """
     overrides = list(COMMON_OVERRIDES)
     if cell.recipe is not None:
         # The recipe brings its own data, model, loss, sampler and schedule; only the grid's bookkeeping is added.
         overrides += [f"experiment={cell.recipe}", f"seed={cell.seed}"]
         if epochs is not None:
             overrides.append(f"trainer.max_epochs={epochs}")
+        backbone = recipe_cards()[cell.recipe].backbone
+        if weights and backbone in weights:
+            overrides.append(f"backbone.weights_file={weights[backbone]}")
         overrides.append(f"hydra.run.dir={cell.folder(results_dir).resolve()}")
         return overrides + list(extra)
     if cell.dataset == "synthetic" and epochs is None:
@@ -258,6 +273,7 @@ def run_grid(
     *,
     epochs: int | None = None,
     extra: Sequence[str] = (),
+    weights: Mapping[str, str] | None = None,
     timeout: float | None = None,
     dry_run: bool = False,
     console: Console | None = None,
@@ -276,13 +292,14 @@ def run_grid(
         else:
             console.print(f"[yellow]skipping dataset {dataset}: {reason}[/yellow]")
     cells = [cell for dataset in available for cell in grid_cells(dataset, losses, seeds)]
+    _say_weights_needed(cells, weights or {}, console)
     failed: list[Cell] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("reproduce", total=len(cells))
         for i, cell in enumerate(cells, start=1):
             folder = cell.folder(results_dir)
-            overrides = cell_overrides(cell, results_dir, epochs, extra)
+            overrides = cell_overrides(cell, results_dir, epochs, extra, weights)
             progress.update(task, description=f"cell {i}/{len(cells)}: {cell}")
             if is_finished(folder):
                 _warn_if_settings_changed(folder, overrides, cell, console)
@@ -310,6 +327,7 @@ def reproduce(
     *,
     epochs: int | None = None,
     extra: Sequence[str] = (),
+    weights: Mapping[str, str] | None = None,
     timeout: float | None = None,
     dry_run: bool = False,
     aggregate_only: bool = False,
@@ -325,6 +343,7 @@ def reproduce(
         results_dir: where ``runs/`` and the tables go (default: the repository's ``results/``).
         epochs: ``trainer.max_epochs`` of every cell (default: 8 on synthetic, conf/trainer's elsewhere).
         extra: Hydra overrides added to every cell.
+        weights: conf/backbone name -> local weights file, given to the recipes of that backbone (offline runs).
         timeout: seconds after which a cell counts as failed.
         dry_run: list the cells and their commands, run nothing.
         aggregate_only: only rewrite the tables from finished cells.
@@ -343,6 +362,7 @@ def reproduce(
             results_dir,
             epochs=epochs,
             extra=extra,
+            weights=weights,
             timeout=timeout,
             dry_run=dry_run,
             console=console,
@@ -351,11 +371,67 @@ def reproduce(
     if dry_run:
         return 0
     rows = write_results(results_dir, command)
+    console.print(results_table(rows))
+    comparison = recipe_comparison_table(rows)
+    if comparison is not None:
+        console.print(comparison)
     console.print(f"wrote {results_dir / 'results.md'} ({len(rows)} loss x dataset rows)")
     if failed:
         console.print(f"[red]{len(failed)} cells failed; rerun the same command to retry them[/red]")
         return 1
     return 0
+
+
+def results_table(rows: Sequence) -> Table:
+    """The summary the run wrote to results.md, for the console: Recall@1 and MAP@R per dataset and loss."""
+    table = Table(title="Reproduce: test classes, mean ± std over seeds (%)")
+    for title in ("dataset", "loss / recipe", "seeds", "selection", "R@1", "MAP@R"):
+        table.add_column(title, justify="right" if title in ("seeds", "R@1", "MAP@R") else "left")
+    for row in rows:
+        table.add_row(
+            row.dataset,
+            row.loss,
+            str(len(row.seeds)),
+            row.selection,
+            _percent(row.mean.get("recall@1"), row.std.get("recall@1")),
+            _percent(row.mean.get("map@r"), row.std.get("map@r")),
+        )
+    return table
+
+
+def recipe_comparison_table(rows: Sequence) -> Table | None:
+    """Each paper recipe's Recall@1 beside the published one and the row that number comes from (None: no recipe
+    ran). A recipe without a verified number says so rather than showing another model's."""
+    cards = recipe_cards()
+    recipe_rows = [row for row in rows if row.loss in cards]
+    if not recipe_rows:
+        return None
+    table = Table(title="Paper recipes: ours vs published Recall@1 (published rows from the recipe cards)")
+    for title in ("recipe", "ours R@1", "published R@1", "published row", "expected gap (by reading)"):
+        table.add_column(title, justify="right" if "R@1" in title else "left", overflow="fold")
+    for row in recipe_rows:
+        card = cards[row.loss]
+        ours = _percent(row.mean.get("recall@1"), row.std.get("recall@1"))
+        table.add_row(
+            row.loss, f"{ours} ({row.selection})", published_recall_at_1(card), card.published_row, card.expected_gap
+        )
+    return table
+
+
+def _percent(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{100 * mean:.1f} ± {100 * (std or 0.0):.1f}"
+
+
+def _say_weights_needed(cells: Sequence[Cell], weights: Mapping[str, str], console: Console) -> None:
+    """Names the pretrained weights the grid's recipes load, and whether each comes from a local file."""
+    backbones = {recipe_cards()[c.recipe].backbone: None for c in cells if c.recipe is not None}
+    for backbone in backbones:
+        if backbone is None:
+            continue
+        source = f"from {weights[backbone]}" if backbone in weights else "from the hub (offline: WEIGHTS=...)"
+        console.print(f"recipes on {backbone} load {BACKBONE_WEIGHTS.get(backbone, 'its pretrained weights')} {source}")
 
 
 def _union_columns(rows: list[dict]) -> list[str]:

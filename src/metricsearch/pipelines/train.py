@@ -90,6 +90,7 @@ def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
     # `interval` (epoch or step) tells Lightning when to step the scheduler; the scheduler class does not take it.
     scheduler_cfg = to_plain(cfg.get("scheduler")) or {}
     scheduler_interval = scheduler_cfg.pop("interval", "epoch")
+    scheduler_metric = scheduler_cfg.pop("metric", None)
     module = MetricLearningModule(
         model=model,
         loss=loss,
@@ -98,6 +99,7 @@ def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
         scheduler=instantiate(scheduler_cfg) if scheduler_cfg else None,
         loss_lr_multiplier=loss_lr_multiplier,
         scheduler_interval=scheduler_interval,
+        scheduler_metric=scheduler_metric,
         recall_at_k=datamodule.recall_at_k,
         model_config=model_config.to_dict(),
         **(to_plain(cfg.get("module")) or {}),

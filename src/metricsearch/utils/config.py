@@ -329,10 +329,10 @@ def _validate_folds(cfg: DictConfig) -> None:
 def _validate_training_options(cfg: DictConfig) -> None:
     """The scheduler's interval, the parts that take a learning-rate multiplier, the XBM memory and DDP warm-up."""
     interval = OmegaConf.select(cfg, "scheduler.interval", default="epoch")
-    if interval not in ("epoch", "step"):
+    if interval not in ("epoch", "step", "validation"):
         raise ConfigError(
-            f"scheduler.interval={_shown(interval)} must be epoch or step (when the scheduler steps; with step its "
-            "milestones count iterations)"
+            f"scheduler.interval={_shown(interval)} must be epoch, step or validation (when the scheduler steps; with "
+            "step its milestones count iterations; validation is for a plateau scheduler)"
         )
     multipliers = OmegaConf.select(cfg, "module.lr_multipliers", default=None) or {}
     unknown = sorted(set(multipliers) - {"backbone", "head"})
