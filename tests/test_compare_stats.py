@@ -90,7 +90,7 @@ def test_indistinguishable_marks_the_best_and_those_close_to_it():
 
 
 def brute_force_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict[str, float]:
-    """Leave-one-out retrieval by cosine similarity, written out query by query (REFERENCE.md section 3)."""
+    """Leave-one-out retrieval by cosine similarity, written out query by query (the standard protocol)."""
     z = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     hits_at = {k: [] for k in ks}
     average_precisions, r_precisions = [], []
