@@ -126,7 +126,7 @@ def test_ranks_from_scores_equal_the_exact_evaluation_with_duplicates():
     np.fill_diagonal(scores, -np.inf)
     ranks = rank_positives_from_scores(iter([(slice(0, len(x)), scores)]), labels)
     from_scores = calc_metrics_from_positive_ranks(ranks, (1, 2, 4), ranks.num_relevant > 0)
-    assert_close_metrics(from_scores, {k: v for k, v in plain.items() if k != "num_queries"})
+    assert_close_metrics(from_scores, {k: v for k, v in plain.items() if not k.startswith("num_queries")})
 
 
 @pytest.mark.parametrize("method", ["aqe", "dba", "k_reciprocal"])

@@ -227,6 +227,10 @@ def test_filter_values_are_validated_and_quoted():
     assert SearchFilter.of("", None) is None
 
 
+# NOTE: slow set, not because it is slow but because Milvus Lite itself is not kill-safe on a loaded machine: once,
+# under a load average of ~10, the killed writer left Milvus Lite's own files unreadable ("No data left in file"),
+# which our commit protocol cannot prevent (docs/search_backends.md says so). It passes on an idle machine.
+@pytest.mark.slow
 def test_a_milvus_add_killed_before_its_commit_leaves_the_index_as_it_was(embedder, faiss_index, tmp_path):
     folder = tmp_path / "milvus"
     first = 48

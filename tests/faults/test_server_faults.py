@@ -81,7 +81,7 @@ def test_a_short_load_test_gets_only_correct_answers(server, tmp_path, capsys):
     out = tmp_path / "load.json"
     assert main_load_test([f"url={server.url}", "clients=3", "duration=2", "queries=8", f"out={out}"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith(f"load test: 3 clients x 2 s against {server.url} (96 images, flat index)")
+    assert printed.startswith(f"load test: 3 clients x 2 s against {server.url} (96 images, flat faiss index)")
     for field in ("requests", "errors 0", "req/s", "p50", "p99"):
         assert field in printed
     report = json.loads(out.read_text())

@@ -41,6 +41,7 @@ EVALUATE = Command(
         ("data", "trainer", "module.", "seed", "postprocess"),
         (
             ("postprocess=NAME", "re-ranking before the metrics: none, aqe, dba, k_reciprocal (conf/postprocess)"),
+            ("module.KEY=VALUE", "evaluation settings, e.g. module.postprocess.k=3, module.verification_fmrs=[0.01]"),
             ("data=NAME", "the dataset: a conf/data option (default: folder)"),
             ("data.root=PATH", "its folder (short for data.source.root)"),
             ("data.KEY=VALUE", "any data setting, e.g. data.source.protocol=closed_set, data.recall_at_k=[1,5]"),

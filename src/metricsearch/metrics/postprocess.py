@@ -344,6 +344,7 @@ def calc_postprocessed_metrics(
         raise ValueError("no query has a gallery item of its class: there is nothing to rank")
     metrics = calc_metrics_from_positive_ranks(ranks, recall_at_k, answerable)
     metrics["num_queries"] = float(np.count_nonzero(answerable))
+    metrics["num_queries_left_out"] = float(np.count_nonzero(~answerable))
     return metrics
 
 

@@ -56,6 +56,11 @@ def quiet_lightning_console(level: int = logging.WARNING) -> None:
     root logger's. Its records are passed on to the root logger (Lightning stops them there when it was imported
     before logging was configured), so the run's log file keeps them.
     """
+    # A logging configuration applied after Lightning was imported (``dictConfig`` disables the loggers it does not
+    # name) would drop its records altogether: they belong in the log file.
+    for name, existing in list(logging.root.manager.loggerDict.items()):
+        if isinstance(existing, logging.Logger) and _under(name, LIGHTNING_LOGGERS):
+            existing.disabled = False
     for name in LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
         own = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]
