@@ -88,6 +88,14 @@ def apply_selection(cfg: DictConfig) -> str:
     return mode
 
 
+def fall_back_to_last(cfg: DictConfig, reason: str) -> str:
+    """Switches a run that cannot select on validation classes to ``selection=last`` (logged, recorded)."""
+    log.warning("selection=last: %s, so the last epoch's model is tested (no checkpoint selection)", reason)
+    with open_dict(cfg):
+        cfg.selection = "last"
+    return apply_selection(cfg)
+
+
 def selection_record(mode: str, monitor: str) -> dict[str, object]:
     """What ``metrics.json`` records of the selection: the mode, whether it is optimistic, and what it means."""
     return {"mode": mode, "optimistic": mode == "test_best", "description": DESCRIPTIONS[mode].format(monitor=monitor)}
