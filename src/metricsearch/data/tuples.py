@@ -112,7 +112,9 @@ def read_tuples_file(file: str | Path, kind: str, root: str | Path) -> TupleSet:
     rows = csv.reader(io.StringIO(text))
     first = next(rows, None)
     if first is None or not any(field.strip() for field in first):
-        raise TupleFileError(f"{setting}: the file is empty; its first line must be `{header}`, then one {kind[:-1]} a line")
+        raise TupleFileError(
+            f"{setting}: the file is empty; make its first line `{header}`, then add one {kind[:-1]} a line"
+        )
     if tuple(field.strip().lower() for field in first) != HEADERS[kind]:
         raise TupleFileError(f"{setting} line 1: the header is `{','.join(first)}`; make the first line `{header}`")
 

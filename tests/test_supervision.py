@@ -1,0 +1,233 @@
+"""Learning without class labels (``conf/supervision``): given pairs and triplets, and two views per image.
+
+Every loss path is checked against a plain computation of its paper's formula on given embeddings; the tuples
+files are checked for the faults a hand-made CSV has; the training batches are checked to carry no label; and the
+commands a user types train, select, index and search.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pytorch_metric_learning.losses import ContrastiveLoss, CrossBatchMemory, NTXentLoss, TripletMarginLoss, VICRegLoss
+
+from metricsearch.data.dataset import LABEL
+from metricsearch.data.tuples import (
+    SAME,
+    TUPLES,
+    TupleFileError,
+    check_tuples_in,
+    format_tuples_csv,
+    read_tuples_file,
+    sample_tuples,
+)
+from metricsearch.data.views import VIEWS, ViewTransform
+from metricsearch.models.self_supervised import moco_loss, simclr_loss, vicreg_loss
+from metricsearch.models.tuple_module import tuple_loss
+from metricsearch.pipelines.train import build_run
+from tests.conftest import REPO_ROOT, compose_config, run_train
+
+
+def _embeddings(n: int, d: int = 6, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# --- losses against plain references ---------------------------------------------------------------------------
+
+
+def test_pair_loss_is_the_contrastive_loss_of_exactly_the_given_pairs():
+    embeddings = _embeddings(7)
+    tuples = torch.tensor([[0, 1], [2, 3], [4, 5], [0, 6], [1, 2], [3, 6]])
+    same = torch.tensor([True, True, False, False, True, False])
+    pos_margin, neg_margin = 0.1, 1.2
+    loss = tuple_loss(ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin), embeddings, tuples, same)
+
+    unit = F.normalize(embeddings, dim=1)
+    positives, negatives = [], []
+    for (a, b), similar in zip(tuples.tolist(), same.tolist(), strict=True):
+        distance = math.dist(unit[a].tolist(), unit[b].tolist())
+        if similar:
+            positives.append(max(0.0, distance - pos_margin))
+        else:
+            negatives.append(max(0.0, neg_margin - distance))
+    # Each part averaged over its pairs with a non-zero loss (pytorch-metric-learning's AvgNonZeroReducer).
+    expected = sum(np.mean([v for v in part if v > 0]) for part in (positives, negatives) if any(v > 0 for v in part))
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_triplet_loss_is_the_margin_loss_of_exactly_the_given_triplets():
+    embeddings = _embeddings(6, seed=1)
+    # Image 1 is image 0 barely moved: triplets (0, 1, n) are already satisfied (zero loss), the others are not.
+    embeddings[1] = embeddings[0] * 1.01
+    tuples = torch.tensor([[0, 1, 2], [3, 4, 5], [1, 0, 5], [2, 3, 4]])
+    margin = 0.3
+    loss = tuple_loss(TripletMarginLoss(margin=margin), embeddings, tuples, None)
+
+    unit = F.normalize(embeddings, dim=1)
+    values = [
+        max(0.0, math.dist(unit[a].tolist(), unit[p].tolist()) - math.dist(unit[a].tolist(), unit[n].tolist()) + margin)
+        for a, p, n in tuples.tolist()
+    ]
+    assert 0 < sum(v > 0 for v in values) < len(values), "the reference should exercise the non-zero average"
+    assert loss.item() == pytest.approx(np.mean([v for v in values if v > 0]), rel=1e-9)
+
+
+def _info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: list[torch.Tensor], temperature: float) -> float:
+    """-log of the softmax of the positive's cosine similarity among the positive and the negatives'."""
+
+    def cosine(u: torch.Tensor, v: torch.Tensor) -> float:
+        return float(u @ v / (u.norm() * v.norm()))
+
+    logits = [cosine(anchor, positive) / temperature] + [cosine(anchor, n) / temperature for n in negatives]
+    return -(logits[0] - math.log(sum(math.exp(v) for v in logits)))
+
+
+def test_simclr_loss_is_nt_xent_over_both_views():
+    first, second = _embeddings(5, seed=2), _embeddings(5, seed=3)
+    temperature = 0.3
+    loss = simclr_loss(NTXentLoss(temperature=temperature), first, second)
+
+    views = torch.cat([first, second])
+    n = len(first)
+    terms = []
+    for i in range(2 * n):
+        partner = (i + n) % (2 * n)
+        negatives = [views[k] for k in range(2 * n) if k not in (i, partner)]
+        terms.append(_info_nce(views[i], views[partner], negatives, temperature))
+    assert loss.item() == pytest.approx(np.mean(terms), rel=1e-9)
+
+
+def test_vicreg_loss_is_the_papers_three_terms():
+    first, second = _embeddings(8, d=4, seed=4), _embeddings(8, d=4, seed=5)
+    lam, mu, nu, eps = 25.0, 25.0, 1.0, 1e-4
+    loss = vicreg_loss(VICRegLoss(invariance_lambda=lam, variance_mu=mu, covariance_v=nu, eps=eps), first, second)
+
+    n, d = first.shape
+    x, y = first.numpy(), second.numpy()
+    invariance = ((x - y) ** 2).sum() / (n * d)
+
+    def variance(z: np.ndarray) -> float:
+        return float(np.mean([max(0.0, 1 - math.sqrt(np.var(z[:, j], ddof=1) + eps)) for j in range(d)]))
+
+    def covariance(z: np.ndarray) -> float:
+        cov = np.cov(z, rowvar=False)
+        return float(sum(cov[i, j] ** 2 for i in range(d) for j in range(d) if i != j) / d)
+
+    expected = lam * invariance + mu * (variance(x) / 2 + variance(y) / 2) + nu * (covariance(x) + covariance(y))
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_moco_loss_contrasts_each_query_with_its_key_against_the_batch_keys_and_the_queue():
+    temperature = 0.2
+    queue = CrossBatchMemory(NTXentLoss(temperature=temperature), embedding_size=6, memory_size=16)
+    old_queries, old_keys = _embeddings(4, seed=6), _embeddings(4, seed=7)
+    moco_loss(queue, old_queries.float(), old_keys.float(), first_label=0)
+    queries, keys = _embeddings(4, seed=8).float(), _embeddings(4, seed=9).float()
+    loss = moco_loss(queue, queries, keys, first_label=4)
+
+    terms = []
+    for i in range(4):
+        negatives = [keys[j] for j in range(4) if j != i] + list(old_keys.float())
+        terms.append(_info_nce(queries[i].double(), keys[i].double(), [n.double() for n in negatives], temperature))
+    assert loss.item() == pytest.approx(np.mean(terms), rel=1e-5)
+    # The keys are queued after the earlier ones; queries never are.
+    torch.testing.assert_close(queue.embedding_memory[:8], torch.cat([old_keys.float(), keys]))
+    assert not queue.embedding_memory[8:].any()
+
+
+# --- tuples files: what a hand-made CSV gets wrong ----------------------------------------------------------------
+
+
+@pytest.fixture
+def image_root(tmp_path) -> Path:
+    """A data root with six small images in two folders, and one image outside it."""
+    root = tmp_path / "root"
+    for folder in ("a", "b"):
+        (root / folder).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 90, 20)).save(root / folder / f"{i}.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    return root
+
+
+def _write(tmp_path: Path, text: str, name: str = "tuples.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_good_pairs_file_is_read_as_given(tmp_path, image_root):
+    file = _write(tmp_path, "image1,image2,label\na/0.png,a/1.png,same\n\na/0.png,b/2.png,different\n")
+    tuples = read_tuples_file(file, "pairs", image_root)
+    assert [p.relative_to(image_root).as_posix() for p in tuples.paths] == ["a/0.png", "a/1.png", "b/2.png"]
+    assert tuples.tuples.tolist() == [[0, 1], [0, 2]]
+    assert tuples.same.tolist() == [True, False]
+    assert tuples.lines.tolist() == [2, 4]
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "line", "problem"),
+    [
+        ("pairs", "", None, "empty"),
+        ("pairs", "image1,image2,label\n", None, "no pairs"),
+        ("pairs", "a,b,c\na/0.png,a/1.png,same\n", "line 1", "header"),
+        ("pairs", "image1,image2,label\na/0.png,a/1.png,same\na/0.png,a/9.png,same\n", "line 3", "does not exist"),
+        ("pairs", "image1,image2,label\na/0.png,../outside.png,different\n", "line 2", "leaves the data root"),
+        ("pairs", "image1,image2,label\na/0.png,/etc/passwd,different\n", "line 2", "absolute path"),
+        ("pairs", "image1,image2,label\na/0.png,a/1.png\n", "line 2", "2 fields, expected 3"),
+        ("pairs", "image1,image2,label\na/0.png,a/1.png,similar\n", "line 2", "is not `same` or `different`"),
+        ("pairs", "image1,image2,label\na/0.png,,same\n", "line 2", "empty field"),
+        ("pairs", "image1,image2,label\na/0.png,a/./0.png,same\n", "line 2", "same image twice"),
+        ("triplets", "anchor,positive,negative\na/0.png,a/1.png,b/0.png,b/1.png\n", "line 2", "4 fields, expected 3"),
+        ("triplets", "anchor,positive,negative\na/0.png,a/1.png,b/7.png\n", "line 2", "does not exist"),
+    ],
+)
+def test_a_broken_tuples_file_is_refused_naming_the_file_the_line_and_the_fix(tmp_path, image_root, kind, text, line, problem):
+    file = _write(tmp_path, text)
+    with pytest.raises(TupleFileError) as caught:
+        read_tuples_file(file, kind, image_root)
+    message = str(caught.value)
+    assert f"data.{kind}_file={file}" in message and problem in message
+    if line is not None:
+        assert f" {line}:" in message
+    assert "\n" not in message
+    assert any(word in message for word in ("fix", "use", "give", "name", "make", "add", "every line", "needs"))
+
+
+def test_a_missing_tuples_file_is_refused(tmp_path, image_root):
+    with pytest.raises(TupleFileError, match="no such file"):
+        read_tuples_file(tmp_path / "nope.csv", "pairs", image_root)
+
+
+def test_a_link_out_of_the_root_is_refused(tmp_path, image_root):
+    (image_root / "a" / "link.png").symlink_to(tmp_path / "outside.png")
+    file = _write(tmp_path, "image1,image2,label\na/0.png,a/link.png,same\n")
+    with pytest.raises(TupleFileError, match="line 2: `a/link.png` leaves the data root"):
+        read_tuples_file(file, "pairs", image_root)
+
+
+def test_a_tuple_naming_a_non_training_image_is_refused(tmp_path, image_root):
+    file = _write(tmp_path, "anchor,positive,negative\na/0.png,a/1.png,b/0.png\na/0.png,a/2.png,b/1.png\n")
+    tuples = read_tuples_file(file, "triplets", image_root)
+    training = sorted((image_root / "a").glob("*.png")) + [image_root / "b" / "0.png"]
+    with pytest.raises(TupleFileError, match=r"line 3: image .*b/1.png is not a training image"):
+        check_tuples_in(tuples, training)
+    check_tuples_in(tuples, training + [image_root / "b" / "1.png"])
+
+
+def test_train_py_refuses_a_broken_pairs_file_in_one_line_before_any_work(tmp_path, data_dir):
+    file = _write(tmp_path, "image1,image2,label\nimages/000/000.jpg,images/000/001.jpg,maybe\n")
+    fresh_data = tmp_path / "fresh-data"
+    result = run_train(["supervision=pairs", f"data.pairs_file={file}"], tmp_path / "run", fresh_data)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"data.pairs_file={file} line 2" in errors[0]
+    # Checked before the built-in data was generated or a model built.
+    assert not any(fresh_data.glob("synthetic-*/images"))
