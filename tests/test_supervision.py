@@ -231,3 +231,149 @@ def test_train_py_refuses_a_broken_pairs_file_in_one_line_before_any_work(tmp_pa
     assert len(errors) == 1 and f"data.pairs_file={file} line 2" in errors[0]
     # Checked before the built-in data was generated or a model built.
     assert not any(fresh_data.glob("synthetic-*/images"))
+
+
+# --- what training reads ------------------------------------------------------------------------------------------
+
+
+def _tiny_pairs_file(tmp_path: Path, data_dir: Path, kind: str = "pairs", count: int = 24, holdout: float = 0.2) -> Path:
+    from metricsearch.pipelines.data_tools import make_tuples
+
+    out = tmp_path / f"{kind}.csv"
+    overrides = [
+        f"paths.data_dir={data_dir}",
+        "data.source.num_classes=12",
+        "data.source.images_per_class=8",
+        "data.source.image_size=32",
+    ]
+    make_tuples(overrides, kind, count, str(out), seed=0, holdout=holdout)
+    return out
+
+
+@pytest.mark.parametrize("supervision", ["pairs", "triplets", "none"])
+def test_training_batches_carry_no_class_label(tmp_path, data_dir, supervision):
+    overrides = [f"supervision={supervision}"]
+    tuples_file = None
+    if supervision != "none":
+        tuples_file = _tiny_pairs_file(tmp_path, data_dir, supervision)
+        overrides.append(f"data.{supervision}_file={tuples_file}")
+    module, datamodule = build_run(compose_config(overrides, tmp_path / "run", data_dir))
+    loader = datamodule.train_dataloader()
+    assert not hasattr(loader.dataset, "labels"), "the training dataset holds class labels"
+    batches = list(loader)
+    assert batches
+    for batch in batches:
+        assert LABEL not in batch
+        if supervision == "none":
+            assert set(batch) == {VIEWS, "index"}
+            views = batch[VIEWS]
+            assert views.shape[0] == 2 and not torch.equal(views[0], views[1])
+        else:
+            assert set(batch) == {"image", "index", TUPLES} | ({SAME} if supervision == "pairs" else set())
+    if supervision != "none":
+        # The batches hold exactly the file's tuples: mapped back to image paths, one epoch is a subset of its lines.
+        tuples = read_tuples_file(tuples_file, supervision, datamodule.source.folder)
+        given = {tuple(row) for row in tuples.tuples.tolist()}
+        for batch in batches:
+            for row in batch[TUPLES].tolist():
+                assert tuple(batch["index"][row].tolist()) in given
+        assert batch["image"].shape[0] == len(batch["index"]) <= 16
+
+
+def test_views_follow_the_seed_and_the_settings():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    transform = ViewTransform(32, mean=(0, 0, 0), std=(1, 1, 1))
+    one = transform(image, np.random.default_rng(5))
+    assert torch.equal(one, transform(image, np.random.default_rng(5)))
+    assert not torch.equal(one, transform(image, np.random.default_rng(6)))
+    gray = ViewTransform(32, grayscale_p=1.0, mean=(0, 0, 0), std=(1, 1, 1))(image, np.random.default_rng(5))
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    plain = ViewTransform(32, scale=(1, 1), hflip=False, color_jitter_p=0, grayscale_p=0, blur_p=0, mean=(0, 0, 0), std=(1, 1, 1))
+    expected = torch.from_numpy(np.asarray(image.resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255).permute(2, 0, 1)
+    assert (plain(image, np.random.default_rng(1)) - expected).abs().max() < 0.05
+    with pytest.raises(ValueError, match="grayscale_p=1.5 is not a probability"):
+        ViewTransform(32, grayscale_p=1.5)
+
+
+def test_make_tuples_is_seeded_counted_and_leaves_validation_classes_unnamed(tmp_path, data_dir):
+    from metricsearch.data.synthetic import SyntheticSource
+
+    source = SyntheticSource(data_dir, num_classes=12, images_per_class=8, image_size=32)
+    records = source.load().train
+    first = _tiny_pairs_file(tmp_path / "a", data_dir, "pairs", count=30)
+    again = _tiny_pairs_file(tmp_path / "b", data_dir, "pairs", count=30)
+    assert first.read_text() == again.read_text()
+    tuples = read_tuples_file(first, "pairs", source.folder)
+    assert len(tuples) == 30 and tuples.same.sum() == 15
+    assert len({tuple(sorted(row)) for row in tuples.tuples.tolist()}) == 30
+    label_of = {path.resolve(): label for path, label in zip(records.paths, records.labels, strict=True)}
+    labels = np.array([label_of[path] for path in tuples.paths])
+    pair_labels = labels[tuples.tuples]
+    assert np.array_equal(pair_labels[:, 0] == pair_labels[:, 1], tuples.same)
+    # 20% of the 6 training classes (at least two) are named by no pair.
+    assert len(set(labels.tolist())) == 4
+    triplets = read_tuples_file(_tiny_pairs_file(tmp_path / "c", data_dir, "triplets", count=20), "triplets", source.folder)
+    triplet_labels = np.array([label_of[path] for path in triplets.paths])[triplets.tuples]
+    assert (triplet_labels[:, 0] == triplet_labels[:, 1]).all() and (triplet_labels[:, 0] != triplet_labels[:, 2]).all()
+    rows = sample_tuples(records, "pairs", 10, seed=1, root=source.folder)
+    assert format_tuples_csv("pairs", rows) != format_tuples_csv("pairs", sample_tuples(records, "pairs", 10, 2, source.folder))
+
+
+# --- the commands a user types -----------------------------------------------------------------------------------
+
+
+def _search_with(checkpoint: Path, gallery: Path, index_dir: Path) -> None:
+    """Indexes ``gallery`` with the checkpoint and searches it with one of its images (the existing search code)."""
+    from metricsearch.pipelines.index import build_index, search_files
+    from metricsearch.search.index import open_index
+    from metricsearch.search.model_loading import load_embedder
+    from metricsearch.search.predict_embeddings import make_predict_trainer
+
+    embedder = load_embedder(ckpt=checkpoint)
+    build_index(embedder, gallery, index_dir, trainer=make_predict_trainer(progress_bar=False))
+    index, recorded = open_index(index_dir)
+    query = sorted(gallery.rglob("*.jpg"))[5]
+    hits = search_files(index, recorded, [query], k=3)[0]
+    assert len(hits) == 3 and Path(hits[0].path).name == query.name and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    # What is searched is the head's 16-d embedding, not a training-only projection (128-d).
+    assert np.asarray(recorded.embed_images([Image.open(query).convert("RGB")])).shape == (1, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_train_py_supervision_none_trains_selects_and_searches(tmp_path, data_dir, method):
+    run_dir = tmp_path / "run"
+    result = run_train(["supervision=none", f"supervision.method={method}", "supervision.queue_size=64"], run_dir, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["supervision"] == {"mode": "none", "class_labels_read_in_training": False, "unlabelled_images": 32}
+    assert summary["selection"]["mode"] == "val" and "recall@1" in summary["metrics"]["val_best"]
+    assert "recall@1" in summary["metrics"]["test"]
+    gallery = next(data_dir.glob("synthetic-v*-c12-n8-s32-seed0")) / "images"
+    _search_with(Path(summary["best_checkpoint"]), gallery, tmp_path / "index")
+
+
+@pytest.mark.slow
+def test_train_py_supervision_pairs_trains_on_the_file_and_searches(tmp_path, data_dir):
+    pairs = _tiny_pairs_file(tmp_path, data_dir, "pairs", count=24)
+    run_dir = tmp_path / "run"
+    result = run_train(["supervision=pairs", f"data.pairs_file={pairs}"], run_dir, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["supervision"]["tuples"] == 24 and summary["supervision"]["class_labels_read_in_training"] is False
+    # The classes no pair names are the validation classes that select the checkpoint.
+    assert summary["selection"]["mode"] == "val"
+    gallery = next(data_dir.glob("synthetic-v*-c12-n8-s32-seed0")) / "images"
+    _search_with(Path(summary["best_checkpoint"]), gallery, tmp_path / "index")
+
+
+@pytest.mark.slow
+def test_without_held_out_labelled_classes_selection_falls_back_to_last(tmp_path, data_dir):
+    triplets = _tiny_pairs_file(tmp_path, data_dir, "triplets", count=12, holdout=0)
+    run_dir = tmp_path / "run"
+    result = run_train(["supervision=triplets", f"data.triplets_file={triplets}"], run_dir, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["selection"]["mode"] == "last"
+    assert "selection: last" in (run_dir / "config.yaml").read_text()
+    assert "no labelled training classes are held out" in result.stderr + result.stdout
