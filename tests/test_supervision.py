@@ -32,7 +32,7 @@ from metricsearch.data.views import VIEWS, ViewTransform
 from metricsearch.models.self_supervised import moco_loss, simclr_loss, vicreg_loss
 from metricsearch.models.tuple_module import tuple_loss
 from metricsearch.pipelines.train import build_run
-from tests.conftest import REPO_ROOT, compose_config, run_train
+from tests.conftest import compose_config, run_train
 
 
 def _embeddings(n: int, d: int = 6, seed: int = 0) -> torch.Tensor:
@@ -189,7 +189,9 @@ def test_a_good_pairs_file_is_read_as_given(tmp_path, image_root):
         ("triplets", "anchor,positive,negative\na/0.png,a/1.png,b/7.png\n", "line 2", "does not exist"),
     ],
 )
-def test_a_broken_tuples_file_is_refused_naming_the_file_the_line_and_the_fix(tmp_path, image_root, kind, text, line, problem):
+def test_a_broken_tuples_file_is_refused_naming_the_file_the_line_and_the_fix(
+    tmp_path, image_root, kind, text, line, problem
+):
     file = _write(tmp_path, text)
     with pytest.raises(TupleFileError) as caught:
         read_tuples_file(file, kind, image_root)
@@ -236,7 +238,9 @@ def test_train_py_refuses_a_broken_pairs_file_in_one_line_before_any_work(tmp_pa
 # --- what training reads ------------------------------------------------------------------------------------------
 
 
-def _tiny_pairs_file(tmp_path: Path, data_dir: Path, kind: str = "pairs", count: int = 24, holdout: float = 0.2) -> Path:
+def _tiny_pairs_file(
+    tmp_path: Path, data_dir: Path, kind: str = "pairs", count: int = 24, holdout: float = 0.2
+) -> Path:
     from metricsearch.pipelines.data_tools import make_tuples
 
     out = tmp_path / f"{kind}.csv"
@@ -288,8 +292,12 @@ def test_views_follow_the_seed_and_the_settings():
     assert not torch.equal(one, transform(image, np.random.default_rng(6)))
     gray = ViewTransform(32, grayscale_p=1.0, mean=(0, 0, 0), std=(1, 1, 1))(image, np.random.default_rng(5))
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
-    plain = ViewTransform(32, scale=(1, 1), hflip=False, color_jitter_p=0, grayscale_p=0, blur_p=0, mean=(0, 0, 0), std=(1, 1, 1))
-    expected = torch.from_numpy(np.asarray(image.resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255).permute(2, 0, 1)
+    plain = ViewTransform(
+        32, scale=(1, 1), hflip=False, color_jitter_p=0, grayscale_p=0, blur_p=0, mean=(0, 0, 0), std=(1, 1, 1)
+    )
+    expected = torch.from_numpy(np.asarray(image.resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255).permute(
+        2, 0, 1
+    )
     assert (plain(image, np.random.default_rng(1)) - expected).abs().max() < 0.05
     with pytest.raises(ValueError, match="grayscale_p=1.5 is not a probability"):
         ViewTransform(32, grayscale_p=1.5)
@@ -312,11 +320,15 @@ def test_make_tuples_is_seeded_counted_and_leaves_validation_classes_unnamed(tmp
     assert np.array_equal(pair_labels[:, 0] == pair_labels[:, 1], tuples.same)
     # 20% of the 6 training classes (at least two) are named by no pair.
     assert len(set(labels.tolist())) == 4
-    triplets = read_tuples_file(_tiny_pairs_file(tmp_path / "c", data_dir, "triplets", count=20), "triplets", source.folder)
+    triplets = read_tuples_file(
+        _tiny_pairs_file(tmp_path / "c", data_dir, "triplets", count=20), "triplets", source.folder
+    )
     triplet_labels = np.array([label_of[path] for path in triplets.paths])[triplets.tuples]
     assert (triplet_labels[:, 0] == triplet_labels[:, 1]).all() and (triplet_labels[:, 0] != triplet_labels[:, 2]).all()
     rows = sample_tuples(records, "pairs", 10, seed=1, root=source.folder)
-    assert format_tuples_csv("pairs", rows) != format_tuples_csv("pairs", sample_tuples(records, "pairs", 10, 2, source.folder))
+    assert format_tuples_csv("pairs", rows) != format_tuples_csv(
+        "pairs", sample_tuples(records, "pairs", 10, 2, source.folder)
+    )
 
 
 # --- the commands a user types -----------------------------------------------------------------------------------
@@ -343,7 +355,9 @@ def _search_with(checkpoint: Path, gallery: Path, index_dir: Path) -> None:
 @pytest.mark.parametrize("method", ["simclr", "moco"])
 def test_train_py_supervision_none_trains_selects_and_searches(tmp_path, data_dir, method):
     run_dir = tmp_path / "run"
-    result = run_train(["supervision=none", f"supervision.method={method}", "supervision.queue_size=64"], run_dir, data_dir)
+    result = run_train(
+        ["supervision=none", f"supervision.method={method}", "supervision.queue_size=64"], run_dir, data_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["supervision"] == {"mode": "none", "class_labels_read_in_training": False, "unlabelled_images": 32}

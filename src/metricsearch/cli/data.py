@@ -98,7 +98,9 @@ MAKE_TUPLES = Command(
         "tuple, for checkpoint selection). Prints one JSON line saying what was written."
     ),
     options={
-        "kind": Option(None, "pairs (half same, half different) or triplets (anchor, positive, negative)", type=str, required=True),
+        "kind": Option(
+            None, "pairs (half same, half different) or triplets (anchor, positive, negative)", type=str, required=True
+        ),
         "count": Option(None, "how many distinct tuples to draw", type=int, required=True),
         "out": Option(None, "the CSV to write", type=str, required=True),
         "seed": Option(0, "seed of the held-out classes and of the draw"),

@@ -24,7 +24,15 @@ from metricsearch.data.gpu_augment import BatchAugment
 from metricsearch.data.records import CLOSED_SET, DatasetError, DatasetSplit, ImageRecords
 from metricsearch.data.samplers import RandomBatchSampler, SeededBatchSampler
 from metricsearch.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
-from metricsearch.data.tuples import PAIRS, TRIPLETS, TupleDataset, TupleSet, check_tuples_in, dataset_root, read_tuples_file
+from metricsearch.data.tuples import (
+    PAIRS,
+    TRIPLETS,
+    TupleDataset,
+    TupleSet,
+    check_tuples_in,
+    dataset_root,
+    read_tuples_file,
+)
 from metricsearch.data.views import TwoViewDataset, ViewTransform
 from metricsearch.utils.config import ConfigError
 
@@ -268,7 +276,7 @@ class MetricDataModule(L.LightningDataModule):
             file = pairs_file if supervision == PAIRS else triplets_file
             if not file:
                 raise ConfigError(
-                    f"supervision={supervision} needs data.{supervision}_file=PATH, a CSV of {supervision} (image paths "
+                    f"supervision={supervision} needs data.{supervision}_file=PATH, a CSV of {supervision} (paths "
                     f"relative to the data root); scripts/make_tuples.py draws one from a labelled dataset"
                 )
             self.tuples = read_tuples_file(file, supervision, dataset_root(source))

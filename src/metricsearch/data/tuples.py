@@ -221,7 +221,9 @@ class TupleDataset(torch.utils.data.Dataset):
             seed = seeds[row_position]
             rng = None if seed is None else np.random.default_rng([seed, int(image)])
             picture = load_rgb_image(self.tuples.paths[image])
-            loaded.append(self.transform(picture, rng) if isinstance(self.transform, TrainTransform) else self.transform(picture))
+            loaded.append(
+                self.transform(picture, rng) if isinstance(self.transform, TrainTransform) else self.transform(picture)
+            )
         batch = {
             IMAGE: torch.stack(loaded),
             INDEX: torch.from_numpy(images.astype(np.int64)),

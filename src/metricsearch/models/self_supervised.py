@@ -67,7 +67,9 @@ def moco_loss(queue: CrossBatchMemory, queries: torch.Tensor, keys: torch.Tensor
     are then in the queue. ``first_label`` must exceed every label already queued."""
     labels = torch.arange(first_label, first_label + len(queries), device=queries.device)
     enqueue = torch.cat([torch.zeros(len(queries), dtype=torch.bool), torch.ones(len(keys), dtype=torch.bool)])
-    return queue(torch.cat([queries, keys.detach()]), torch.cat([labels, labels]), enqueue_mask=enqueue.to(queries.device))
+    return queue(
+        torch.cat([queries, keys.detach()]), torch.cat([labels, labels]), enqueue_mask=enqueue.to(queries.device)
+    )
 
 
 class SelfSupervisedModule(MetricLearningModule):
@@ -95,7 +97,8 @@ class SelfSupervisedModule(MetricLearningModule):
             raise ConfigError(f"supervision.method={method} is not one of {', '.join(METHODS)}")
         if not isinstance(self.loss, METHOD_LOSSES[method]):
             raise ConfigError(
-                f"supervision.method={method} trains with {METHOD_LOSSES[method].__name__}, not {type(self.loss).__name__}"
+                f"supervision.method={method} trains with {METHOD_LOSSES[method].__name__}, "
+                f"not {type(self.loss).__name__}"
             )
         if self.miner is not None or "xbm" in self._train_parts:
             raise ConfigError("supervision=none forms its own pairs: set miner=none and module.xbm_memory_size=0")

@@ -74,7 +74,9 @@ class TupleModule(MetricLearningModule):
         if self.miner is not None:
             raise ConfigError(f"supervision={supervision} trains on exactly the given tuples: set miner=none")
         if "xbm" in self._train_parts:
-            raise ConfigError(f"supervision={supervision} has no labels for a cross-batch memory: set module.xbm_memory_size=0")
+            raise ConfigError(
+                f"supervision={supervision} has no labels for a cross-batch memory: set module.xbm_memory_size=0"
+            )
         self.supervision = supervision
 
     def _wrap_for_ranks(self, world_size: int) -> None:
