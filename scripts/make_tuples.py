@@ -1,7 +1,8 @@
 """Draw a pairs or triplets file from a labelled dataset for `supervision=pairs | triplets`.
 
-`python scripts/make_tuples.py kind=pairs count=2000 out=data/pairs.csv [seed=0] [holdout=0.2]`
-(and `data=cub data.root=PATH` for another dataset) writes a CSV with paths relative to the data root and prints one JSON line saying what it wrote.
+`python scripts/make_tuples.py kind=pairs count=2000 out=data/pairs.csv [seed=0] [holdout=0.2]` (and
+`data=cub data.root=PATH` for another dataset) writes a CSV with paths relative to the data root and prints one
+JSON line saying what it wrote.
 """
 
 import sys
