@@ -21,7 +21,7 @@ STUDY = Command(
         "results": Option("results/supervision", "where the tables and the plot go"),
         "data_dir": Option("data", "the built-in data's folder (paths.data_dir)"),
         "seeds": Option("0,1", "comma-separated seeds"),
-        "steps": Option(100, "optimizer steps of every run (64-image batches)"),
+        "steps": Option(50, "optimizer steps of every run (64-image batches)"),
         "budgets": Option("400,3200", "comma-separated numbers of pairs and of triplets"),
         "train": Option(True, "train what has not finished (false: only summarize)"),
         "frozen_reference": Option(True, "also evaluate the ImageNet EfficientNet-Lite0 as it is"),
