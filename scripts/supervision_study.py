@@ -30,7 +30,7 @@ STUDY = Command(
 
 
 def _study(args: Arguments) -> None:
-    from metricsearch.analysis.supervision_study import format_summary_markdown, run_study, summarize_study
+    from metricsearch.pipelines.supervision_study import format_summary_markdown, run_study, summarize_study
 
     budgets = [int(b) for b in str(args["budgets"]).split(",")]
     if args["train"]:
