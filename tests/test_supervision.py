@@ -391,3 +391,12 @@ def test_without_held_out_labelled_classes_selection_falls_back_to_last(tmp_path
     assert summary["selection"]["mode"] == "last"
     assert "selection: last" in (run_dir / "config.yaml").read_text()
     assert "no labelled training classes are held out" in result.stderr + result.stdout
+
+
+def test_a_tuples_file_smaller_than_one_batch_is_refused(tmp_path, data_dir):
+    from metricsearch.data.records import DatasetError
+
+    pairs = _tiny_pairs_file(tmp_path, data_dir, "pairs", count=4)
+    cfg = compose_config(["supervision=pairs", f"data.pairs_file={pairs}"], tmp_path / "run", data_dir)
+    with pytest.raises(DatasetError, match=r"holds 4 pairs, fewer than one batch of 8 \(data.batch_size=16 // 2\)"):
+        build_run(cfg)

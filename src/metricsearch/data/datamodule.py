@@ -433,6 +433,13 @@ class MetricDataModule(L.LightningDataModule):
         if self.tuples is not None:
             dataset = TupleDataset(self.tuples, self.train_transform)
             batch_size = max(1, self.batch_size // self.tuples.arity)
+            if len(dataset) < batch_size:
+                kind = self.tuples.kind
+                raise DatasetError(
+                    f"data.{kind}_file={self.tuples.file} holds {len(dataset)} {kind}, fewer than one batch of "
+                    f"{batch_size} (data.batch_size={self.batch_size} // {self.tuples.arity}); add {kind} or lower "
+                    "data.batch_size"
+                )
         else:
             dataset = TwoViewDataset(self.train_records.paths, self.views)
             batch_size = self.batch_size
