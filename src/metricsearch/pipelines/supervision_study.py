@@ -171,7 +171,7 @@ def collect_runs(out: str | Path, budgets: Sequence[int] = (400, 3200)) -> list[
                 rows.append(_row(UNTRAINED, seed, "none (no training)", summary["metrics"]["untrained"], "-"))
     frozen = out / "runs" / FROZEN / "metrics.json"
     if frozen.is_file():
-        metrics = json.loads(frozen.read_text())["metrics"]
+        metrics = json.loads(frozen.read_text())["metrics"]["test"]
         rows.append(_row(FROZEN, 0, "ImageNet labels (1.28M, not of this data)", metrics, "-"))
     return rows
 
