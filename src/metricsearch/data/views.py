@@ -19,7 +19,6 @@ from torchvision.transforms import functional as TF
 
 from metricsearch.data.dataset import INDEX, Item, _split_items
 from metricsearch.data.io import load_rgb_image
-from metricsearch.data.records import ImageRecords
 from metricsearch.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -135,10 +134,6 @@ class TwoViewDataset(torch.utils.data.Dataset):
     def __init__(self, paths: Sequence[str | object], transform: ViewTransform) -> None:
         self.paths = list(paths)
         self.transform = transform
-
-    @classmethod
-    def from_records(cls, records: ImageRecords, transform: ViewTransform) -> TwoViewDataset:
-        return cls(records.paths, transform)
 
     def __len__(self) -> int:
         return len(self.paths)
