@@ -48,6 +48,7 @@ def test_each_table_appears_where_a_reader_looks_for_it():
         "recipes": ["docs/recipes.md"],
         "performance": ["docs/performance.md"],
         "postprocess": ["docs/postprocess.md"],
+        "supervision": ["docs/supervision.md"],
     }
 
 

@@ -51,6 +51,10 @@ COVERED_ELSEWHERE = {
     "python train.py ... ckpt_path=outputs/train/<run>/checkpoints/last.ckpt": (
         "tests/test_train.py::test_train_end_to_end_then_resume"
     ),
+    # The pairs file is the user's; the test draws one with scripts/make_tuples.py and trains on it.
+    "python train.py supervision=pairs data.pairs_file=pairs.csv": (
+        "tests/test_supervision.py::test_train_py_supervision_pairs_trains_on_the_file_and_searches"
+    ),
 }
 # The shrinking overrides: fewer epochs and batches, no data-loader processes, the fast embedding map.
 SHRINK = [

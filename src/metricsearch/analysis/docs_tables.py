@@ -381,6 +381,11 @@ def postprocess_table(sources: DocsSources) -> str:
     return "\n".join(lines)
 
 
+def supervision_table(sources: DocsSources) -> str:
+    """The supervision study (``scripts/supervision_study.py``): its summary table as the study wrote it."""
+    return (sources.results_dir / "supervision" / "summary.md").read_text(encoding="utf-8").strip()
+
+
 TABLES: dict[str, Callable[[DocsSources], str]] = {
     "compare": compare_table,
     "reproduce": reproduce_table,
@@ -388,6 +393,7 @@ TABLES: dict[str, Callable[[DocsSources], str]] = {
     "recipes": recipes_table,
     "performance": performance_table,
     "postprocess": postprocess_table,
+    "supervision": supervision_table,
 }
 
 

@@ -90,3 +90,39 @@ def _prepare_data(args: Arguments) -> int:
 def main_prepare_data(argv: Sequence[str] | None = None) -> int:
     """``scripts/prepare_data.py``."""
     return run_command(PREPARE_DATA, argv, _prepare_data, DATA_ERRORS)
+
+
+MAKE_TUPLES = Command(
+    name="make_tuples",
+    summary=(
+        "Draw a pairs or triplets CSV for supervision=pairs | triplets from a labelled dataset's training split "
+        "(seeded; paths relative to the data root; a held-out fraction of the training classes is named by no "
+        "tuple, for checkpoint selection). Prints one JSON line saying what was written."
+    ),
+    options={
+        "kind": Option(
+            None, "pairs (half same, half different) or triplets (anchor, positive, negative)", type=str, required=True
+        ),
+        "count": Option(None, "how many distinct tuples to draw", type=int, required=True),
+        "out": Option(None, "the CSV to write", type=str, required=True),
+        "seed": Option(0, "seed of the held-out classes and of the draw"),
+        "holdout": Option(0.2, "fraction of the training classes that no tuple names (0: none)"),
+    },
+    passed_on=TRAINING_OVERRIDES,
+)
+
+
+def _make_tuples(args: Arguments) -> None:
+    import json
+
+    from metricsearch.pipelines.data_tools import make_tuples
+
+    written = make_tuples(
+        args.overrides, args["kind"], args["count"], args["out"], seed=args["seed"], holdout=args["holdout"]
+    )
+    print(json.dumps(written))
+
+
+def main_make_tuples(argv: Sequence[str] | None = None) -> int:
+    """``scripts/make_tuples.py``."""
+    return run_command(MAKE_TUPLES, argv, _make_tuples, DATA_ERRORS)

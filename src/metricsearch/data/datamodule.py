@@ -24,10 +24,22 @@ from metricsearch.data.gpu_augment import BatchAugment
 from metricsearch.data.records import CLOSED_SET, DatasetError, DatasetSplit, ImageRecords
 from metricsearch.data.samplers import RandomBatchSampler, SeededBatchSampler
 from metricsearch.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
+from metricsearch.data.tuples import (
+    PAIRS,
+    TRIPLETS,
+    TupleDataset,
+    TupleSet,
+    check_tuples_in,
+    dataset_root,
+    read_tuples_file,
+)
+from metricsearch.data.views import TwoViewDataset, ViewTransform
 from metricsearch.utils.config import ConfigError
 
 log = logging.getLogger(__name__)
 CACHE_MODES = (None, "uint8")
+# What training reads (conf/supervision): class labels; given pairs or triplets; nothing (two views per image).
+SUPERVISIONS = ("class", PAIRS, TRIPLETS, "none")
 
 
 class DatasetSource(Protocol):
@@ -179,6 +191,13 @@ class MetricDataModule(L.LightningDataModule):
         pin_memory: page-locked batches for faster host-to-GPU copies; default: when CUDA is available.
         validate_on_test: evaluate the TEST classes after every epoch instead of held-out training classes
             (``selection=test_best``, the papers' optimistic protocol; set by the pipeline, not by hand).
+        supervision: what training reads (``conf/supervision``). ``class``: labelled images in batches of the
+            sampler. ``pairs`` / ``triplets``: only the tuples of ``pairs_file`` / ``triplets_file``, batches of
+            ``batch_size // 2`` pairs or ``batch_size // 3`` triplets, and no label; validation is on the training
+            classes no tuple names. ``none``: every training image as two ``views``, no label.
+        pairs_file: the pairs CSV of ``supervision=pairs`` (see :mod:`metricsearch.data.tuples`).
+        triplets_file: the triplets CSV of ``supervision=triplets``.
+        views: the :class:`~metricsearch.data.views.ViewTransform` options of ``supervision=none``.
     """
 
     def __init__(
@@ -205,8 +224,18 @@ class MetricDataModule(L.LightningDataModule):
         num_folds: int = 0,
         fold: int = 0,
         fold_seed: int = 0,
+        supervision: str = "class",
+        pairs_file: str | None = None,
+        triplets_file: str | None = None,
+        views: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if supervision not in SUPERVISIONS:
+            raise ConfigError(f"supervision={supervision} is not one of {', '.join(SUPERVISIONS)}")
+        if supervision != "class" and cache is not None:
+            raise ConfigError(
+                f"data.cache={cache} serves labelled images only; set data.cache=null with supervision={supervision}"
+            )
         if num_folds != 0:
             # Checked before any data is read; the number of classes is checked once they are known.
             check_fold_setting(num_folds, fold)
@@ -239,6 +268,18 @@ class MetricDataModule(L.LightningDataModule):
         self.val_records: ImageRecords | None = None
         self.class_to_index: dict[int, int] = {}
         self.caches: dict[str, ImageCache] = {}
+        self.supervision = supervision
+        self.views = ViewTransform(image_size, **(views or {}), mean=mean, std=std, channel_order=channel_order)
+        # Read and checked now, before any data is generated or any model built: a broken file fails in a second.
+        self.tuples: TupleSet | None = None
+        if supervision in (PAIRS, TRIPLETS):
+            file = pairs_file if supervision == PAIRS else triplets_file
+            if not file:
+                raise ConfigError(
+                    f"supervision={supervision} needs data.{supervision}_file=PATH, a CSV of {supervision} (paths "
+                    f"relative to the data root); scripts/make_tuples.py draws one from a labelled dataset"
+                )
+            self.tuples = read_tuples_file(file, supervision, dataset_root(source))
 
     def prepare_data(self) -> None:
         # Generation / integrity checks happen in the source's load(); run once here so that under DDP the
@@ -280,6 +321,8 @@ class MetricDataModule(L.LightningDataModule):
                 )
             # The validation images are held out of every training class, as the test images are of the same ones.
             self.train_records, self.val_records = split_validation_images(split.train, self.val_fraction, self.seed)
+        elif self.tuples is not None:
+            self.train_records, self.val_records = self._split_by_tuples(split.train)
         elif self.num_folds:
             self.train_records, self.val_records = split_fold_classes(
                 split.train, self.num_folds, self.fold, self.fold_seed
@@ -290,6 +333,20 @@ class MetricDataModule(L.LightningDataModule):
         self.class_to_index = {int(c): i for i, c in enumerate(self.train_records.classes)}
         if self.cache is not None:
             self._build_caches()
+
+    def _split_by_tuples(self, records: ImageRecords) -> tuple[ImageRecords, ImageRecords]:
+        """Trains on the images the tuples name; validates on the training classes of which they name none.
+
+        The labels decide only which images are evaluated for checkpoint selection; training never reads them.
+        """
+        check_tuples_in(self.tuples, records.paths)
+        named = {path for path in self.tuples.paths}
+        is_named = np.array([Path(p).resolve() in named for p in records.paths])
+        named_classes = np.unique(records.labels[is_named])
+        unnamed = ~np.isin(records.labels, named_classes)
+        if self.val_fraction <= 0 or len(np.unique(records.labels[unnamed])) < 2:
+            unnamed[:] = False
+        return records.select(is_named), records.select(unnamed)
 
     def _cache_root(self) -> Path:
         if self.cache_dir is not None:
@@ -351,6 +408,8 @@ class MetricDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
+        if self.supervision != "class":
+            return self._unlabelled_train_loader()
         labels = np.array([self.class_to_index[int(c)] for c in self.train_records.labels], dtype=np.int64)
         if self.sampler_factory is None:
             batch_sampler = RandomBatchSampler(labels, batch_size=self.batch_size, seed=self.seed)
@@ -369,6 +428,27 @@ class MetricDataModule(L.LightningDataModule):
         sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         return DataLoader(dataset, sampler=sampler, batch_size=None, **self._loader_kwargs())
 
+    def _unlabelled_train_loader(self) -> DataLoader:
+        """Batches of tuples (``pairs`` / ``triplets``) or of two-view images (``none``), without labels."""
+        if self.tuples is not None:
+            dataset = TupleDataset(self.tuples, self.train_transform)
+            batch_size = max(1, self.batch_size // self.tuples.arity)
+            if len(dataset) < batch_size:
+                kind = self.tuples.kind
+                raise DatasetError(
+                    f"data.{kind}_file={self.tuples.file} holds {len(dataset)} {kind}, fewer than one batch of "
+                    f"{batch_size} (data.batch_size={self.batch_size} // {self.tuples.arity}); add {kind} or lower "
+                    "data.batch_size"
+                )
+        else:
+            dataset = TwoViewDataset(self.train_records.paths, self.views)
+            batch_size = self.batch_size
+        # NOTE: plain shuffled batches over the items; RandomBatchSampler reads only how many there are.
+        batch_sampler = RandomBatchSampler(np.zeros(len(dataset), dtype=np.int64), batch_size, seed=self.seed)
+        sampler = SeededBatchSampler(batch_sampler, seed=self.seed)
+        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        return DataLoader(dataset, sampler=sampler, batch_size=None, **self._loader_kwargs())
+
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
         if self.validate_on_test:
@@ -383,7 +463,7 @@ class MetricDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Finishes cached (uint8) batches on the device they were moved to: augments training batches (crop,
         resize, flip, normalize), normalises evaluation batches. PIL-path batches pass through unchanged."""
-        if not isinstance(batch, dict) or batch[IMAGE].dtype != torch.uint8:
+        if not isinstance(batch, dict) or IMAGE not in batch or batch[IMAGE].dtype != torch.uint8:
             return batch
         images = batch[IMAGE]
         if CROP in batch:

@@ -232,16 +232,7 @@ class MetricLearningModule(L.LightningModule):
         # BatchNorm updates its running statistics in the forward pass, before the loss can be checked: keep a
         # copy (a few KB) so that a non-finite batch leaves no NaN behind in the buffers either.
         buffers = [b.detach().clone() for b in self.model.buffers()]
-        embeddings = self.model(self._inputs(batch[IMAGE]))
-        labels = batch[LABEL]
-        indices_tuple = None
-        if "xbm" in self._train_parts and self.global_step >= self.hparams.xbm_start_step:
-            loss, scale = self._cross_batch_loss(embeddings, labels)
-        else:
-            miner, loss_fn = self._train_parts["miner"], self._train_parts["loss"]
-            indices_tuple = miner(embeddings, labels) if miner is not None else None
-            loss, scale = loss_fn(embeddings, labels, indices_tuple), self._loss_scale
-        batch_size = len(labels)
+        loss, scale, batch_size, mined = self.training_loss(batch)
         if not torch.isfinite(loss):
             with torch.no_grad():
                 for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
@@ -250,9 +241,22 @@ class MetricLearningModule(L.LightningModule):
         self.nonfinite_in_a_row = 0
         # The cross-rank wrappers scale the loss by the world size (see _wrap_for_ranks); log the loss itself.
         self.log("train/loss", loss.detach() / scale, prog_bar=True, batch_size=batch_size)
-        if indices_tuple is not None:
-            self.log("train/mined", float(len(indices_tuple[0])), batch_size=batch_size)
+        if mined is not None:
+            self.log("train/mined", float(mined), batch_size=batch_size)
         return loss
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int, int | None]:
+        """The loss of a labelled batch, the factor the cross-rank wrapper scaled it by, the batch size, and how
+        many tuples the miner chose (None without one). Other supervisions override this (conf/supervision)."""
+        embeddings = self.model(self._inputs(batch[IMAGE]))
+        labels = batch[LABEL]
+        if "xbm" in self._train_parts and self.global_step >= self.hparams.xbm_start_step:
+            loss, scale = self._cross_batch_loss(embeddings, labels)
+            return loss, scale, len(labels), None
+        miner, loss_fn = self._train_parts["miner"], self._train_parts["loss"]
+        indices_tuple = miner(embeddings, labels) if miner is not None else None
+        mined = len(indices_tuple[0]) if indices_tuple is not None else None
+        return loss_fn(embeddings, labels, indices_tuple), self._loss_scale, len(labels), mined
 
     def _cross_batch_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The loss of the batch against the cross-batch memory, and the factor it is scaled by.

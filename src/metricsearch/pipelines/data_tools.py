@@ -137,3 +137,52 @@ def _print_expected(source: Any) -> None:
     if expected is not None:
         print(f"A complete copy has, under the standard split: {expected.describe()}.")
         print(f"Check it with: python scripts/check_data.py data={source.option} data.root={source.root}")
+
+
+def make_tuples(
+    overrides: Sequence[str], kind: str, count: int, out: str, seed: int = 0, holdout: float = 0.2
+) -> dict[str, Any]:
+    """Draws a pairs or triplets file from the labels of a dataset's training split and writes it to ``out``.
+
+    A seeded ``holdout`` fraction of the training classes (at least two when above 0) is left out of every tuple,
+    so that ``supervision=pairs | triplets`` can select checkpoints on labelled classes it never trained on.
+
+    Returns:
+        What was written (printed as one JSON line by ``scripts/make_tuples.py``).
+
+    Raises:
+        ConfigError: a bad option or overrides that do not compose.
+        DatasetError: the dataset has too few classes or images for the tuples asked.
+    """
+    import numpy as np
+
+    from metricsearch.data.tuples import HEADERS, dataset_root, format_tuples_csv, sample_tuples
+    from metricsearch.utils.atomic_io import atomic_write_text
+
+    if kind not in HEADERS:
+        raise ConfigError(f"kind={kind} is not one of {', '.join(HEADERS)}")
+    if count < 1:
+        raise ConfigError(f"count={count} must be at least 1 (the number of {kind} to draw)")
+    if not 0 <= holdout < 1:
+        raise ConfigError(f"holdout={holdout} must be in [0, 1) (the fraction of training classes left out)")
+    source = compose_data_source(overrides)
+    split = source.load()
+    records = split.train
+    classes = records.classes
+    held_out = np.array([], dtype=np.int64)
+    if holdout > 0:
+        held_out = np.random.default_rng([seed, 1]).permutation(classes)[: max(2, round(holdout * len(classes)))]
+    used = records.select(~np.isin(records.labels, held_out))
+    root = dataset_root(source)
+    rows = sample_tuples(used, kind, count, seed, root)
+    atomic_write_text(out, format_tuples_csv(kind, rows))
+    return {
+        "file": str(Path(out).resolve()),
+        "kind": kind,
+        "count": len(rows),
+        "seed": seed,
+        "root": str(root),
+        "training_classes": int(len(classes)),
+        "classes_held_out": int(len(held_out)),
+        "images_named": int(len({name for row in rows for name in row[: 2 if kind == "pairs" else 3]})),
+    }

@@ -90,6 +90,19 @@ def apply_selection(cfg: DictConfig) -> tuple[DictConfig, str]:
     return cfg, mode
 
 
+def fall_back_to_last(cfg: DictConfig, reason: str) -> tuple[DictConfig, str]:
+    """A copy of ``cfg`` switched to ``selection=last`` (logged) for a run that cannot select on validation classes,
+    and the mode; ``cfg`` itself is left as it is."""
+    log.warning("selection=last: %s, so the last epoch's model is tested (no checkpoint selection)", reason)
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    with open_dict(cfg):
+        cfg.selection = "last"
+    switched, mode = apply_selection(cfg)
+    OmegaConf.set_readonly(switched, True)
+    return switched, mode
+
+
 def selection_record(mode: str, monitor: str) -> dict[str, object]:
     """What ``metrics.json`` records of the selection: the mode, whether it is optimistic, and what it means."""
     return {"mode": mode, "optimistic": mode == "test_best", "description": DESCRIPTIONS[mode].format(monitor=monitor)}

@@ -25,9 +25,11 @@ from metricsearch.models.backbone import PretrainedWeightsError
 from metricsearch.models.embedding_model import build_embedding_model
 from metricsearch.models.model_config import ModelConfig
 from metricsearch.models.module import MetricLearningModule, NonFiniteLossError
+from metricsearch.models.self_supervised import SelfSupervisedModule
+from metricsearch.models.tuple_module import TupleModule
 from metricsearch.pipelines.resume import CheckpointError, check_checkpoint_matches
 from metricsearch.pipelines.run_config import RunConfig, resolve_run_config
-from metricsearch.pipelines.selection import TEST_EPOCH_PREFIX, selection_record
+from metricsearch.pipelines.selection import TEST_EPOCH_PREFIX, fall_back_to_last, selection_record
 from metricsearch.utils.checkpoint_io import CheckpointWriteError
 from metricsearch.utils.config import ConfigError, instantiate_partial_with, to_plain
 from metricsearch.utils.console_logging import quiet_lightning_console
@@ -54,17 +56,53 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
+def supervision_of(cfg: DictConfig) -> str:
+    """What training reads (``conf/supervision``): ``class``, ``pairs``, ``triplets`` or ``none``."""
+    return str(OmegaConf.select(cfg, "supervision.mode", default="class"))
+
+
+def _build_loss(cfg: DictConfig, supervision: str, num_classes: int, embedding_dim: int) -> tuple[Any, float]:
+    """The loss and its learning-rate multiplier: the ``loss`` group's, or under ``supervision=none`` the one of
+    ``supervision.method``."""
+    if supervision == "none":
+        if cfg.get("loss") is not None:
+            raise ConfigError(
+                "supervision=none trains with the loss of supervision.method (simclr, vicreg or moco; its settings "
+                "under supervision.losses), not the loss group: leave loss= out"
+            )
+        method = str(cfg.supervision.method)
+        if method not in cfg.supervision.losses:
+            raise ConfigError(
+                f"supervision.method={method} is not one of {', '.join(cfg.supervision.losses)}; choose one of those"
+            )
+        return instantiate(cfg.supervision.losses[method]), 1.0
+    if cfg.get("loss") is None:
+        raise ConfigError(f"supervision={supervision} needs a loss; choose one, e.g. loss=contrastive")
+    loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
+    loss_lr_multiplier = float(loss_cfg.pop("lr_multiplier", 1.0))
+    # Only labelled training has classes to give a proxy or classification loss.
+    classes = {"num_classes": num_classes} if supervision == "class" else {}
+    return instantiate_partial_with(loss_cfg, embedding_size=embedding_dim, **classes), loss_lr_multiplier
+
+
 def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
     """Instantiates model, data, loss, miner and optimizer from ``cfg`` and wires them into the Lightning module."""
+    supervision = supervision_of(cfg)
     model = build_embedding_model(cfg.backbone, cfg.head)
     data_config = model.backbone.data_config
     sampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
+    unlabelled = {}
+    if supervision != "class":
+        unlabelled["supervision"] = supervision
+    if supervision == "none":
+        unlabelled["views"] = to_plain(cfg.supervision.get("views")) or {}
     datamodule: MetricDataModule = instantiate(
         cfg.data,
         sampler=sampler,
         mean=list(data_config["mean"]),
         std=list(data_config["std"]),
         channel_order=data_config.get("channel_order", "RGB"),
+        **unlabelled,
     )
     datamodule.prepare_data()
     datamodule.setup()
@@ -72,11 +110,8 @@ def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
     # run here rather than after the untrained evaluation.
     datamodule.train_dataloader()
 
-    loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
-    loss_lr_multiplier = float(loss_cfg.pop("lr_multiplier", 1.0))
-    loss = instantiate_partial_with(
-        loss_cfg, num_classes=datamodule.num_train_classes, embedding_size=model.embedding_dim
-    )
+    num_classes = datamodule.num_train_classes if supervision == "class" else 0
+    loss, loss_lr_multiplier = _build_loss(cfg, supervision, num_classes, model.embedding_dim)
     miner = instantiate(cfg.miner) if cfg.get("miner") else None
     # Everything needed to rebuild the embedder and its preprocessing from a checkpoint, without Hydra. The
     # checkpoint holds the weights: rebuilding it never downloads or reads pretrained ones.
@@ -91,7 +126,20 @@ def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
     scheduler_cfg = to_plain(cfg.get("scheduler")) or {}
     scheduler_interval = scheduler_cfg.pop("interval", "epoch")
     scheduler_metric = scheduler_cfg.pop("metric", None)
-    module = MetricLearningModule(
+    module_class, extra = MetricLearningModule, {}
+    if supervision in ("pairs", "triplets"):
+        module_class, extra = TupleModule, {"supervision": supervision}
+    elif supervision == "none":
+        options = cfg.supervision
+        module_class = SelfSupervisedModule
+        extra = {
+            "method": str(options.method),
+            "projector_dims": list(options.projector_dims),
+            "momentum": float(options.momentum),
+            "queue_size": int(options.queue_size),
+        }
+    module = module_class(
+        **extra,
         model=model,
         loss=loss,
         miner=miner,
@@ -105,6 +153,20 @@ def build_run(cfg: DictConfig) -> tuple[MetricLearningModule, MetricDataModule]:
         **(to_plain(cfg.get("module")) or {}),
     )
     return module, datamodule
+
+
+def supervision_record(supervision: str, datamodule: MetricDataModule) -> dict[str, Any]:
+    """What ``metrics.json`` records of the supervision: its mode, and the labels training cost."""
+    record: dict[str, Any] = {"mode": supervision, "class_labels_read_in_training": supervision == "class"}
+    if datamodule.tuples is not None:
+        record[f"{supervision}_file"] = str(datamodule.tuples.file)
+        record["tuples"] = len(datamodule.tuples)
+        record["images_in_tuples"] = len(datamodule.tuples.paths)
+    elif supervision == "class":
+        record["labelled_images"] = len(datamodule.train_records)
+    else:
+        record["unlabelled_images"] = len(datamodule.train_records)
+    return record
 
 
 def _test(trainer: L.Trainer, module: MetricLearningModule, datamodule: MetricDataModule, prefix: str, **kw) -> dict:
@@ -140,6 +202,13 @@ def train(run: RunConfig | DictConfig) -> dict[str, float]:
     write_config(output_dir, OmegaConf.to_yaml(cfg, resolve=True))
 
     module, datamodule = build_run(cfg)
+    supervision = supervision_of(cfg)
+    if supervision != "class" and selection == "val" and len(datamodule.val_records) == 0:
+        # Without labelled classes held out of training there is nothing to select on: test the last model.
+        cfg, selection = fall_back_to_last(
+            cfg, f"supervision={supervision} and no labelled training classes are held out of training"
+        )
+        write_config(output_dir, OmegaConf.to_yaml(cfg, resolve=True))
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -174,6 +243,7 @@ def train(run: RunConfig | DictConfig) -> dict[str, float]:
 
     summary = {
         "selection": selection_record(selection, cfg.monitor),
+        "supervision": supervision_record(supervision, datamodule),
         "metrics": results,
         "best_checkpoint": best_path,
         "epochs_trained": trainer.current_epoch,
