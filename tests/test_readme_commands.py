@@ -55,6 +55,16 @@ COVERED_ELSEWHERE = {
     "python train.py supervision=pairs data.pairs_file=pairs.csv": (
         "tests/test_supervision.py::test_train_py_supervision_pairs_trains_on_the_file_and_searches"
     ),
+    "python train.py supervision=pairs data.pairs_file=data/pairs.csv": (
+        "tests/test_supervision.py::test_train_py_supervision_pairs_trains_on_the_file_and_searches"
+    ),
+    "python train.py supervision=pairs data.pairs_file=pairs.csv data=folder data.root=~/photos": (
+        "tests/test_supervision.py::test_train_py_supervision_pairs_trains_on_the_file_and_searches"
+    ),
+    # A triplets file drawn by scripts/make_tuples.py, trained on through the datamodule and the module.
+    "python train.py supervision=triplets data.triplets_file=data/triplets.csv": (
+        "tests/test_supervision.py::test_training_batches_carry_no_class_label"
+    ),
 }
 # The shrinking overrides: fewer epochs and batches, no data-loader processes, the fast embedding map.
 SHRINK = [

@@ -6,7 +6,6 @@ The work is in :mod:`metricsearch.pipelines.evaluate`; the data is named with th
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -54,9 +53,11 @@ EVALUATE = Command(
 
 def _evaluate(args: Arguments) -> None:
     from metricsearch.pipelines.evaluate import evaluate_model, format_evaluation
+    from metricsearch.utils.console_logging import quiet_lightning_console
 
-    # Lightning's own start-up lines (GPU available, tips) would bury the table; its warnings still show.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    # Lightning's own start-up lines (GPU available, tips) would bury the table: they stay off the console (its
+    # warnings still show), without silencing the logger for the rest of the process.
+    quiet_lightning_console()
     choice = {key: value for key, value in model_choice(args).items() if value}
     if len(choice) != 1:
         raise UsageError(f"evaluate needs exactly one of ckpt= or backbone=; got {', '.join(choice) or 'none'}")
