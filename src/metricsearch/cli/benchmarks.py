@@ -105,15 +105,12 @@ def _bench_search(args: Arguments) -> None:
 
     ann = {key: args[key] for key in ANN_KEYS}
     choice = given_choice(model_choice(args))
+    # The gallery and queries both benchmarks draw: the same ones, so their tables compare.
+    data = {"n": args["n"], "dim": args["dim"], "num_queries": args["queries"], "k": args["k"]}
+    data.update(clusters=args["clusters"], spread=args["spread"], seed=args["seed"])
     result = run_search_benchmark(
-        n=args["n"],
-        dim=args["dim"],
-        num_queries=args["queries"],
-        k=args["k"],
-        clusters=args["clusters"],
-        spread=args["spread"],
+        **data,
         specs=[IndexSpec("flat"), IndexSpec("ivf", **ann), IndexSpec("hnsw", **ann)],
-        seed=args["seed"],
         embedder=load_embedder(**choice) if choice else None,
         query_threads=args["query_threads"],
     )
@@ -129,13 +126,7 @@ def _bench_search(args: Arguments) -> None:
         if pairs[0] != ("faiss", "flat"):
             pairs.insert(0, ("faiss", "flat"))  # the exact reference of recall
         result["backends"] = run_backend_benchmark(
-            n=args["n"],
-            dim=args["dim"],
-            num_queries=args["queries"],
-            k=args["k"],
-            clusters=args["clusters"],
-            spread=args["spread"],
-            seed=args["seed"],
+            **data,
             seconds=args["qps_seconds"],
             backends=tuple(pairs),
         )

@@ -13,7 +13,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from metricsearch.search.index import GalleryIndex, read_metadata
+from metricsearch.search.index import GalleryIndex
+from metricsearch.search.index_metadata import read_metadata
 from metricsearch.search.milvus_index import MilvusGalleryIndex
 
 AnyIndex = GalleryIndex | MilvusGalleryIndex

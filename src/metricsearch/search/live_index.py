@@ -16,7 +16,7 @@ from pathlib import Path
 from metricsearch.inference.model_loading import Embedder
 from metricsearch.search.backends import AnyIndex, load_gallery_index
 from metricsearch.search.errors import SearchError
-from metricsearch.search.index import METADATA_NAME
+from metricsearch.search.index_metadata import METADATA_NAME
 
 log = logging.getLogger(__name__)
 

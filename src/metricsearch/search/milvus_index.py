@@ -36,15 +36,12 @@ import numpy as np
 from metricsearch.inference.model_loading import Embedder
 from metricsearch.search.errors import IndexLoadError, IndexMismatchError, RequestError, SearchError
 from metricsearch.search.filters import SearchFilter, folders_of, milvus_expression
-from metricsearch.search.index import (
+from metricsearch.search.index import GalleryIndex, Hit, IndexSpec, model_identity
+from metricsearch.search.index_metadata import (
     FORMAT_NAME,
     FORMAT_VERSION,
     METADATA_NAME,
-    GalleryIndex,
-    Hit,
-    IndexSpec,
     is_gallery_relative,
-    model_identity,
     read_metadata,
 )
 from metricsearch.utils.atomic_io import atomic_write_text

@@ -48,7 +48,8 @@ from metricsearch.inference.model_loading import Embedder
 from metricsearch.search.backends import AnyIndex
 from metricsearch.search.errors import MAX_K, RequestError, SearchError, check_k
 from metricsearch.search.filters import SearchFilter
-from metricsearch.search.index import Hit, is_gallery_image_name, open_index
+from metricsearch.search.index import Hit, open_index
+from metricsearch.search.index_metadata import is_gallery_image_name
 from metricsearch.search.live_index import LiveIndex
 from metricsearch.search.page import render_page
 from metricsearch.utils.messages import shorten
