@@ -42,14 +42,14 @@ from metricsearch.inference.model_loading import Embedder, load_embedder, load_e
 from metricsearch.search.errors import IndexLoadError, IndexMismatchError, RequestError, SearchError
 from metricsearch.search.filters import SearchFilter
 from metricsearch.search.index_metadata import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
     INDEX_KINDS,
     METADATA_NAME,
     MIN_POINTS_PER_LIST,
     check_data_file,
+    common_metadata,
     damaged_message,
     is_index_file_name,
+    now_iso,
     read_metadata,
     rebuild_command,
     write_data_file,
@@ -167,7 +167,7 @@ class GalleryIndex:
     model: dict[str, Any]
     index_params: dict[str, Any]
     gallery_root: str
-    created: str = field(default_factory=lambda: _now())
+    created: str = field(default_factory=lambda: now_iso())
     folder: str | None = None
     ids: list[int] | None = None
     _positions: dict[str, int] = field(default_factory=dict, init=False, repr=False)
@@ -355,16 +355,7 @@ class GalleryIndex:
             files: each data file's name mapped to its ``bytes`` and ``sha256``, checked by :meth:`load`.
         """
         return {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "backend": "faiss",
-            "created": self.created,
-            "updated": _now(),
-            "count": len(self),
-            "embedding_dim": self.embedding_dim,
-            "index": self.index_params,
-            "model": self.model,
-            "gallery_root": self.gallery_root,
+            **common_metadata(self, "faiss"),
             "vectors_file": vectors_file,
             "embeddings_file": embeddings_file,
             "files": files,
@@ -505,7 +496,3 @@ def model_identity(embedder: Embedder) -> dict[str, Any]:
         "preprocessing": embedder.preprocessing,
         "model_config": embedder.model_config,
     }
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -9,6 +9,7 @@ command that rebuilds it.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import shlex
@@ -307,3 +308,30 @@ def is_index_temp_file(path: Path) -> bool:
     """Whether ``path`` is a temporary file of an atomic write of this index's data files or metadata."""
     target = temp_file_target(path)
     return target is not None and is_index_file_name(target[0])
+
+
+def now_iso() -> str:
+    """The current time as ``metadata.json`` records it (ISO 8601, UTC, whole seconds)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def common_metadata(index: Any, backend: str) -> dict[str, Any]:
+    """The keys every backend's ``metadata.json`` opens with: format, backend, times, size, index, model, root.
+
+    Args:
+        index: a faiss or Milvus gallery index (``created``, ``embedding_dim``, ``index_params``, ``model``,
+            ``gallery_root`` and a length).
+        backend: ``faiss`` or ``milvus``.
+    """
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "backend": backend,
+        "created": index.created,
+        "updated": now_iso(),
+        "count": len(index),
+        "embedding_dim": index.embedding_dim,
+        "index": index.index_params,
+        "model": index.model,
+        "gallery_root": index.gallery_root,
+    }

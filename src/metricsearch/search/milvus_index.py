@@ -38,10 +38,10 @@ from metricsearch.search.errors import IndexLoadError, IndexMismatchError, Reque
 from metricsearch.search.filters import SearchFilter, folders_of, milvus_expression
 from metricsearch.search.index import GalleryIndex, Hit, IndexSpec, model_identity
 from metricsearch.search.index_metadata import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
     METADATA_NAME,
+    common_metadata,
     is_gallery_relative,
+    now_iso,
     read_metadata,
 )
 from metricsearch.utils.atomic_io import atomic_write_text
@@ -349,19 +349,10 @@ class MilvusGalleryIndex:
     def metadata(self) -> dict[str, Any]:
         """The JSON document that describes (and commits) the index."""
         return {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "backend": "milvus",
+            **common_metadata(self, "milvus"),
             "uri": self.uri,
             "collection": self.collection,
             "next_id": self.next_id,
-            "created": self.created,
-            "updated": _now(),
-            "count": len(self),
-            "embedding_dim": self.embedding_dim,
-            "index": self.index_params,
-            "model": self.model,
-            "gallery_root": self.gallery_root,
         }
 
 
@@ -425,7 +416,7 @@ def build_milvus_index(
         index_params=params,
         gallery_root=str(Path(gallery_root).expanduser().resolve()),
         next_id=len(ids),
-        created=_now(),
+        created=now_iso(),
         folder=str(folder),
     )
     write_milvus_metadata(folder, index)
@@ -563,7 +554,3 @@ def read_milvus_metadata(folder: Path) -> dict[str, Any]:
             f"the index with scripts/build_index.py backend=milvus out={folder} overwrite=true"
         )
     return meta
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
