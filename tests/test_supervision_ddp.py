@@ -14,10 +14,9 @@ import functools
 import lightning as L
 import pytest
 import torch
-import torch.distributed as dist
 from pytorch_metric_learning.losses import ContrastiveLoss, NTXentLoss, VICRegLoss
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from metricsearch.data.dataset import IMAGE, INDEX
 from metricsearch.data.tuples import SAME, TUPLES
@@ -27,24 +26,12 @@ from metricsearch.models.head import EmbeddingHead
 from metricsearch.models.self_supervised import SelfSupervisedModule
 from metricsearch.models.tuple_module import TupleModule
 from metricsearch.utils.trainer_settings import quiet_trainer_settings
+from tests.ddp_helpers import RankBatches
 
 pytestmark = pytest.mark.ddp
 
 STEPS = 2
 BATCH = 4
-
-
-class RankBatches(Dataset):
-    """Item ``step`` is the batch of the calling process's rank at that step."""
-
-    def __init__(self, batches: list[list[dict[str, torch.Tensor]]]) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return STEPS
-
-    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        return self.batches[dist.get_rank() if dist.is_initialized() else 0][step]
 
 
 def _module(method: str) -> L.LightningModule:

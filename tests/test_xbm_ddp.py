@@ -18,35 +18,22 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.distributed as dist
 from pytorch_metric_learning.losses import ContrastiveLoss, CrossBatchMemory, ProxyAnchorLoss
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from metricsearch.data.dataset import IMAGE, INDEX, LABEL
 from metricsearch.models.embedding_model import EmbeddingModel
 from metricsearch.models.head import EmbeddingHead
 from metricsearch.models.module import MetricLearningModule
 from metricsearch.utils.trainer_settings import quiet_trainer_settings
+from tests.ddp_helpers import RankBatches
 
 pytestmark = pytest.mark.ddp
 
 STEPS = 2
 BATCH = 4
 MEMORY = 32
-
-
-class RankBatches(Dataset):
-    """Item ``step`` is the batch of the calling process's rank at that step."""
-
-    def __init__(self, batches: list[list[dict[str, torch.Tensor]]]) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return STEPS
-
-    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        return self.batches[dist.get_rank() if dist.is_initialized() else 0][step]
 
 
 class RecordMemory(L.Callback):
