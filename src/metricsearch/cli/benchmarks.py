@@ -93,6 +93,7 @@ BENCH_SEARCH = Command(
             "clients, recall, peak memory, each in its own process",
         ),
         "qps_seconds": Option(10.0, "seconds of each QPS measurement"),
+        "latency": Option(True, "first the faiss latency table (false: only the backend comparison)"),
     },
 )
 
@@ -108,13 +109,17 @@ def _bench_search(args: Arguments) -> None:
     # The gallery and queries both benchmarks draw: the same ones, so their tables compare.
     data = {"n": args["n"], "dim": args["dim"], "num_queries": args["queries"], "k": args["k"]}
     data.update(clusters=args["clusters"], spread=args["spread"], seed=args["seed"])
-    result = run_search_benchmark(
-        **data,
-        specs=[IndexSpec("flat"), IndexSpec("ivf", **ann), IndexSpec("hnsw", **ann)],
-        embedder=load_embedder(**choice) if choice else None,
-        query_threads=args["query_threads"],
-    )
-    print(format_search_table(result))
+    result: dict = {}
+    if args["latency"]:
+        result = run_search_benchmark(
+            **data,
+            specs=[IndexSpec("flat"), IndexSpec("ivf", **ann), IndexSpec("hnsw", **ann)],
+            embedder=load_embedder(**choice) if choice else None,
+            query_threads=args["query_threads"],
+        )
+        print(format_search_table(result))
+    elif not args["backends"]:
+        raise UsageError("latency=false and backends=none leave nothing to measure")
     if args["backends"]:
         from metricsearch.benchmarks.search_backends import format_backend_table, run_backend_benchmark
 
