@@ -370,7 +370,8 @@ def test_build_search_and_remove_command_lines_on_milvus(tiny, tmp_path, capsys)
 
 @pytest.mark.slow  # two spawned processes that import the package and start Milvus Lite: 25 s to minutes
 def test_the_backend_benchmark_measures_milvus_lite_beside_faiss():
-    from metricsearch.benchmarks.search_backends import format_backend_table, run_backend_benchmark
+    from metricsearch.analysis.docs_tables import format_backend_table
+    from metricsearch.benchmarks.search_backends import run_backend_benchmark
 
     result = run_backend_benchmark(
         n=3000, dim=32, num_queries=50, clusters=50, seconds=0.2, backends=(("faiss", "flat"), ("milvus", "flat"))

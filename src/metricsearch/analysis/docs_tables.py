@@ -38,6 +38,7 @@ from metricsearch.utils.atomic_io import atomic_write_text
 __all__ = [
     "TABLES",
     "DocsSources",
+    "format_backend_table",
     "generate_tables",
     "render_markers",
     "stale_tables",
@@ -386,6 +387,41 @@ def supervision_table(sources: DocsSources) -> str:
     return (sources.results_dir / "supervision" / "summary.md").read_text(encoding="utf-8").strip()
 
 
+def format_backend_table(result: Mapping[str, Any]) -> str:
+    """A markdown table of ``benchmarks.search_backends.run_backend_benchmark``'s rows (``make bench-search``)."""
+    s, k = result["settings"], result["settings"]["k"]
+    lines = [
+        f"gallery {s['n']:,} x {s['dim']} (clustered: {s['clusters']} centres), {s['queries']} queries, k={k}, "
+        f"{result['cpus']} CPUs",
+        "",
+        f"| backend | index | build s | add 1k s | QPS 1 client | QPS 16 clients | recall@{k} | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['backend']} | {row['kind']} | error: {row['error'][:80]} | | | | | |")
+            continue
+        params = ", ".join(f"{key} {value}" for key, value in row["params"].items() if key != "kind")
+        index = row["kind"] + (f" ({params})" if params else "")
+        qps = row["qps"]
+        lines.append(
+            f"| {'Milvus Lite' if row['backend'] == 'milvus' else 'faiss'} | {index} | {row['build_s']:.2f} | "
+            f"{row['add_1k_s']:.3f} | {qps[1]:,.0f} | {qps[16]:,.0f} | {row[f'recall@{k}']:.4f} | "
+            f"{row['peak_mib']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def search_backends_table(sources: DocsSources) -> str:
+    """``make bench-search``'s backend comparison at each committed gallery size (100k, then 1M vectors)."""
+    blocks = []
+    for name in ("search_backends_100k.json", "search_backends_1m.json"):
+        report = json.loads((sources.results_dir / "benchmark" / name).read_text(encoding="utf-8"))
+        footer = f"Measured on {_machine(report)} with `{report['command']}` (`results/benchmark/{name}`)."
+        blocks.append(format_backend_table(report["backends"]) + "\n\n" + footer)
+    return "\n\n".join(blocks)
+
+
 TABLES: dict[str, Callable[[DocsSources], str]] = {
     "compare": compare_table,
     "reproduce": reproduce_table,
@@ -394,6 +430,7 @@ TABLES: dict[str, Callable[[DocsSources], str]] = {
     "performance": performance_table,
     "postprocess": postprocess_table,
     "supervision": supervision_table,
+    "search_backends": search_backends_table,
 }
 
 

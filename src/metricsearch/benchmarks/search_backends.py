@@ -201,28 +201,3 @@ def run_backend_benchmark(
         "cpus": multiprocessing.cpu_count(),
         "rows": rows,
     }
-
-
-def format_backend_table(result: dict[str, Any]) -> str:
-    """A markdown table of :func:`run_backend_benchmark`'s rows."""
-    s, k = result["settings"], result["settings"]["k"]
-    lines = [
-        f"gallery {s['n']:,} x {s['dim']} (clustered: {s['clusters']} centres), {s['queries']} queries, k={k}, "
-        f"{result['cpus']} CPUs",
-        "",
-        f"| backend | index | build s | add 1k s | QPS 1 client | QPS 16 clients | recall@{k} | peak MiB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in result["rows"]:
-        if "error" in row:
-            lines.append(f"| {row['backend']} | {row['kind']} | error: {row['error'][:80]} | | | | | |")
-            continue
-        params = ", ".join(f"{key} {value}" for key, value in row["params"].items() if key != "kind")
-        index = row["kind"] + (f" ({params})" if params else "")
-        qps = row["qps"]
-        lines.append(
-            f"| {'Milvus Lite' if row['backend'] == 'milvus' else 'faiss'} | {index} | {row['build_s']:.2f} | "
-            f"{row['add_1k_s']:.3f} | {qps[1]:,.0f} | {qps[16]:,.0f} | {row[f'recall@{k}']:.4f} | "
-            f"{row['peak_mib']:,.0f} |"
-        )
-    return "\n".join(lines)

@@ -121,7 +121,8 @@ def _bench_search(args: Arguments) -> None:
     elif not args["backends"]:
         raise UsageError("latency=false and backends=none leave nothing to measure")
     if args["backends"]:
-        from metricsearch.benchmarks.search_backends import format_backend_table, run_backend_benchmark
+        from metricsearch.analysis.docs_tables import format_backend_table
+        from metricsearch.benchmarks.search_backends import run_backend_benchmark
 
         pairs = [tuple(item.strip().split(":", 1)) for item in args["backends"].split(",") if item.strip()]
         if any(len(p) != 2 or p[0] not in ("faiss", "milvus") or p[1] not in ("flat", "ivf", "hnsw") for p in pairs):
@@ -136,6 +137,14 @@ def _bench_search(args: Arguments) -> None:
             backends=tuple(pairs),
         )
         print(format_backend_table(result["backends"]))
+    from metricsearch.benchmarks.speed import machine_info
+
+    changed = [
+        f"{key}={str(args[key]).lower() if isinstance(args[key], bool) else args[key]}"
+        for key, option in BENCH_SEARCH.options.items()
+        if args[key] != option.default
+    ]
+    result.update(machine=machine_info(), command=" ".join(["python scripts/bench_search.py", *changed]))
     out = Path(args["out"])
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"results: {out.resolve()}")
