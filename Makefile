@@ -29,8 +29,8 @@ FOLDS ?=
 WORKERS ?=
 IMAGE_SIZE ?=
 INCLUDE_DEFAULT ?=
-# `make serve` / `make load-test`: the index folder to serve (the demo's by default; `make demo ARGS=backend=milvus`
-# builds it in Milvus Lite instead of faiss).
+# `make serve` / `make load-test`: the index folder to serve (the demo's by default; `make demo
+# ARGS=index.backend=milvus` builds it in Milvus Lite instead of faiss).
 INDEX ?= outputs/demo/index
 
 help: ## Show this help

@@ -36,6 +36,21 @@ def model_choice(args: Arguments) -> ModelChoice:
     return {key: args[key] for key in MODEL_CHOICE_HELP if key in args.values}  # type: ignore[return-value]
 
 
+def index_options() -> dict[str, Option]:
+    """``index.backend=`` / ``index.uri=`` of a command that opens an existing index: a check and an override."""
+    return {
+        "index.backend": Option(None, "faiss or milvus: refuse the index unless its folder holds this backend"),
+        "index.uri": Option(
+            None, "a Milvus index: where its collection is now (Lite file or server URL), if not where it was built"
+        ),
+    }
+
+
+def index_choice(args: Arguments) -> dict[str, str | None]:
+    """``index.backend=`` / ``index.uri=`` of a parsed command line, as the index loaders take them."""
+    return {"backend": args["index.backend"], "uri": args["index.uri"]}
+
+
 # --- build_index ---
 
 INDEX_SPEC_KEYS = ("kind", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search")
@@ -43,7 +58,7 @@ INDEX_SPEC_KEYS = ("kind", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_s
 BUILD_INDEX = Command(
     name="build_index",
     summary=(
-        "Embed every image under gallery= and save an index to out= (faiss, or backend=milvus). With add=true, "
+        "Embed every image under gallery= and save an index to out= (faiss, or index.backend=milvus). With add=true, "
         "embed only the images the index does not hold yet; remove= / remove_ids= take images out. trainer=ddp "
         "(plus trainer.devices=N, trainer.num_nodes=M) shards the embedding across processes, GPUs or nodes."
     ),
@@ -64,8 +79,16 @@ BUILD_INDEX = Command(
         "remove": Option(None, "remove these images (gallery paths, comma-separated) from the index in out="),
         "remove_ids": Option(None, "remove the images of these ids (comma-separated) from the index in out="),
         "overwrite": Option(False, "replace an existing index in out="),
-        "backend": Option("faiss", "where the vectors live: faiss (files in out=) or milvus (a Milvus collection)"),
-        "uri": Option(None, "backend=milvus: a Milvus Lite file (default out/gallery.db) or a server URL"),
+        "index.backend": Option(
+            None,
+            "where the vectors live: faiss (files in out=; the default) or milvus (a Milvus collection); with add= "
+            "or remove=, checked against the index in out=",
+        ),
+        "index.uri": Option(
+            None,
+            "index.backend=milvus: a Milvus Lite file (default out/gallery.db) or a server URL; with add= or "
+            "remove=, where the collection is now (recorded in the index)",
+        ),
     },
     passed_on=PassedOn(("trainer.",), (("trainer.KEY=VALUE", "passed on to the trainer config"),)),
 )
@@ -85,7 +108,7 @@ def _build_index(args: Arguments) -> None:
     choice = given_choice(model_choice(args))
     if args["add"]:
         embedder = load_embedder(**choice) if choice else None
-        index = add_to_index(out, embedder=embedder, gallery=args["gallery"], **common)
+        index = add_to_index(out, embedder=embedder, gallery=args["gallery"], **index_choice(args), **common)
     else:
         if not args["gallery"]:
             raise UsageError("build_index needs gallery= (or add=true to grow an existing index)")
@@ -96,8 +119,8 @@ def _build_index(args: Arguments) -> None:
             out,
             spec,
             overwrite=args["overwrite"],
-            backend=args["backend"],
-            uri=args["uri"],
+            backend=args["index.backend"] or "faiss",
+            uri=args["index.uri"],
             **common,
         )
     if index is not None:  # rank 0 only
@@ -119,7 +142,7 @@ def _remove(args: Arguments, out: Path) -> None:
         ids = [int(i) for i in (args["remove_ids"] or "").split(",") if i.strip()]
     except ValueError:
         raise UsageError(f"remove_ids={args['remove_ids']} should be integers separated by commas") from None
-    index, removed = remove_from_index(out, paths, ids, gallery=args["gallery"])
+    index, removed = remove_from_index(out, paths, ids, gallery=args["gallery"], **index_choice(args))
     print(f"index {out}: removed {len(removed)} images, {len(index)} left ({index.backend} index)")
 
 
@@ -135,6 +158,7 @@ SEARCH = Command(
     summary="Print the k gallery images most similar to query= (best first, with scores) and draw them as a PNG.",
     options={
         "index": Option(None, "the index folder", required=True),
+        **index_options(),
         "query": Option(None, "the query image file", required=True),
         "k": Option(10, f"number of results (1 to {MAX_K})"),
         **model_options(),
@@ -154,7 +178,7 @@ def _search(args: Arguments) -> None:
 
     k = check_k(args["k"])  # the server's rule, checked before anything is loaded
     where = SearchFilter.of(args["label"], args["folder"])
-    index, embedder = open_index(args["index"], gallery=args["gallery"], **model_choice(args))
+    index, embedder = open_index(args["index"], gallery=args["gallery"], **index_choice(args), **model_choice(args))
     query = Path(args["query"]).expanduser().resolve()
     grid = None
     if args["grid"] is not None:
@@ -201,6 +225,7 @@ SERVE = Command(
     summary="Serve a search page (upload an image or click a gallery image) and a JSON API (POST /api/search).",
     options={
         "index": Option(None, "the index folder", required=True),
+        **index_options(),
         "host": Option("127.0.0.1", "address to bind (anything but loopback exposes the gallery to the network)"),
         "port": Option(8000, "TCP port"),
         "k": Option(10, f"default number of results (1 to {MAX_K})"),
@@ -226,7 +251,9 @@ def _serve(args: Arguments) -> None:
         max_aspect_ratio=args["max_aspect_ratio"],
         max_large_decodes=args["max_large_decodes"],
     )
-    app = create_app(args["index"], gallery=args["gallery"], settings=settings, **model_choice(args))
+    app = create_app(
+        args["index"], gallery=args["gallery"], settings=settings, **index_choice(args), **model_choice(args)
+    )
     print(f"open http://{args['host']}:{args['port']}/ (Ctrl+C stops the server)")
     serve(app, host=args["host"], port=args["port"])
 

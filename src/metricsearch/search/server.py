@@ -407,16 +407,21 @@ def _hit_json(hit: Hit) -> dict[str, Any]:
 
 
 def build_app(
-    index: AnyIndex, embedder: Embedder, settings: ServerSettings | None = None, gallery: str | Path | None = None
+    index: AnyIndex,
+    embedder: Embedder,
+    settings: ServerSettings | None = None,
+    gallery: str | Path | None = None,
+    uri: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``index``; ``embedder`` must be the model that built it (checked here).
 
     Each request answers from the index as its folder holds it then (:class:`LiveIndex`): images added or removed
-    by another process show at once.
+    by another process show at once. ``gallery`` and ``uri`` (a Milvus collection's place, ``index.uri=``) are
+    applied whenever the index is reopened.
     """
     settings = settings or ServerSettings()
     index.check_embedder(embedder)
-    live = LiveIndex(index, embedder, gallery)
+    live = LiveIndex(index, embedder, gallery, uri)
     root = Path(index.gallery_root).resolve()
     if not root.is_dir() or root == root.parent:
         raise SearchError(
@@ -535,12 +540,14 @@ def create_app(
     index_dir: str | Path,
     gallery: str | Path | None = None,
     settings: ServerSettings | None = None,
+    backend: str | None = None,
+    uri: str | None = None,
     **choice: Unpack[ModelChoice],
 ) -> FastAPI:
     """The app for the index in ``index_dir``, with the model it records (or the one ``choice`` names, if it matches;
-    see :func:`~metricsearch.search.index.open_index`)."""
-    index, embedder = open_index(index_dir, gallery=gallery, **choice)
-    return build_app(index, embedder, settings, gallery=gallery)
+    see :func:`~metricsearch.search.index.open_index`, which checks ``backend`` and applies ``uri``)."""
+    index, embedder = open_index(index_dir, gallery=gallery, backend=backend, uri=uri, **choice)
+    return build_app(index, embedder, settings, gallery=gallery, uri=uri)
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
