@@ -11,17 +11,21 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metricsearch.cli.args import Arguments, Command, Option, PassedOn, UsageError, run_command
 from metricsearch.data.io import MAX_ASPECT_RATIO, ImageLoadError
 from metricsearch.inference.errors import InferenceError
 from metricsearch.inference.model_choice import MODEL_CHOICE_HELP, ModelChoice, given_choice
-from metricsearch.search.errors import MAX_K, SearchError, check_k
+from metricsearch.search.errors import DEFAULT_SHORTLIST, MAX_K, MAX_SHORTLIST, SearchError, check_k
 from metricsearch.utils.config import ConfigError
 
 # What the search commands report as one line, exit status 2: their own errors, unreadable images, missing files,
 # trainer options that do not compose.
 SEARCH_ERRORS = {SearchError: 2, InferenceError: 2, ImageLoadError: 2, FileNotFoundError: 2, ConfigError: 2}
+if TYPE_CHECKING:
+    from metricsearch.search.rerank import SearchPostprocess
+
 GALLERY_MOVED = "where the gallery images are now, if they moved since indexing"
 
 
@@ -49,6 +53,39 @@ def index_options() -> dict[str, Option]:
 def index_choice(args: Arguments) -> dict[str, str | None]:
     """``index.backend=`` / ``index.uri=`` of a parsed command line, as the index loaders take them."""
     return {"backend": args["index.backend"], "uri": args["index.uri"]}
+
+
+# The parameters of the postprocess config group (conf/postprocess/*.yaml), each left unset for its default there.
+POSTPROCESS_PARAMS = {
+    "k": (int, "aqe, dba: gallery neighbours added to the query or to each image"),
+    "alpha": (float, "aqe, dba: exponent of the similarity weights"),
+    "k1": (int, "k_reciprocal: neighbourhood size"),
+    "k2": (int, "k_reciprocal: neighbours of the local query expansion"),
+    "lambda": (float, "k_reciprocal: weight of the original distance, 0 to 1"),
+}
+
+
+def postprocess_options() -> dict[str, Option]:
+    """``postprocess=`` and its parameters, as the evaluation's ``postprocess`` config group names them."""
+    options = {
+        "postprocess": Option(
+            "none", "re-ranking or query expansion: none, aqe, dba or k_reciprocal (docs/postprocess.md)"
+        )
+    }
+    for key, (kind, text) in POSTPROCESS_PARAMS.items():
+        options[f"postprocess.{key}"] = Option(None, f"{text} (unset: as conf/postprocess)", type=kind)
+    options["postprocess.shortlist"] = Option(
+        DEFAULT_SHORTLIST, f"dba, k_reciprocal: candidates re-ranked per query (1 to {MAX_SHORTLIST}; at least k are)"
+    )
+    return options
+
+
+def postprocess_choice(args: Arguments) -> SearchPostprocess:
+    """The post-processing a parsed command line asks for (checked: an error names the bad value)."""
+    from metricsearch.search.rerank import SearchPostprocess
+
+    params = {key: args[f"postprocess.{key}"] for key in POSTPROCESS_PARAMS if args[f"postprocess.{key}"] is not None}
+    return SearchPostprocess.of(args["postprocess"] or "none", params, args["postprocess.shortlist"])
 
 
 # --- build_index ---
@@ -167,6 +204,7 @@ SEARCH = Command(
         "json": Option(False, "print the results as JSON (for machines)"),
         "label": Option(None, "only results of this class"),
         "folder": Option(None, "only results under this folder of the gallery (e.g. shoes/red)"),
+        **postprocess_options(),
     },
 )
 
@@ -176,20 +214,22 @@ def _search(args: Arguments) -> None:
     from metricsearch.search.filters import SearchFilter
     from metricsearch.search.index import open_index
 
-    k = check_k(args["k"])  # the server's rule, checked before anything is loaded
+    k = check_k(args["k"])  # the server's rules, checked before anything is loaded
     where = SearchFilter.of(args["label"], args["folder"])
+    post = postprocess_choice(args)
     index, embedder = open_index(args["index"], gallery=args["gallery"], **index_choice(args), **model_choice(args))
     query = Path(args["query"]).expanduser().resolve()
     grid = None
     if args["grid"] is not None:
         grid = Path(args["grid"] or Path("outputs") / "search" / f"{query.stem}_top{k}.png").expanduser().resolve()
-    hits = search_image(index, embedder, query, k, grid=grid, where=where)
+    hits = search_image(index, embedder, query, k, grid=grid, where=where, post=post)
     if args["json"]:
         document = {
             "query": str(query),
             "index": str(Path(args["index"]).expanduser().resolve()),
             "model": embedder.source | {"fingerprint": embedder.fingerprint},
             "k": k,
+            "postprocess": post.describe(),
             "grid": str(grid) if grid else None,
             "results": [
                 {
@@ -205,7 +245,8 @@ def _search(args: Arguments) -> None:
         }
         print(json.dumps(document, indent=2))
         return
-    print(f"query {query} -> top {len(hits)} of {len(index)} ({embedder.describe()})")
+    after = "" if post.method == "none" else f", re-ranked by {post.method}"
+    print(f"query {query} -> top {len(hits)} of {len(index)} ({embedder.describe()}{after})")
     for h in hits:
         label = "" if h.label is None else f"  [{h.label}]"
         print(f"{h.rank:>3}  {h.score:.4f}  {index.resolve(h.path)}{label}")
@@ -237,6 +278,7 @@ SERVE = Command(
             MAX_ASPECT_RATIO, f"most elongated accepted image, long side / short side (at most {MAX_ASPECT_RATIO:g})"
         ),
         "max_large_decodes": Option(2, "large images (4 megapixels and more) decoded at once; others wait"),
+        **postprocess_options(),
     },
 )
 
@@ -250,6 +292,7 @@ def _serve(args: Arguments) -> None:
         max_pixels=int(args["max_megapixels"] * 1e6),
         max_aspect_ratio=args["max_aspect_ratio"],
         max_large_decodes=args["max_large_decodes"],
+        postprocess=postprocess_choice(args),
     )
     app = create_app(
         args["index"], gallery=args["gallery"], settings=settings, **index_choice(args), **model_choice(args)

@@ -27,6 +27,7 @@ from metricsearch.search.gallery import inside_root, list_gallery_images
 from metricsearch.search.grid import gallery_loader, save_result_grid
 from metricsearch.search.index import METADATA_NAME, GalleryIndex, Hit, IndexSpec, recorded_embedder
 from metricsearch.search.milvus_index import BACKENDS, build_milvus_index
+from metricsearch.search.rerank import SearchPostprocess, search_postprocessed
 from metricsearch.utils.config import CONFIG_DIR, ConfigError, check_group_options
 
 log = logging.getLogger(__name__)
@@ -199,14 +200,16 @@ def search_image(
     k: int = 10,
     grid: str | Path | None = None,
     where: SearchFilter | None = None,
+    post: SearchPostprocess | None = None,
 ) -> list[Hit]:
     """The top ``k`` gallery images of one query image file; with ``grid``, also drawn into that PNG.
 
-    The picture frames results of the query's class when the query is itself a gallery image.
+    ``where`` restricts the results, ``post`` re-ranks them (:mod:`~metricsearch.search.rerank`). The picture
+    frames results of the query's class when the query is itself a gallery image.
     """
     query = Path(query)
     image = load_rgb_image(query)
-    hits = index.search(embedder.embed_images([image]), k, where)[0]
+    hits = search_postprocessed(index, embedder.embed_images([image]), k, where, post)[0]
     if grid is not None:
         save_result_grid(
             image,
