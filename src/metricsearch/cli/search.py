@@ -20,12 +20,12 @@ from metricsearch.inference.model_choice import MODEL_CHOICE_HELP, ModelChoice, 
 from metricsearch.search.errors import DEFAULT_SHORTLIST, MAX_K, MAX_SHORTLIST, SearchError, check_k
 from metricsearch.utils.config import ConfigError
 
+if TYPE_CHECKING:  # imported where used: --help must not load faiss and torch
+    from metricsearch.search.rerank import SearchPostprocess
+
 # What the search commands report as one line, exit status 2: their own errors, unreadable images, missing files,
 # trainer options that do not compose.
 SEARCH_ERRORS = {SearchError: 2, InferenceError: 2, ImageLoadError: 2, FileNotFoundError: 2, ConfigError: 2}
-if TYPE_CHECKING:
-    from metricsearch.search.rerank import SearchPostprocess
-
 GALLERY_MOVED = "where the gallery images are now, if they moved since indexing"
 
 
@@ -43,7 +43,9 @@ def model_choice(args: Arguments) -> ModelChoice:
 def index_options() -> dict[str, Option]:
     """``index.backend=`` / ``index.uri=`` of a command that opens an existing index: a check and an override."""
     return {
-        "index.backend": Option(None, "faiss or milvus: refuse the index unless its folder holds this backend"),
+        "index.backend": Option(
+            None, "faiss or milvus: refuse the index unless its folder holds this backend (none: whichever it holds)"
+        ),
         "index.uri": Option(
             None, "a Milvus index: where its collection is now (Lite file or server URL), if not where it was built"
         ),
@@ -73,7 +75,7 @@ def postprocess_options() -> dict[str, Option]:
         )
     }
     for key, (kind, text) in POSTPROCESS_PARAMS.items():
-        options[f"postprocess.{key}"] = Option(None, f"{text} (unset: as conf/postprocess)", type=kind)
+        options[f"postprocess.{key}"] = Option(None, f"{text} (none: its value in conf/postprocess/)", type=kind)
     options["postprocess.shortlist"] = Option(
         DEFAULT_SHORTLIST, f"dba, k_reciprocal: candidates re-ranked per query (1 to {MAX_SHORTLIST}; at least k are)"
     )
@@ -118,8 +120,8 @@ BUILD_INDEX = Command(
         "overwrite": Option(False, "replace an existing index in out="),
         "index.backend": Option(
             None,
-            "where the vectors live: faiss (files in out=; the default) or milvus (a Milvus collection); with add= "
-            "or remove=, checked against the index in out=",
+            "where the vectors live: faiss (files in out=) or milvus (a Milvus collection); none: faiss for a new "
+            "index, whichever out= holds with add= or remove= (given there, it is checked)",
         ),
         "index.uri": Option(
             None,
