@@ -69,7 +69,7 @@ compare: install ## Fair loss comparison into outputs/compare/ (resumable; RESUL
 		$(if $(WORKERS),--workers $(WORKERS)) $(if $(INCLUDE_DEFAULT),--include-default=$(INCLUDE_DEFAULT)) \
 		--extra "$(EXTRA)" --results-dir "$(or $(RESULTS_DIR),outputs/compare)"
 
-demo: install ## Train (or reuse) a short default run, index its unseen test classes, search, write outputs/demo/search_grid.png
+demo: install ## Train (or reuse) a short default run, index its unseen test classes, search, write outputs/demo/search_grid.png (ARGS=index.backend=milvus: in Milvus Lite)
 	$(PY) scripts/demo.py $(ARGS)
 
 serve: install ## Serve the demo index's search page at http://127.0.0.1:8000/
