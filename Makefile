@@ -29,8 +29,8 @@ FOLDS ?=
 WORKERS ?=
 IMAGE_SIZE ?=
 INCLUDE_DEFAULT ?=
-# `make serve` / `make load-test`: the index folder to serve (the demo's by default; `make demo ARGS=backend=milvus`
-# builds it in Milvus Lite instead of faiss).
+# `make serve` / `make load-test`: the index folder to serve (the demo's by default; `make demo
+# ARGS=index.backend=milvus` builds it in Milvus Lite instead of faiss).
 INDEX ?= outputs/demo/index
 
 help: ## Show this help
@@ -69,7 +69,7 @@ compare: install ## Fair loss comparison into outputs/compare/ (resumable; RESUL
 		$(if $(WORKERS),--workers $(WORKERS)) $(if $(INCLUDE_DEFAULT),--include-default=$(INCLUDE_DEFAULT)) \
 		--extra "$(EXTRA)" --results-dir "$(or $(RESULTS_DIR),outputs/compare)"
 
-demo: install ## Train (or reuse) a short default run, index its unseen test classes, search, write outputs/demo/search_grid.png
+demo: install ## Train (or reuse) a short default run, index its unseen test classes, search, write outputs/demo/search_grid.png (ARGS=index.backend=milvus: in Milvus Lite)
 	$(PY) scripts/demo.py $(ARGS)
 
 serve: install ## Serve the demo index's search page at http://127.0.0.1:8000/

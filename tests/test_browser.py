@@ -1,4 +1,5 @@
-"""The search page in a real headless Chromium: search by upload, by gallery click, and see an error explained.
+"""The search page in a real headless Chromium: search by upload, by gallery click, with filters and re-ranking, and
+see an error explained.
 
 Needs Debian's Chromium at /usr/bin/chromium (``apt-get install -y chromium``), driven by playwright-python;
 playwright's own browser download is never used, so the test runs offline.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 
 from metricsearch.search.index import open_index
@@ -102,3 +104,41 @@ def test_a_non_image_upload_shows_the_servers_message(page, server, tmp_path):
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
     assert "not an image" in page.inner_text("#error")
     assert page.locator("#results .result").count() == 0
+
+
+def test_the_filters_and_the_reranking_go_with_each_search(server, page):
+    url, tiny = server[0].url, server[1]
+    page.goto(url + "/")
+    page.wait_for_selector("#gallery .gallery-item")
+    methods = page.eval_on_selector_all("#postprocess-select option", "options => options.map(o => o.value)")
+    assert methods == ["none", "aqe", "dba", "k_reciprocal"]
+    assert page.input_value("#postprocess-select") == "none"  # the server's default
+
+    # Only class 003, re-ranked by k-reciprocal: a click on an image of another class finds class 003 only.
+    page.fill("#label-input", "003")
+    page.select_option("#postprocess-select", "k_reciprocal")
+    page.locator('#gallery .gallery-item[data-path="001/004.jpg"]').click()
+    page.wait_for_function("document.getElementById('status').textContent.includes('re-ranked by k_reciprocal')")
+    paths = _result_paths(page)
+    assert len(paths) == 6 and all(path.startswith("003/") for path in paths)
+    fields = {"path": "001/004.jpg", "k": "6", "label": "003", "postprocess": "k_reciprocal"}
+    answer = httpx.post(url + "/api/search", data=fields).json()
+    assert paths == [hit["path"] for hit in answer["results"]]
+
+    # A folder instead, by upload, without re-ranking: only images under 007/.
+    page.fill("#label-input", "")
+    page.fill("#folder-input", "007")
+    page.select_option("#postprocess-select", "none")
+    page.set_input_files("#file-input", str(tiny.gallery / "006" / "002.jpg"))
+    page.click("#search-button")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results .result')].every(c => c.dataset.path.startsWith('007/'))"
+        " && !document.getElementById('status').textContent.includes('re-ranked')"
+    )
+    assert len(_result_paths(page)) == 6
+
+    # A folder that does not exist: no results, no error.
+    page.fill("#folder-input", "no/such/folder")
+    page.click("#search-button")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('0 results')")
+    assert page.locator("#results .result").count() == 0 and page.inner_text("#error") == ""

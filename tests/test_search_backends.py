@@ -98,7 +98,7 @@ def test_a_milvus_index_refuses_another_model(tiny, embedder, faiss_index, tmp_p
     with pytest.raises(IndexMismatchError, match="built by another model") as refused:
         open_index(tmp_path / "milvus", ckpt=tiny.other_ckpt)
     # The command it gives rebuilds the index where it is, in Milvus.
-    assert f"overwrite=true backend=milvus uri={tmp_path / 'milvus' / 'gallery.db'}" in str(refused.value)
+    assert f"overwrite=true index.backend=milvus index.uri={tmp_path / 'milvus' / 'gallery.db'}" in str(refused.value)
     with pytest.raises(IndexMismatchError, match="16-d embeddings"):
         index.check_embedder(load_embedder(ckpt=tiny.wide_ckpt))
 
@@ -326,12 +326,8 @@ def test_the_server_answers_from_either_backend_and_shows_the_current_gallery(ba
     from metricsearch.search.server import create_app
 
     folder = tmp_path / "index"
-    assert (
-        main_build_index(
-            [f"ckpt={tiny.ckpt}", f"gallery={tiny.gallery}", f"out={folder}", f"backend={backend}", "num_workers=0"]
-        )
-        == 0
-    )
+    args = [f"ckpt={tiny.ckpt}", f"gallery={tiny.gallery}", f"out={folder}", f"index.backend={backend}"]
+    assert main_build_index([*args, "num_workers=0"]) == 0
     with TestClient(create_app(folder)) as client:
         info = client.get("/api/info").json()
         assert info["backend"] == backend and info["count"] == 96
@@ -353,7 +349,7 @@ def test_the_server_answers_from_either_backend_and_shows_the_current_gallery(ba
 
 def test_build_search_and_remove_command_lines_on_milvus(tiny, tmp_path, capsys):
     folder = tmp_path / "index"
-    args = [f"ckpt={tiny.ckpt}", f"gallery={tiny.gallery}", f"out={folder}", "backend=milvus", "num_workers=0"]
+    args = [f"ckpt={tiny.ckpt}", f"gallery={tiny.gallery}", f"out={folder}", "index.backend=milvus", "num_workers=0"]
     assert main_build_index(args) == 0
     assert "96 images (96 labelled), 16-d, flat index in Milvus" in capsys.readouterr().out
     assert (
@@ -365,7 +361,63 @@ def test_build_search_and_remove_command_lines_on_milvus(tiny, tmp_path, capsys)
     assert "removed 3 images, 93 left (milvus index)" in capsys.readouterr().out
     assert main_build_index([f"out={folder}", "remove=007/000.jpg"]) == 2
     assert capsys.readouterr().err.startswith("error: the index holds no image '007/000.jpg'")
-    assert main_build_index([f"out={folder}", "backend=faiss", "uri=x.db", f"gallery={tiny.gallery}"]) == 2
+    new = [f"ckpt={tiny.ckpt}", f"out={tmp_path / 'new'}", f"gallery={tiny.gallery}"]
+    assert main_build_index([*new, "index.backend=faiss", "index.uri=x.db"]) == 2
+    assert capsys.readouterr().err.startswith("error: index.uri= names a Milvus database: it needs index.backend=")
+
+
+def test_index_backend_is_a_check_and_index_uri_finds_a_moved_milvus_index(
+    tiny, embedder, faiss_index, tmp_path, capsys
+):
+    from fastapi.testclient import TestClient
+
+    from metricsearch.cli.benchmarks import main_load_test
+    from metricsearch.cli.search import main_serve
+    from metricsearch.search.server import create_app
+
+    folder, built_at, moved = tmp_path / "index", tmp_path / "first" / "gallery.db", tmp_path / "moved" / "gallery.db"
+    build_milvus_index(
+        faiss_index.embeddings, faiss_index.paths, faiss_index.labels, embedder, faiss_index.gallery_root, folder,
+        uri=built_at,
+    )  # fmt: skip
+    release(str(built_at))
+    moved.parent.mkdir()
+    shutil.move(built_at, moved)
+    query = [f"query={tiny.gallery / '005/001.jpg'}", "k=3", "json=true", "grid=none"]
+
+    def refused(main, args) -> str:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    # Where the metadata says it is, the collection is gone; the message names the option that finds it.
+    assert "give index.uri=ITS_PATH" in refused(main_search, [f"index={folder}", *query])
+    assert main_search([f"index={folder}", "index.backend=milvus", f"index.uri={moved}", *query]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["path"] == "005/001.jpg"
+    # A faiss index refuses a Milvus check and a Milvus uri; an unknown backend is named.
+    err = refused(main_search, [f"index={tiny.index_dir}", "index.backend=milvus", *query])
+    assert "is a faiss index, not index.backend=milvus" in err
+    assert "leave index.uri= out" in refused(main_search, [f"index={tiny.index_dir}", f"index.uri={moved}", *query])
+    assert "index.backend='elastic' is not one of faiss, milvus" in refused(
+        main_search, [f"index={folder}", "index.backend=elastic", *query]
+    )
+    assert "is a milvus index, not index.backend=faiss" in refused(
+        main_serve, [f"index={folder}", "index.backend=faiss"]
+    )
+    # The load test checks them before it starts a server; with url= they do not apply.
+    assert "is a faiss index" in refused(main_load_test, [f"index={tiny.index_dir}", "index.backend=milvus"])
+    assert "go with index=" in refused(main_load_test, ["url=http://127.0.0.1:9", "index.uri=x.db"])
+
+    # The server answers from the moved collection, and keeps it when the index changes and is reopened.
+    with TestClient(create_app(folder, backend="milvus", uri=str(moved))) as client:
+        assert client.get("/api/info").json()["count"] == 96
+        remove_from_index(folder, paths=["000/000.jpg"], backend="milvus", uri=moved)
+        assert client.get("/api/info").json()["count"] == 95
+        assert client.post("/api/search", data={"path": "005/001.jpg", "k": "1"}).json()["results"][0]["score"] > 0.99
+    # The change recorded where the collection is now: no index.uri= needed any more.
+    assert json.loads((folder / METADATA_NAME).read_text())["uri"] == str(moved)
+    assert len(load_gallery_index(folder)) == 95
 
 
 @pytest.mark.slow  # two spawned processes that import the package and start Milvus Lite: 25 s to minutes

@@ -3,7 +3,7 @@
 Each client is a thread with its own keep-alive HTTP connection that sends searches back to back until the
 deadline. Queries are gallery images fetched from the server itself, so any server can be tested without access
 to its files: an *upload* sends an image's bytes (the server decodes and embeds it, then searches), a *path*
-query names a gallery image (the server searches with the stored embedding: faiss only). Every answer is
+query names a gallery image (the server searches with the stored embedding, on either backend). Every answer is
 compared with the answer the server gave to the same query alone, before the clock started, so a wrong answer
 under concurrency counts as an error just like an HTTP error or a timeout.
 

@@ -16,7 +16,14 @@ from pathlib import Path
 
 from metricsearch.benchmarks import SECTIONS
 from metricsearch.cli.args import Arguments, Command, Option, UsageError, run_command
-from metricsearch.cli.search import GALLERY_MOVED, SEARCH_ERRORS, model_choice, model_options
+from metricsearch.cli.search import (
+    GALLERY_MOVED,
+    SEARCH_ERRORS,
+    index_choice,
+    index_options,
+    model_choice,
+    model_options,
+)
 from metricsearch.inference.model_choice import given_choice
 from metricsearch.search.errors import MAX_K
 
@@ -222,6 +229,7 @@ LOAD_TEST = Command(
     ),
     options={
         "index": Option(None, "the index folder to serve (the server is started on a free loopback port)"),
+        **index_options(),
         "url": Option(None, "or a running server, e.g. http://127.0.0.1:8000"),
         "clients": Option(16, "concurrent clients (at most 256)"),
         "duration": Option(20.0, "seconds during which new requests start (at most 600)"),
@@ -248,6 +256,8 @@ def _load_test(args: Arguments) -> int:
 
     if bool(args["index"]) == bool(args["url"]):
         raise UsageError("load_test needs exactly one of index= (start a server) or url= (test a running one)")
+    if args["url"] and (args["index.backend"] or args["index.uri"]):
+        raise UsageError("index.backend= and index.uri= go with index= (the server this test starts), not url=")
     settings = LoadTestSettings(
         clients=args["clients"],
         duration_s=args["duration"],
@@ -259,7 +269,15 @@ def _load_test(args: Arguments) -> int:
     if args["url"]:
         report = run_load_test(args["url"].rstrip("/"), settings)
     else:
-        server = {**given_choice(model_choice(args)), "gallery": args["gallery"]}
+        from metricsearch.search.backends import check_index_choice
+
+        check_index_choice(args["index"], **index_choice(args))  # before a server is started for nothing
+        server = {
+            **given_choice(model_choice(args)),
+            "gallery": args["gallery"],
+            "index.backend": args["index.backend"],
+            "index.uri": args["index.uri"],
+        }
         serve_args = [f"index={args['index']}", *(f"{key}={value}" for key, value in server.items() if value)]
         print(f"starting the server for index={args['index']} ...", file=sys.stderr)
         with start_server(serve_args) as url:

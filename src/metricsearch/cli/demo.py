@@ -19,8 +19,10 @@ DEMO = Command(
         # A few minutes on two CPU cores; max_time caps it on a slower or busier machine.
         "max_epochs": Option(8, "training epochs"),
         "max_time": Option("00:00:05:00", "training wall-clock cap (DD:HH:MM:SS)"),
-        "backend": Option("faiss", "index backend: faiss or milvus (Milvus Lite, out/index/gallery.db)"),
-        "uri": Option(None, "backend=milvus: a Milvus Lite file or a server URL (default: in the index folder)"),
+        "index.backend": Option("faiss", "index backend: faiss or milvus (Milvus Lite, out/index/gallery.db)"),
+        "index.uri": Option(
+            None, "index.backend=milvus: a Milvus Lite file or a server URL (default: in the index folder)"
+        ),
     },
     passed_on=PassedOn(("train.",), (("train.KEY=VALUE", "passed on to train.py as KEY=VALUE"),)),
 )
@@ -36,8 +38,8 @@ def _demo(args: Arguments) -> None:
         args["max_epochs"],
         args["max_time"],
         train_args,
-        backend=args["backend"],
-        uri=args["uri"],
+        backend=args["index.backend"],
+        uri=args["index.uri"],
     )
 
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metricsearch.cli.args import Arguments, Command, Option, PassedOn, UsageError, run_command
 from metricsearch.data.io import MAX_ASPECT_RATIO, ImageLoadError
 from metricsearch.inference.errors import InferenceError
 from metricsearch.inference.model_choice import MODEL_CHOICE_HELP, ModelChoice, given_choice
-from metricsearch.search.errors import MAX_K, SearchError, check_k
+from metricsearch.search.errors import DEFAULT_SHORTLIST, MAX_K, MAX_SHORTLIST, SearchError, check_k
 from metricsearch.utils.config import ConfigError
+
+if TYPE_CHECKING:  # imported where used: --help must not load faiss and torch
+    from metricsearch.search.rerank import SearchPostprocess
 
 # What the search commands report as one line, exit status 2: their own errors, unreadable images, missing files,
 # trainer options that do not compose.
@@ -36,6 +40,56 @@ def model_choice(args: Arguments) -> ModelChoice:
     return {key: args[key] for key in MODEL_CHOICE_HELP if key in args.values}  # type: ignore[return-value]
 
 
+def index_options() -> dict[str, Option]:
+    """``index.backend=`` / ``index.uri=`` of a command that opens an existing index: a check and an override."""
+    return {
+        "index.backend": Option(
+            None, "faiss or milvus: refuse the index unless its folder holds this backend (none: whichever it holds)"
+        ),
+        "index.uri": Option(
+            None, "a Milvus index: where its collection is now (Lite file or server URL), if not where it was built"
+        ),
+    }
+
+
+def index_choice(args: Arguments) -> dict[str, str | None]:
+    """``index.backend=`` / ``index.uri=`` of a parsed command line, as the index loaders take them."""
+    return {"backend": args["index.backend"], "uri": args["index.uri"]}
+
+
+# The parameters of the postprocess config group (conf/postprocess/*.yaml), each left unset for its default there.
+POSTPROCESS_PARAMS = {
+    "k": (int, "aqe, dba: gallery neighbours added to the query or to each image"),
+    "alpha": (float, "aqe, dba: exponent of the similarity weights"),
+    "k1": (int, "k_reciprocal: neighbourhood size"),
+    "k2": (int, "k_reciprocal: neighbours of the local query expansion"),
+    "lambda": (float, "k_reciprocal: weight of the original distance, 0 to 1"),
+}
+
+
+def postprocess_options() -> dict[str, Option]:
+    """``postprocess=`` and its parameters, as the evaluation's ``postprocess`` config group names them."""
+    options = {
+        "postprocess": Option(
+            "none", "re-ranking or query expansion: none, aqe, dba or k_reciprocal (docs/postprocess.md)"
+        )
+    }
+    for key, (kind, text) in POSTPROCESS_PARAMS.items():
+        options[f"postprocess.{key}"] = Option(None, f"{text} (none: its value in conf/postprocess/)", type=kind)
+    options["postprocess.shortlist"] = Option(
+        DEFAULT_SHORTLIST, f"dba, k_reciprocal: candidates re-ranked per query (1 to {MAX_SHORTLIST}; at least k are)"
+    )
+    return options
+
+
+def postprocess_choice(args: Arguments) -> SearchPostprocess:
+    """The post-processing a parsed command line asks for (checked: an error names the bad value)."""
+    from metricsearch.search.rerank import SearchPostprocess
+
+    params = {key: args[f"postprocess.{key}"] for key in POSTPROCESS_PARAMS if args[f"postprocess.{key}"] is not None}
+    return SearchPostprocess.of(args["postprocess"] or "none", params, args["postprocess.shortlist"])
+
+
 # --- build_index ---
 
 INDEX_SPEC_KEYS = ("kind", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search")
@@ -43,7 +97,7 @@ INDEX_SPEC_KEYS = ("kind", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_s
 BUILD_INDEX = Command(
     name="build_index",
     summary=(
-        "Embed every image under gallery= and save an index to out= (faiss, or backend=milvus). With add=true, "
+        "Embed every image under gallery= and save an index to out= (faiss, or index.backend=milvus). With add=true, "
         "embed only the images the index does not hold yet; remove= / remove_ids= take images out. trainer=ddp "
         "(plus trainer.devices=N, trainer.num_nodes=M) shards the embedding across processes, GPUs or nodes."
     ),
@@ -64,8 +118,16 @@ BUILD_INDEX = Command(
         "remove": Option(None, "remove these images (gallery paths, comma-separated) from the index in out="),
         "remove_ids": Option(None, "remove the images of these ids (comma-separated) from the index in out="),
         "overwrite": Option(False, "replace an existing index in out="),
-        "backend": Option("faiss", "where the vectors live: faiss (files in out=) or milvus (a Milvus collection)"),
-        "uri": Option(None, "backend=milvus: a Milvus Lite file (default out/gallery.db) or a server URL"),
+        "index.backend": Option(
+            None,
+            "where the vectors live: faiss (files in out=) or milvus (a Milvus collection); none: faiss for a new "
+            "index, whichever out= holds with add= or remove= (given there, it is checked)",
+        ),
+        "index.uri": Option(
+            None,
+            "index.backend=milvus: a Milvus Lite file (default out/gallery.db) or a server URL; with add= or "
+            "remove=, where the collection is now (recorded in the index)",
+        ),
     },
     passed_on=PassedOn(("trainer.",), (("trainer.KEY=VALUE", "passed on to the trainer config"),)),
 )
@@ -85,7 +147,7 @@ def _build_index(args: Arguments) -> None:
     choice = given_choice(model_choice(args))
     if args["add"]:
         embedder = load_embedder(**choice) if choice else None
-        index = add_to_index(out, embedder=embedder, gallery=args["gallery"], **common)
+        index = add_to_index(out, embedder=embedder, gallery=args["gallery"], **index_choice(args), **common)
     else:
         if not args["gallery"]:
             raise UsageError("build_index needs gallery= (or add=true to grow an existing index)")
@@ -96,8 +158,8 @@ def _build_index(args: Arguments) -> None:
             out,
             spec,
             overwrite=args["overwrite"],
-            backend=args["backend"],
-            uri=args["uri"],
+            backend=args["index.backend"] or "faiss",
+            uri=args["index.uri"],
             **common,
         )
     if index is not None:  # rank 0 only
@@ -119,7 +181,7 @@ def _remove(args: Arguments, out: Path) -> None:
         ids = [int(i) for i in (args["remove_ids"] or "").split(",") if i.strip()]
     except ValueError:
         raise UsageError(f"remove_ids={args['remove_ids']} should be integers separated by commas") from None
-    index, removed = remove_from_index(out, paths, ids, gallery=args["gallery"])
+    index, removed = remove_from_index(out, paths, ids, gallery=args["gallery"], **index_choice(args))
     print(f"index {out}: removed {len(removed)} images, {len(index)} left ({index.backend} index)")
 
 
@@ -135,6 +197,7 @@ SEARCH = Command(
     summary="Print the k gallery images most similar to query= (best first, with scores) and draw them as a PNG.",
     options={
         "index": Option(None, "the index folder", required=True),
+        **index_options(),
         "query": Option(None, "the query image file", required=True),
         "k": Option(10, f"number of results (1 to {MAX_K})"),
         **model_options(),
@@ -143,6 +206,7 @@ SEARCH = Command(
         "json": Option(False, "print the results as JSON (for machines)"),
         "label": Option(None, "only results of this class"),
         "folder": Option(None, "only results under this folder of the gallery (e.g. shoes/red)"),
+        **postprocess_options(),
     },
 )
 
@@ -152,20 +216,22 @@ def _search(args: Arguments) -> None:
     from metricsearch.search.filters import SearchFilter
     from metricsearch.search.index import open_index
 
-    k = check_k(args["k"])  # the server's rule, checked before anything is loaded
+    k = check_k(args["k"])  # the server's rules, checked before anything is loaded
     where = SearchFilter.of(args["label"], args["folder"])
-    index, embedder = open_index(args["index"], gallery=args["gallery"], **model_choice(args))
+    post = postprocess_choice(args)
+    index, embedder = open_index(args["index"], gallery=args["gallery"], **index_choice(args), **model_choice(args))
     query = Path(args["query"]).expanduser().resolve()
     grid = None
     if args["grid"] is not None:
         grid = Path(args["grid"] or Path("outputs") / "search" / f"{query.stem}_top{k}.png").expanduser().resolve()
-    hits = search_image(index, embedder, query, k, grid=grid, where=where)
+    hits = search_image(index, embedder, query, k, grid=grid, where=where, post=post)
     if args["json"]:
         document = {
             "query": str(query),
             "index": str(Path(args["index"]).expanduser().resolve()),
             "model": embedder.source | {"fingerprint": embedder.fingerprint},
             "k": k,
+            "postprocess": post.describe(),
             "grid": str(grid) if grid else None,
             "results": [
                 {
@@ -181,7 +247,8 @@ def _search(args: Arguments) -> None:
         }
         print(json.dumps(document, indent=2))
         return
-    print(f"query {query} -> top {len(hits)} of {len(index)} ({embedder.describe()})")
+    after = "" if post.method == "none" else f", re-ranked by {post.method}"
+    print(f"query {query} -> top {len(hits)} of {len(index)} ({embedder.describe()}{after})")
     for h in hits:
         label = "" if h.label is None else f"  [{h.label}]"
         print(f"{h.rank:>3}  {h.score:.4f}  {index.resolve(h.path)}{label}")
@@ -201,6 +268,7 @@ SERVE = Command(
     summary="Serve a search page (upload an image or click a gallery image) and a JSON API (POST /api/search).",
     options={
         "index": Option(None, "the index folder", required=True),
+        **index_options(),
         "host": Option("127.0.0.1", "address to bind (anything but loopback exposes the gallery to the network)"),
         "port": Option(8000, "TCP port"),
         "k": Option(10, f"default number of results (1 to {MAX_K})"),
@@ -212,6 +280,7 @@ SERVE = Command(
             MAX_ASPECT_RATIO, f"most elongated accepted image, long side / short side (at most {MAX_ASPECT_RATIO:g})"
         ),
         "max_large_decodes": Option(2, "large images (4 megapixels and more) decoded at once; others wait"),
+        **postprocess_options(),
     },
 )
 
@@ -225,8 +294,11 @@ def _serve(args: Arguments) -> None:
         max_pixels=int(args["max_megapixels"] * 1e6),
         max_aspect_ratio=args["max_aspect_ratio"],
         max_large_decodes=args["max_large_decodes"],
+        postprocess=postprocess_choice(args),
     )
-    app = create_app(args["index"], gallery=args["gallery"], settings=settings, **model_choice(args))
+    app = create_app(
+        args["index"], gallery=args["gallery"], settings=settings, **index_choice(args), **model_choice(args)
+    )
     print(f"open http://{args['host']}:{args['port']}/ (Ctrl+C stops the server)")
     serve(app, host=args["host"], port=args["port"])
 

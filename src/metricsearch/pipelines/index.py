@@ -27,6 +27,7 @@ from metricsearch.search.gallery import inside_root, list_gallery_images
 from metricsearch.search.grid import gallery_loader, save_result_grid
 from metricsearch.search.index import METADATA_NAME, GalleryIndex, Hit, IndexSpec, recorded_embedder
 from metricsearch.search.milvus_index import BACKENDS, build_milvus_index
+from metricsearch.search.rerank import SearchPostprocess, search_postprocessed
 from metricsearch.utils.config import CONFIG_DIR, ConfigError, check_group_options
 
 log = logging.getLogger(__name__)
@@ -82,17 +83,18 @@ def build_index(
         batch_size: images per batch and process.
         num_workers: image-decoding worker processes per rank.
         overwrite: replace an index already in ``out`` (otherwise that is an error).
-        backend: where the vectors live: ``faiss`` (files in ``out``) or ``milvus`` (a Milvus collection).
-        uri: with ``milvus``, a Milvus Lite file (default ``out/gallery.db``) or a server URL.
+        backend: where the vectors live (``index.backend=``): ``faiss`` (files in ``out``) or ``milvus`` (a Milvus
+            collection).
+        uri: with ``milvus`` (``index.uri=``), a Milvus Lite file (default ``out/gallery.db``) or a server URL.
 
     Returns:
         The saved index on rank 0; None on the other ranks, which only embed their share.
     """
     gallery, out = Path(gallery).expanduser().resolve(), Path(out).expanduser().resolve()
     if backend not in BACKENDS:
-        raise SearchError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+        raise SearchError(f"index.backend={backend!r} is not one of {', '.join(BACKENDS)}")
     if uri and backend != "milvus":
-        raise SearchError("uri= names a Milvus database: it needs backend=milvus")
+        raise SearchError("index.uri= names a Milvus database: it needs index.backend=milvus")
     if (out / METADATA_NAME).is_file() and not overwrite:
         raise SearchError(f"out={out} already holds an index: add=true adds new images, overwrite=true rebuilds")
     if paths is None:
@@ -123,16 +125,19 @@ def add_to_index(
     trainer: L.Trainer | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
+    backend: str | None = None,
+    uri: str | Path | None = None,
 ) -> AnyIndex | None:
     """Embeds the images of the gallery that the index does not hold yet, and saves the grown index.
 
     Images already indexed are not embedded again. The model must be the one that built the index (by
-    default it is loaded from where the index says it came from).
+    default it is loaded from where the index says it came from). ``backend`` and ``uri`` are checked and
+    applied as :func:`~metricsearch.search.backends.load_gallery_index` does (a Milvus index then records ``uri``).
 
     Returns:
         The saved index on rank 0; None on the other ranks.
     """
-    index = load_gallery_index(index_dir, gallery_root=gallery)
+    index = load_gallery_index(index_dir, gallery_root=gallery, backend=backend, uri=uri)
     embedder = embedder or recorded_embedder(index)
     index.check_embedder(embedder)
     root = Path(index.gallery_root)
@@ -161,13 +166,19 @@ def add_to_index(
 
 
 def remove_from_index(
-    index_dir: str | Path, paths: Sequence[str] = (), ids: Sequence[int] = (), gallery: str | Path | None = None
+    index_dir: str | Path,
+    paths: Sequence[str] = (),
+    ids: Sequence[int] = (),
+    gallery: str | Path | None = None,
+    backend: str | None = None,
+    uri: str | Path | None = None,
 ) -> tuple[AnyIndex, list[str]]:
     """Removes images from an index by gallery path and by id (no re-embedding); returns the index and the paths.
 
-    The change is atomic as every save is: the index is the old one or the new one.
+    The change is atomic as every save is: the index is the old one or the new one. ``backend`` and ``uri`` as
+    for :func:`add_to_index`.
     """
-    index = load_gallery_index(index_dir, gallery_root=gallery)
+    index = load_gallery_index(index_dir, gallery_root=gallery, backend=backend, uri=uri)
     removed = index.remove(list(paths), list(ids))
     if removed and index.backend == "faiss":
         index.save(index_dir)
@@ -189,14 +200,16 @@ def search_image(
     k: int = 10,
     grid: str | Path | None = None,
     where: SearchFilter | None = None,
+    post: SearchPostprocess | None = None,
 ) -> list[Hit]:
     """The top ``k`` gallery images of one query image file; with ``grid``, also drawn into that PNG.
 
-    The picture frames results of the query's class when the query is itself a gallery image.
+    ``where`` restricts the results, ``post`` re-ranks them (:mod:`~metricsearch.search.rerank`). The picture
+    frames results of the query's class when the query is itself a gallery image.
     """
     query = Path(query)
     image = load_rgb_image(query)
-    hits = index.search(embedder.embed_images([image]), k, where)[0]
+    hits = search_postprocessed(index, embedder.embed_images([image]), k, where, post)[0]
     if grid is not None:
         save_result_grid(
             image,

@@ -5,6 +5,9 @@ Modules, in the order data flows through them:
 - :mod:`~metricsearch.search.gallery`: the image files of a gallery folder and their labels;
 - :mod:`~metricsearch.search.index`: the faiss index on disk (exact, IVF, HNSW), written atomically, and
   ``open_index`` (an index with a model checked to be the one that built it);
+- :mod:`~metricsearch.search.milvus_index`, :mod:`~metricsearch.search.backends`: the Milvus backend, and opening
+  an index of either backend; :mod:`~metricsearch.search.filters`: filtered search;
+- :mod:`~metricsearch.search.rerank`: re-ranking and query expansion of a search (``postprocess=``);
 - :mod:`~metricsearch.search.grid`, :mod:`~metricsearch.search.server`, :mod:`~metricsearch.search.page`: the
   picture of a result, the web service and its page;
 - :mod:`~metricsearch.search.errors`: what they report to the user.

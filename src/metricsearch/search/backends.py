@@ -13,9 +13,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from metricsearch.search.errors import SearchError
 from metricsearch.search.index import GalleryIndex
 from metricsearch.search.index_metadata import read_metadata
-from metricsearch.search.milvus_index import MilvusGalleryIndex
+from metricsearch.search.milvus_index import BACKENDS, MilvusGalleryIndex
+from metricsearch.utils.messages import shorten
 
 AnyIndex = GalleryIndex | MilvusGalleryIndex
 
@@ -23,16 +25,53 @@ AnyIndex = GalleryIndex | MilvusGalleryIndex
 WIDENING = 4
 
 
-def load_gallery_index(folder: str | Path, gallery_root: str | Path | None = None) -> AnyIndex:
+def load_gallery_index(
+    folder: str | Path,
+    gallery_root: str | Path | None = None,
+    backend: str | None = None,
+    uri: str | Path | None = None,
+) -> AnyIndex:
     """The index in ``folder``, whichever backend holds it.
+
+    Args:
+        folder: the index folder.
+        gallery_root: where the gallery images are now, if they moved since the index was built.
+        backend: ``index.backend=`` as the user gave it: the backend the folder must hold (None: any).
+        uri: ``index.uri=``: where a Milvus index's collection is now (a Lite file or a server URL), instead of the
+            one its metadata records; refused for a faiss index.
 
     Raises:
         IndexLoadError: no finished index there, or a damaged one (see each backend's ``load``).
+        SearchError: ``backend`` is not the one the folder holds, or ``uri`` is given for a faiss index.
     """
     folder = Path(folder).expanduser().resolve()
-    if read_metadata(folder).get("backend", "faiss") == "milvus":
-        return MilvusGalleryIndex.load(folder, gallery_root=gallery_root)
+    if check_index_choice(folder, backend, uri) == "milvus":
+        return MilvusGalleryIndex.load(folder, gallery_root=gallery_root, uri=uri)
     return GalleryIndex.load(folder, gallery_root=gallery_root)
+
+
+def check_index_choice(folder: str | Path, backend: str | None = None, uri: str | Path | None = None) -> str:
+    """The backend of the index in ``folder``, once ``index.backend=`` / ``index.uri=`` are checked to fit it.
+
+    Raises:
+        IndexLoadError: no finished index in ``folder``.
+        SearchError: an unknown backend, another backend than the folder's, or a uri for a faiss index.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise SearchError(f"index.backend={shorten(backend)} is not one of {', '.join(BACKENDS)}")
+    folder = Path(folder).expanduser().resolve()
+    held = read_metadata(folder).get("backend", "faiss")
+    if backend is not None and backend != held:
+        raise SearchError(
+            f"index={folder} is a {held if held in BACKENDS else shorten(held)} index, not index.backend={backend}: "
+            "leave index.backend= out (the index folder says which backend holds it) or name an index of that backend"
+        )
+    if uri and held != "milvus":
+        raise SearchError(
+            f"index.uri= names where a Milvus collection is, but index={folder} is a faiss index (its vectors are "
+            "files in the folder): leave index.uri= out"
+        )
+    return held
 
 
 def filtered_search(

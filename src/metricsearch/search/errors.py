@@ -6,6 +6,9 @@ from metricsearch.utils.messages import shorten
 
 # Most results one search may ask for, from the command line and from the server alike.
 MAX_K = 100
+# Candidates a re-ranking search (postprocess=dba or k_reciprocal) re-ranks per query, by default and at most.
+DEFAULT_SHORTLIST = 100
+MAX_SHORTLIST = 2000
 
 
 class SearchError(RuntimeError):

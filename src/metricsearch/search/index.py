@@ -316,6 +316,13 @@ class GalleryIndex:
             for kept in found
         ]
 
+    def shortlist(
+        self, queries: np.ndarray, width: int, where: SearchFilter | None = None
+    ) -> list[tuple[list[Hit], np.ndarray]]:
+        """The ``width`` best hits of each query (as :meth:`search`) and their stored embeddings, in that order: what
+        a re-ranking search (:mod:`~metricsearch.search.rerank`) re-ranks."""
+        return [(hits, self.embeddings[[h.position for h in hits]]) for hits in self.search(queries, width, where)]
+
     def check_embedder(self, embedder: Embedder) -> None:
         """Refuses a model that would produce embeddings incomparable with the indexed ones.
 
@@ -456,13 +463,20 @@ class GalleryIndex:
 
 
 def open_index(
-    folder: str | Path, gallery: str | Path | None = None, **choice: Unpack[ModelChoice]
+    folder: str | Path,
+    gallery: str | Path | None = None,
+    backend: str | None = None,
+    uri: str | Path | None = None,
+    **choice: Unpack[ModelChoice],
 ) -> tuple[GalleryIndex, Embedder]:
     """An index and a model checked to be the one that built it.
 
     Args:
         folder: the index folder.
         gallery: where the gallery images are now, if they moved.
+        backend: the backend the folder must hold (``index.backend=``; None: whichever it holds).
+        uri: a Milvus index's collection, where it is now (``index.uri=``; see
+            :func:`~metricsearch.search.backends.load_gallery_index`).
         choice: a model to embed queries with (``ckpt=``, ``model=`` or ``backbone=``; see
             :mod:`~metricsearch.inference.model_choice`) instead of the one the index records; it must have the same
             weights (a checkpoint and its ONNX export are interchangeable).
@@ -472,7 +486,7 @@ def open_index(
     """
     from metricsearch.search.backends import load_gallery_index
 
-    index = load_gallery_index(folder, gallery_root=gallery)
+    index = load_gallery_index(folder, gallery_root=gallery, backend=backend, uri=uri)
     choice = given_choice(choice)
     embedder = load_embedder(**choice) if choice else recorded_embedder(index)
     index.check_embedder(embedder)

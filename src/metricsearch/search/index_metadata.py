@@ -268,7 +268,7 @@ def rebuild_command(folder: Path, meta: dict[str, Any], source: dict[str, Any] |
     gallery = text(meta, "gallery_root", "GALLERY")
     args = [f"{option}={text(source, 'path', 'PATH')}", f"gallery={gallery}", f"out={folder}", "overwrite=true"]
     if isinstance(meta, dict) and meta.get("backend") == "milvus":
-        args += ["backend=milvus", f"uri={text(meta, 'uri', 'URI')}"]
+        args += ["index.backend=milvus", f"index.uri={text(meta, 'uri', 'URI')}"]
     return f"rebuild the index: python scripts/build_index.py {shlex.join(args)}"
 
 

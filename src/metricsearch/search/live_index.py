@@ -36,12 +36,16 @@ class LiveIndex:
         index: the index as opened; one only in memory (no folder) never changes.
         embedder: the model it was checked against.
         gallery: where the gallery images are, when the server was told (they moved since indexing).
+        uri: where a Milvus index's collection is, when the server was told (``index.uri=``).
     """
 
-    def __init__(self, index: AnyIndex, embedder: Embedder, gallery: str | Path | None = None) -> None:
+    def __init__(
+        self, index: AnyIndex, embedder: Embedder, gallery: str | Path | None = None, uri: str | None = None
+    ) -> None:
         self._index = index
         self._embedder = embedder
         self._gallery = gallery
+        self._uri = uri
         self._folder = Path(index.folder) if index.folder else None
         self._stamp = _stamp(self._folder) if self._folder else None
         self._lock = threading.Lock()
@@ -54,7 +58,7 @@ class LiveIndex:
             stamp = _stamp(self._folder)
             if stamp is not None and stamp != self._stamp:
                 try:
-                    fresh = load_gallery_index(self._folder, gallery_root=self._gallery)
+                    fresh = load_gallery_index(self._folder, gallery_root=self._gallery, uri=self._uri)
                     fresh.check_embedder(self._embedder)
                 except SearchError as err:
                     log.error("Keeping the index as it was: its folder changed into one this server refuses: %s", err)

@@ -79,7 +79,9 @@ def resolve_uri(uri: str | Path | None, folder: Path) -> str:
     if is_server_uri(uri):
         return uri
     if not uri.endswith(".db"):
-        raise SearchError(f"uri={shorten(uri)} should be a Milvus Lite file ending in .db or a server URL (http://...)")
+        raise SearchError(
+            f"index.uri={shorten(uri)} should be a Milvus Lite file ending in .db or a server URL (http://...)"
+        )
     return str(Path(uri).expanduser().resolve())
 
 
@@ -91,7 +93,7 @@ def connect(uri: str) -> Any:
                 from pymilvus import MilvusClient
             except ImportError as err:  # pragma: no cover - pinned in requirements.txt
                 raise SearchError(
-                    "backend=milvus needs pymilvus and milvus-lite: pip install -r requirements.txt"
+                    "index.backend=milvus needs pymilvus and milvus-lite: pip install -r requirements.txt"
                 ) from err
             try:
                 _clients[uri] = MilvusClient(uri)
@@ -101,10 +103,10 @@ def connect(uri: str) -> Any:
                     if is_server_uri(uri) or not (Path(uri) / "LOCK").exists()
                     else (
                         " (Milvus Lite lets one process at a time open its file: is a server or another command "
-                        "using this index? stop it first, or use a Milvus server uri=http://HOST:19530)"
+                        "using this index? stop it first, or use a Milvus server index.uri=http://HOST:19530)"
                     )
                 )
-                raise IndexLoadError(f"cannot open Milvus at uri={uri}: {one_line(err)}{busy}") from err
+                raise IndexLoadError(f"cannot open Milvus at {uri}: {one_line(err)}{busy}") from err
         return _clients[uri]
 
 
@@ -206,8 +208,16 @@ class MilvusGalleryIndex:
     # --- reading ---
 
     @classmethod
-    def load(cls, folder: str | Path, gallery_root: str | Path | None = None) -> MilvusGalleryIndex:
+    def load(
+        cls, folder: str | Path, gallery_root: str | Path | None = None, uri: str | Path | None = None
+    ) -> MilvusGalleryIndex:
         """Opens the index described by ``folder/metadata.json`` and reads its paths and labels.
+
+        Args:
+            folder: the index folder.
+            gallery_root: where the gallery images are now, if they moved since the index was built.
+            uri: where the collection is now (``index.uri=``: a Lite file moved, a server on another host), instead
+                of the uri the metadata records; a change committed later (add, remove) records this one.
 
         Raises:
             IndexLoadError: no finished index, damaged metadata, or a collection that is missing or is not the
@@ -215,19 +225,21 @@ class MilvusGalleryIndex:
         """
         folder = Path(folder).expanduser().resolve()
         meta = read_milvus_metadata(folder)
-        uri = meta["uri"]
+        uri = resolve_uri(uri, folder) if uri else meta["uri"]
         if not is_server_uri(uri) and not Path(uri).exists():
             raise IndexLoadError(
-                f"index={folder}: its Milvus Lite data {uri} is missing; rebuild the index with "
-                f"scripts/build_index.py backend=milvus out={folder} overwrite=true"
+                f"index={folder}: its Milvus Lite data {uri} is missing; if it moved, give index.uri=ITS_PATH, "
+                f"otherwise rebuild the index with scripts/build_index.py index.backend=milvus out={folder} "
+                "overwrite=true"
             )
         client = connect(uri)
         collection = meta["collection"]
         try:
             if not client.has_collection(collection):
                 raise IndexLoadError(
-                    f"index={folder}: the Milvus collection {collection} at {uri} does not exist (dropped?); "
-                    f"rebuild the index with scripts/build_index.py backend=milvus out={folder} overwrite=true"
+                    f"index={folder}: the Milvus collection {collection} at {uri} does not exist (dropped, or "
+                    "another uri?); rebuild the index with scripts/build_index.py index.backend=milvus "
+                    f"out={folder} overwrite=true"
                 )
             client.load_collection(collection)
             ids, paths, labels = _read_rows(client, collection, meta["next_id"])
@@ -261,6 +273,17 @@ class MilvusGalleryIndex:
 
     def search(self, queries: np.ndarray, k: int = 10, where: SearchFilter | None = None) -> list[list[Hit]]:
         """The ``k`` most similar gallery images of each query embedding, best first; ``where`` filters them."""
+        return [hits for hits, _ in self._search(queries, k, where, with_vectors=False)]
+
+    def shortlist(
+        self, queries: np.ndarray, width: int, where: SearchFilter | None = None
+    ) -> list[tuple[list[Hit], np.ndarray]]:
+        """The ``width`` best hits of each query and their stored vectors, returned by the same Milvus search."""
+        return self._search(queries, width, where, with_vectors=True)
+
+    def _search(
+        self, queries: np.ndarray, k: int, where: SearchFilter | None, with_vectors: bool
+    ) -> list[tuple[list[Hit], np.ndarray]]:
         if int(k) < 1:
             raise RequestError(f"k must be at least 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -268,8 +291,9 @@ class MilvusGalleryIndex:
             raise IndexMismatchError(
                 f"query embeddings have shape {queries.shape} but the index holds {self.embedding_dim}-d ones"
             )
+        none = np.zeros((0, self.embedding_dim), dtype=np.float32)
         if not len(self):
-            return [[] for _ in queries]
+            return [([], none) for _ in queries]
         expression = f"id < {self.next_id}"
         if where is not None:
             expression += f" and {milvus_expression(where)}"
@@ -278,7 +302,7 @@ class MilvusGalleryIndex:
             data=queries.tolist(),
             limit=min(int(k), len(self)),
             filter=expression,
-            output_fields=["path", "label"],
+            output_fields=["path", "label", "vector"] if with_vectors else ["path", "label"],
             search_params={"metric_type": "IP", "params": _search_params(self.index_params)},
         )
         results = []
@@ -290,7 +314,14 @@ class MilvusGalleryIndex:
                 hits.append(
                     Hit(rank + 1, position, entity["path"], entity.get("label"), float(found["distance"]), found["id"])
                 )
-            results.append(hits)
+            vectors = (
+                np.asarray([found["entity"]["vector"] for found in answer], dtype=np.float32).reshape(
+                    -1, self.embedding_dim
+                )
+                if with_vectors
+                else none
+            )
+            results.append((hits, vectors))
         return results
 
     # --- changing ---
@@ -394,6 +425,8 @@ def build_milvus_index(
     spec = spec or IndexSpec()
     folder.mkdir(parents=True, exist_ok=True)
     uri = resolve_uri(uri, folder)
+    if not is_server_uri(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
     prefix = collection_prefix or default_collection_prefix(folder)
     if not COLLECTION_NAME.fullmatch(prefix + "_x" * 8):
         raise SearchError(f"collection={shorten(prefix)} should be letters, digits and underscores")
@@ -551,6 +584,6 @@ def read_milvus_metadata(folder: Path) -> dict[str, Any]:
     if problem:
         raise IndexLoadError(
             f"index={folder}: {METADATA_NAME} is damaged or was not written by MetricSearch ({problem}); rebuild "
-            f"the index with scripts/build_index.py backend=milvus out={folder} overwrite=true"
+            f"the index with scripts/build_index.py index.backend=milvus out={folder} overwrite=true"
         )
     return meta

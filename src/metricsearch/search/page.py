@@ -1,5 +1,8 @@
 """The single HTML page of the search server: upload an image or click a gallery image, see the top-k results.
 
+Every search sends the page's options with it: the number of results, the filters (only a class, only a folder of
+the gallery) and the re-ranking method (the server's default selected; the menu lists the methods it offers).
+
 Plain HTML, CSS and JavaScript in one string, so the page needs no build step, no static-file packaging and
 no network (no CDN). Every text that comes from the server is inserted with ``textContent``, never as HTML,
 so a file name cannot inject markup.
@@ -21,7 +24,7 @@ PAGE_HTML = """<!doctype html>
   main { padding: 16px 20px; }
   section { margin-bottom: 22px; }
   h2 { font-size: 16px; margin: 0 0 8px; }
-  form { display: flex; gap: 10px; align-items: center; flex-wrap: wrap; }
+  form { display: flex; gap: 10px; align-items: center; flex-wrap: wrap; margin-bottom: 8px; }
   #error { color: #b00020; font-weight: 600; min-height: 1.2em; }
   #status { color: #555; font-size: 13px; min-height: 1.2em; }
   .grid { display: flex; flex-wrap: wrap; gap: 10px; }
@@ -44,6 +47,13 @@ PAGE_HTML = """<!doctype html>
       <input type="file" id="file-input" name="file" accept="image/*">
       <label>top <input type="number" id="k-input" min="1" max="100" value="10" style="width:4em"></label>
       <button type="submit" id="search-button">Search</button>
+    </form>
+    <form id="options-form">
+      <label>only class <input type="text" id="label-input" placeholder="any" maxlength="1024"
+        style="width:9em"></label>
+      <label>only folder <input type="text" id="folder-input" placeholder="any (e.g. shoes/red)" maxlength="1024"
+        style="width:12em"></label>
+      <label>re-ranking <select id="postprocess-select"></select></label>
     </form>
     <div id="status"></div>
     <div id="error" role="alert"></div>
@@ -112,13 +122,21 @@ function showResults(data) {
     div.dataset.score = hit.score;
     results.appendChild(div);
   }
-  setStatus(data.results.length + " results in " + data.took_ms.toFixed(1) + " ms");
+  const method = data.postprocess ? data.postprocess.method : "none";
+  setStatus(data.results.length + " results in " + data.took_ms.toFixed(1) + " ms" +
+            (method === "none" ? "" : ", re-ranked by " + method));
 }
 
 async function search(formData) {
   setError("");
   setStatus("searching\u2026");
   formData.append("k", $("k-input").value || "10");
+  // Empty fields are left out: no filter.
+  for (const [field, id] of [["label", "label-input"], ["folder", "folder-input"]]) {
+    const value = $(id).value.trim();
+    if (value) formData.append(field, value);
+  }
+  if ($("postprocess-select").value) formData.append("postprocess", $("postprocess-select").value);
   try {
     const response = await fetch("/api/search", { method: "POST", body: formData });
     const data = await response.json().catch(() => ({}));
@@ -133,6 +151,8 @@ async function search(formData) {
     setError("search failed: " + err);
   }
 }
+
+$("options-form").addEventListener("submit", (event) => event.preventDefault());
 
 $("upload-form").addEventListener("submit", (event) => {
   event.preventDefault();
@@ -174,6 +194,15 @@ async function loadInfo() {
     " index \u00b7 " + info.model;
   $("k-input").value = info.default_k;
   $("k-input").max = info.max_k;
+  const select = $("postprocess-select");
+  select.replaceChildren();
+  for (const method of info.postprocess_methods || ["none"]) {
+    const option = document.createElement("option");
+    option.value = method;
+    option.textContent = method;
+    option.selected = method === info.postprocess;
+    select.appendChild(option);
+  }
 }
 
 const GALLERY_PAGE = __GALLERY_PAGE__;

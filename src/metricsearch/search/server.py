@@ -7,6 +7,7 @@ Routes:
     ``GET /gallery/{path}``         a gallery image; only files the index holds, inside the gallery root
     ``POST /api/search``            multipart ``file`` (an upload) or ``path`` (a gallery image), ``k``, and
                                     optionally ``label`` / ``folder`` (only results of that class / under it)
+                                    and ``postprocess`` (re-ranking: none, aqe, dba, k_reciprocal)
 
 Untrusted input is bounded before it costs anything: the request body is cut off at the upload limit while
 it streams in (413); an image's size is read from its header and checked before it is decoded (413), on
@@ -30,7 +31,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Unpack
 from urllib.parse import quote
@@ -45,6 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from metricsearch.data.io import MAX_ASPECT_RATIO, ImageLoadError, ImageTooLargeError, load_rgb_image
 from metricsearch.inference.model_choice import ModelChoice
 from metricsearch.inference.model_loading import Embedder
+from metricsearch.metrics.postprocess import POSTPROCESS_METHODS
 from metricsearch.search.backends import AnyIndex
 from metricsearch.search.errors import MAX_K, RequestError, SearchError, check_k
 from metricsearch.search.filters import SearchFilter
@@ -52,6 +54,7 @@ from metricsearch.search.index import Hit, open_index
 from metricsearch.search.index_metadata import is_gallery_image_name
 from metricsearch.search.live_index import LiveIndex
 from metricsearch.search.page import render_page
+from metricsearch.search.rerank import SearchPostprocess, search_postprocessed
 from metricsearch.utils.messages import shorten
 from metricsearch.utils.paths import resolves_inside
 
@@ -82,6 +85,8 @@ class ServerSettings:
         max_large_decodes: large images decoded and resized at once; more wait their turn.
         decode_wait_s: how long a large image waits for its turn before the request is refused (503).
         gallery_page_size: thumbnails the page loads per click.
+        postprocess: the re-ranking of a search whose request names none, with the parameters of every method a
+            request may name.
     """
 
     default_k: int = 10
@@ -94,6 +99,7 @@ class ServerSettings:
     max_large_decodes: int = 2
     decode_wait_s: float = 30.0
     gallery_page_size: int = 48
+    postprocess: SearchPostprocess = field(default_factory=SearchPostprocess)
 
     def __post_init__(self) -> None:
         check_k(self.default_k, self.max_k)
@@ -407,16 +413,21 @@ def _hit_json(hit: Hit) -> dict[str, Any]:
 
 
 def build_app(
-    index: AnyIndex, embedder: Embedder, settings: ServerSettings | None = None, gallery: str | Path | None = None
+    index: AnyIndex,
+    embedder: Embedder,
+    settings: ServerSettings | None = None,
+    gallery: str | Path | None = None,
+    uri: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``index``; ``embedder`` must be the model that built it (checked here).
 
     Each request answers from the index as its folder holds it then (:class:`LiveIndex`): images added or removed
-    by another process show at once.
+    by another process show at once. ``gallery`` and ``uri`` (a Milvus collection's place, ``index.uri=``) are
+    applied whenever the index is reopened.
     """
     settings = settings or ServerSettings()
     index.check_embedder(embedder)
-    live = LiveIndex(index, embedder, gallery)
+    live = LiveIndex(index, embedder, gallery, uri)
     root = Path(index.gallery_root).resolve()
     if not root.is_dir() or root == root.parent:
         raise SearchError(
@@ -454,6 +465,8 @@ def build_app(
             "default_k": settings.default_k,
             "max_k": settings.max_k,
             "max_upload_bytes": settings.max_upload_bytes,
+            "postprocess": settings.postprocess.method,
+            "postprocess_methods": list(POSTPROCESS_METHODS),
         }
 
     @app.get("/api/gallery")
@@ -491,12 +504,14 @@ def build_app(
         k: Annotated[int | None, Form()] = None,
         label: Annotated[str | None, Form()] = None,
         folder: Annotated[str | None, Form()] = None,
+        postprocess: Annotated[str | None, Form()] = None,
     ) -> dict[str, Any]:
         started = time.perf_counter()
         index = live.current()
         try:
             k = check_k(settings.default_k if k is None else k, settings.max_k)
             where = SearchFilter.of(label, folder)
+            post = settings.postprocess.with_method(postprocess or None)
         except RequestError as err:
             raise HTTPException(400, str(err)) from err
         if (file is None) == (path is None):
@@ -520,10 +535,11 @@ def build_app(
                 query = embedder.embed_tensor(batch).numpy()
             filename = file.filename[:255] if file.filename else file.filename
             described = {"kind": "upload", "filename": filename, "size": list(size)}
-        hits = index.search(np.asarray(query, dtype=np.float32), k, where)[0]
+        hits = search_postprocessed(index, np.asarray(query, dtype=np.float32), k, where, post)[0]
         return {
             "query": described,
             "k": k,
+            "postprocess": post.describe(),
             "took_ms": (time.perf_counter() - started) * 1000,
             "results": [_hit_json(hit) for hit in hits],
         }
@@ -535,12 +551,14 @@ def create_app(
     index_dir: str | Path,
     gallery: str | Path | None = None,
     settings: ServerSettings | None = None,
+    backend: str | None = None,
+    uri: str | None = None,
     **choice: Unpack[ModelChoice],
 ) -> FastAPI:
     """The app for the index in ``index_dir``, with the model it records (or the one ``choice`` names, if it matches;
-    see :func:`~metricsearch.search.index.open_index`)."""
-    index, embedder = open_index(index_dir, gallery=gallery, **choice)
-    return build_app(index, embedder, settings, gallery=gallery)
+    see :func:`~metricsearch.search.index.open_index`, which checks ``backend`` and applies ``uri``)."""
+    index, embedder = open_index(index_dir, gallery=gallery, backend=backend, uri=uri, **choice)
+    return build_app(index, embedder, settings, gallery=gallery, uri=uri)
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
