@@ -331,6 +331,63 @@ def test_make_tuples_is_seeded_counted_and_leaves_validation_classes_unnamed(tmp
     )
 
 
+# --- the closed set (test images of the training classes): tuples of training images, validation on the rest --------
+
+CLOSED_SET_TINY = ["data=synthetic_cifar", "data.source.num_classes=10", "data.source.images_per_class=18"]
+
+
+def _closed_set_tuples(tmp_path: Path, data_dir: Path, kind: str = "pairs", count: int = 40) -> Path:
+    from metricsearch.pipelines.data_tools import make_tuples
+
+    out = tmp_path / f"closed_{kind}.csv"
+    make_tuples([f"paths.data_dir={data_dir}", *CLOSED_SET_TINY], kind, count, str(out), seed=0, holdout=0.2)
+    return out
+
+
+def test_closed_set_tuples_name_training_images_of_every_class_and_leave_some_of_each_unnamed(tmp_path, data_dir):
+    from metricsearch.pipelines.data_tools import compose_data_source
+
+    file = _closed_set_tuples(tmp_path, data_dir, "triplets", count=60)
+    source = compose_data_source([f"paths.data_dir={data_dir}", *CLOSED_SET_TINY])
+    split = source.load()
+    tuples = read_tuples_file(file, "triplets", source.folder)
+    label_of = {path.resolve(): label for path, label in zip(split.train.paths, split.train.labels, strict=True)}
+    # Training images only (no test image), of the 10 classes the test images are of.
+    assert all(path in label_of for path in tuples.paths)
+    named = np.array([label_of[path] for path in tuples.paths])
+    assert set(named.tolist()) == set(split.test.classes.tolist()) == set(range(10))
+    # 20% of each class's 15 training images (3) are held out: no class has more than 12 of its images named.
+    assert np.bincount(named, minlength=10).max() <= 12
+
+
+def test_closed_set_tuples_validate_on_the_training_images_the_file_does_not_name(tmp_path, data_dir):
+    file = _closed_set_tuples(tmp_path, data_dir, "pairs")
+    cfg = compose_config([*CLOSED_SET_TINY, "supervision=pairs", f"data.pairs_file={file}"], tmp_path / "run", data_dir)
+    _, datamodule = build_run(cfg)
+    named = {path for path in datamodule.tuples.paths}
+    train = {Path(p).resolve() for p in datamodule.train_records.paths}
+    val = {Path(p).resolve() for p in datamodule.val_records.paths}
+    test = {Path(p).resolve() for p in datamodule.split.evaluation.paths}
+    all_training = {Path(p).resolve() for p in datamodule.split.train.paths}
+    assert train == named and val == all_training - named
+    assert not val & test and len(set(datamodule.val_records.labels.tolist())) == 10
+
+
+def test_a_closed_set_tuple_naming_a_test_image_is_refused(tmp_path, data_dir):
+    file = _closed_set_tuples(tmp_path, data_dir, "pairs")
+    from metricsearch.pipelines.data_tools import compose_data_source
+
+    source = compose_data_source([f"paths.data_dir={data_dir}", *CLOSED_SET_TINY])
+    test_image = source.load().test.paths[0].relative_to(source.folder).as_posix()
+    lines = file.read_text().splitlines()
+    first = lines[1].split(",")
+    lines.append(f"{first[0]},{test_image},different")
+    file.write_text("\n".join(lines) + "\n")
+    cfg = compose_config([*CLOSED_SET_TINY, "supervision=pairs", f"data.pairs_file={file}"], tmp_path / "run", data_dir)
+    with pytest.raises(TupleFileError, match=rf"line {len(lines)}: image .* is not a training image"):
+        build_run(cfg)
+
+
 # --- the commands a user types -----------------------------------------------------------------------------------
 
 
