@@ -350,10 +350,8 @@ class MetricDataModule(L.LightningDataModule):
         check_tuples_in(self.tuples, records.paths)
         named = {path for path in self.tuples.paths}
         is_named = np.array([Path(p).resolve() in named for p in records.paths])
-        if closed_set:
-            unnamed = ~is_named
-        else:
-            unnamed = ~np.isin(records.labels, np.unique(records.labels[is_named]))
+        # Closed set: the images no tuple names; otherwise the classes of which no tuple names an image.
+        unnamed = ~is_named if closed_set else ~np.isin(records.labels, np.unique(records.labels[is_named]))
         if self.val_fraction <= 0 or len(np.unique(records.labels[unnamed])) < 2:
             unnamed[:] = False
         return records.select(is_named), records.select(unnamed)
