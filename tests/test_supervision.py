@@ -388,6 +388,86 @@ def test_a_closed_set_tuple_naming_a_test_image_is_refused(tmp_path, data_dir):
         build_run(cfg)
 
 
+# --- what metrics.json says selected the model ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "supervision", "closed_set", "reason", "expected"),
+    [
+        ("val", "class", False, None, "the checkpoint with the best val/recall@1 on validation classes held out of "
+         "training"),
+        ("val", "class", True, None, "the checkpoint with the best val/recall@1 on validation images held out of "
+         "every training class"),
+        ("val", "pairs", False, None, "the checkpoint with the best val/recall@1 on the labelled training classes of "
+         "which data.pairs_file names no image (their labels read only to evaluate), trained on the pairs of "
+         "data.pairs_file only (no class label)"),
+        ("val", "triplets", True, None, "the checkpoint with the best val/recall@1 on the labelled training images "
+         "data.triplets_file does not name (their labels read only to evaluate), trained on the triplets of "
+         "data.triplets_file only (no class label)"),
+        ("val", "none", False, None, "the checkpoint with the best val/recall@1 on labelled validation classes held "
+         "out of training (their labels read only to evaluate), trained on all training images without their "
+         "labels"),
+        ("val", "none", True, None, "the checkpoint with the best val/recall@1 on labelled validation images held out "
+         "of every training class (their labels read only to evaluate), trained on all training images without "
+         "their labels"),
+        ("last", "class", False, None, "the last epoch's model, trained on all training classes (no model selection)"),
+        ("last", "pairs", False, "no held-out class", "the last epoch's model, trained on the pairs of "
+         "data.pairs_file only (no class label) (no model selection: no held-out class)"),
+        ("last", "none", True, None, "the last epoch's model, trained on all training images without their labels "
+         "(no model selection)"),
+        ("test_best", "triplets", False, None, "the best of the per-epoch evaluations on the test classes "
+         "(val/recall@1), trained on the triplets of data.triplets_file only (no class label): the papers' protocol, "
+         "OPTIMISTIC because the test set chose the model"),
+    ],
+)  # fmt: skip
+def test_the_selection_says_what_selected_and_what_was_trained_on(mode, supervision, closed_set, reason, expected):
+    from metricsearch.pipelines.selection import selection_record
+
+    record = selection_record(mode, "val/recall@1", supervision, closed_set, reason)
+    assert record["description"] == expected
+    assert record["optimistic"] is (mode == "test_best")
+    assert record.get("fallback_reason") == reason
+    assert "all training classes" not in expected or supervision == "class"
+
+
+def test_a_tuples_run_with_nothing_to_select_on_says_so_once_and_records_why(tmp_path, data_dir, caplog):
+    import logging
+
+    from metricsearch.pipelines.train import train
+
+    triplets = _tiny_pairs_file(tmp_path, data_dir, "triplets", count=12, holdout=0)
+    cfg = compose_config(
+        ["supervision=triplets", f"data.triplets_file={triplets}", "test_untrained=false", "module.compute_nmi=false"],
+        tmp_path / "run",
+        data_dir,
+    )
+    with caplog.at_level(logging.INFO, logger="metricsearch"):
+        train(cfg)
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    selection = summary["selection"]
+    assert selection["mode"] == "last"
+    assert selection["description"].startswith(
+        "the last epoch's model, trained on the triplets of data.triplets_file only (no class label) (no model "
+        "selection: supervision=triplets and no labelled training classes are held out of training"
+    )
+    assert "data.triplets_file names an image of every training class" in selection["fallback_reason"]
+    messages = [r.getMessage() for r in caplog.records if "selection" in r.getMessage()]
+    # One line, after the data showed there was nothing to select on; no claim that a setting changed the data.
+    assert len(messages) == 1 and messages[0].startswith("selection=last: supervision=triplets"), messages
+    assert "val_fraction: 0.0" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_a_closed_set_pairs_run_selects_on_the_images_its_file_does_not_name(tmp_path, data_dir):
+    from metricsearch.pipelines.train import train
+
+    pairs = _closed_set_tuples(tmp_path, data_dir, "pairs")
+    overrides = [*CLOSED_SET_TINY, "supervision=pairs", f"data.pairs_file={pairs}", "test_untrained=false"]
+    train(compose_config([*overrides, "module.compute_nmi=false"], tmp_path / "run", data_dir))
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["selection"]["mode"] == "val" and "recall@1" in summary["metrics"]["val_best"]
+    assert "on the labelled training images data.pairs_file does not name" in summary["selection"]["description"]
+
+
 # --- the commands a user types -----------------------------------------------------------------------------------
 
 
@@ -419,6 +499,10 @@ def test_train_py_supervision_none_trains_selects_and_searches(tmp_path, data_di
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["supervision"] == {"mode": "none", "class_labels_read_in_training": False, "unlabelled_images": 32}
     assert summary["selection"]["mode"] == "val" and "recall@1" in summary["metrics"]["val_best"]
+    assert summary["selection"]["description"].endswith(
+        "on labelled validation classes held out of training (their labels read only to evaluate), trained on all "
+        "training images without their labels"
+    )
     assert "recall@1" in summary["metrics"]["test"]
     gallery = next(data_dir.glob("synthetic-v*-c12-n8-s32-seed0")) / "images"
     _search_with(Path(summary["best_checkpoint"]), gallery, tmp_path / "index")
@@ -434,6 +518,8 @@ def test_train_py_supervision_pairs_trains_on_the_file_and_searches(tmp_path, da
     assert summary["supervision"]["tuples"] == 24 and summary["supervision"]["class_labels_read_in_training"] is False
     # The classes no pair names are the validation classes that select the checkpoint.
     assert summary["selection"]["mode"] == "val"
+    description = summary["selection"]["description"]
+    assert "the labelled training classes of which data.pairs_file names no image" in description
     gallery = next(data_dir.glob("synthetic-v*-c12-n8-s32-seed0")) / "images"
     _search_with(Path(summary["best_checkpoint"]), gallery, tmp_path / "index")
 
@@ -448,6 +534,8 @@ def test_without_held_out_labelled_classes_selection_falls_back_to_last(tmp_path
     assert summary["selection"]["mode"] == "last"
     assert "selection: last" in (run_dir / "config.yaml").read_text()
     assert "no labelled training classes are held out" in result.stderr + result.stdout
+    assert "val_fraction set to 0" not in result.stderr + result.stdout
+    assert "trained on the triplets of data.triplets_file only" in summary["selection"]["description"]
 
 
 def test_a_tuples_file_smaller_than_one_batch_is_refused(tmp_path, data_dir):
