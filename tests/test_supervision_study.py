@@ -130,7 +130,7 @@ def test_the_cifar_standin_study_trains_summarizes_and_says_what_selected(tmp_pa
         assert summary["global_step"] == 4
         assert summary["selection"]["mode"] == "val"
     pairs = json.loads((out / "runs" / "pairs_40" / "seed0" / "metrics.json").read_text())
-    assert "training images the pairs file does not name" in pairs["selection"]["description"]
+    assert "on the labelled training images data.pairs_file does not name" in pairs["selection"]["description"]
     summary = summarize_study(out, tmp_path / "results", budgets=(40,), variant=variant)
     assert [entry["setting"] for entry in summary] == ["class", "untrained", "pairs_40"]
     assert summary[0]["labels"] == "800 image labels (10 classes)"
