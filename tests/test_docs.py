@@ -49,6 +49,7 @@ def test_each_table_appears_where_a_reader_looks_for_it():
         "performance": ["docs/performance.md"],
         "postprocess": ["docs/postprocess.md"],
         "supervision": ["docs/supervision.md"],
+        "supervision_cifar": ["docs/supervision.md"],
     }
 
 

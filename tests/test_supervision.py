@@ -331,6 +331,143 @@ def test_make_tuples_is_seeded_counted_and_leaves_validation_classes_unnamed(tmp
     )
 
 
+# --- the closed set (test images of the training classes): tuples of training images, validation on the rest --------
+
+CLOSED_SET_TINY = ["data=synthetic_cifar", "data.source.num_classes=10", "data.source.images_per_class=18"]
+
+
+def _closed_set_tuples(tmp_path: Path, data_dir: Path, kind: str = "pairs", count: int = 40) -> Path:
+    from metricsearch.pipelines.data_tools import make_tuples
+
+    out = tmp_path / f"closed_{kind}.csv"
+    make_tuples([f"paths.data_dir={data_dir}", *CLOSED_SET_TINY], kind, count, str(out), seed=0, holdout=0.2)
+    return out
+
+
+def test_closed_set_tuples_name_training_images_of_every_class_and_leave_some_of_each_unnamed(tmp_path, data_dir):
+    from metricsearch.pipelines.data_tools import compose_data_source
+
+    file = _closed_set_tuples(tmp_path, data_dir, "triplets", count=60)
+    source = compose_data_source([f"paths.data_dir={data_dir}", *CLOSED_SET_TINY])
+    split = source.load()
+    tuples = read_tuples_file(file, "triplets", source.folder)
+    label_of = {path.resolve(): label for path, label in zip(split.train.paths, split.train.labels, strict=True)}
+    # Training images only (no test image), of the 10 classes the test images are of.
+    assert all(path in label_of for path in tuples.paths)
+    named = np.array([label_of[path] for path in tuples.paths])
+    assert set(named.tolist()) == set(split.test.classes.tolist()) == set(range(10))
+    # 20% of each class's 15 training images (3) are held out: no class has more than 12 of its images named.
+    assert np.bincount(named, minlength=10).max() <= 12
+
+
+def test_closed_set_tuples_validate_on_the_training_images_the_file_does_not_name(tmp_path, data_dir):
+    file = _closed_set_tuples(tmp_path, data_dir, "pairs")
+    cfg = compose_config([*CLOSED_SET_TINY, "supervision=pairs", f"data.pairs_file={file}"], tmp_path / "run", data_dir)
+    _, datamodule = build_run(cfg)
+    named = {path for path in datamodule.tuples.paths}
+    train = {Path(p).resolve() for p in datamodule.train_records.paths}
+    val = {Path(p).resolve() for p in datamodule.val_records.paths}
+    test = {Path(p).resolve() for p in datamodule.split.evaluation.paths}
+    all_training = {Path(p).resolve() for p in datamodule.split.train.paths}
+    assert train == named and val == all_training - named
+    assert not val & test and len(set(datamodule.val_records.labels.tolist())) == 10
+
+
+def test_a_closed_set_tuple_naming_a_test_image_is_refused(tmp_path, data_dir):
+    file = _closed_set_tuples(tmp_path, data_dir, "pairs")
+    from metricsearch.pipelines.data_tools import compose_data_source
+
+    source = compose_data_source([f"paths.data_dir={data_dir}", *CLOSED_SET_TINY])
+    test_image = source.load().test.paths[0].relative_to(source.folder).as_posix()
+    lines = file.read_text().splitlines()
+    first = lines[1].split(",")
+    lines.append(f"{first[0]},{test_image},different")
+    file.write_text("\n".join(lines) + "\n")
+    cfg = compose_config([*CLOSED_SET_TINY, "supervision=pairs", f"data.pairs_file={file}"], tmp_path / "run", data_dir)
+    with pytest.raises(TupleFileError, match=rf"line {len(lines)}: image .* is not a training image"):
+        build_run(cfg)
+
+
+# --- what metrics.json says selected the model ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "supervision", "closed_set", "reason", "expected"),
+    [
+        ("val", "class", False, None, "the checkpoint with the best val/recall@1 on validation classes held out of "
+         "training"),
+        ("val", "class", True, None, "the checkpoint with the best val/recall@1 on validation images held out of "
+         "every training class"),
+        ("val", "pairs", False, None, "the checkpoint with the best val/recall@1 on the labelled training classes of "
+         "which data.pairs_file names no image (their labels read only to evaluate), trained on the pairs of "
+         "data.pairs_file only (no class label)"),
+        ("val", "triplets", True, None, "the checkpoint with the best val/recall@1 on the labelled training images "
+         "data.triplets_file does not name (their labels read only to evaluate), trained on the triplets of "
+         "data.triplets_file only (no class label)"),
+        ("val", "none", False, None, "the checkpoint with the best val/recall@1 on labelled validation classes held "
+         "out of training (their labels read only to evaluate), trained on all training images without their "
+         "labels"),
+        ("val", "none", True, None, "the checkpoint with the best val/recall@1 on labelled validation images held out "
+         "of every training class (their labels read only to evaluate), trained on all training images without "
+         "their labels"),
+        ("last", "class", False, None, "the last epoch's model, trained on all training classes (no model selection)"),
+        ("last", "pairs", False, "no held-out class", "the last epoch's model, trained on the pairs of "
+         "data.pairs_file only (no class label) (no model selection: no held-out class)"),
+        ("last", "none", True, None, "the last epoch's model, trained on all training images without their labels "
+         "(no model selection)"),
+        ("test_best", "triplets", False, None, "the best of the per-epoch evaluations on the test classes "
+         "(val/recall@1), trained on the triplets of data.triplets_file only (no class label): the papers' protocol, "
+         "OPTIMISTIC because the test set chose the model"),
+    ],
+)  # fmt: skip
+def test_the_selection_says_what_selected_and_what_was_trained_on(mode, supervision, closed_set, reason, expected):
+    from metricsearch.pipelines.selection import selection_record
+
+    record = selection_record(mode, "val/recall@1", supervision, closed_set, reason)
+    assert record["description"] == expected
+    assert record["optimistic"] is (mode == "test_best")
+    assert record.get("fallback_reason") == reason
+    assert "all training classes" not in expected or supervision == "class"
+
+
+def test_a_tuples_run_with_nothing_to_select_on_says_so_once_and_records_why(tmp_path, data_dir, caplog):
+    import logging
+
+    from metricsearch.pipelines.train import train
+
+    triplets = _tiny_pairs_file(tmp_path, data_dir, "triplets", count=12, holdout=0)
+    cfg = compose_config(
+        ["supervision=triplets", f"data.triplets_file={triplets}", "test_untrained=false", "module.compute_nmi=false"],
+        tmp_path / "run",
+        data_dir,
+    )
+    with caplog.at_level(logging.INFO, logger="metricsearch"):
+        train(cfg)
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    selection = summary["selection"]
+    assert selection["mode"] == "last"
+    assert selection["description"].startswith(
+        "the last epoch's model, trained on the triplets of data.triplets_file only (no class label) (no model "
+        "selection: supervision=triplets and no labelled training classes are held out of training"
+    )
+    assert "data.triplets_file names an image of every training class" in selection["fallback_reason"]
+    messages = [r.getMessage() for r in caplog.records if "selection" in r.getMessage()]
+    # One line, after the data showed there was nothing to select on; no claim that a setting changed the data.
+    assert len(messages) == 1 and messages[0].startswith("selection=last: supervision=triplets"), messages
+    assert "val_fraction: 0.0" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_a_closed_set_pairs_run_selects_on_the_images_its_file_does_not_name(tmp_path, data_dir):
+    from metricsearch.pipelines.train import train
+
+    pairs = _closed_set_tuples(tmp_path, data_dir, "pairs")
+    overrides = [*CLOSED_SET_TINY, "supervision=pairs", f"data.pairs_file={pairs}", "test_untrained=false"]
+    train(compose_config([*overrides, "module.compute_nmi=false"], tmp_path / "run", data_dir))
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["selection"]["mode"] == "val" and "recall@1" in summary["metrics"]["val_best"]
+    assert "on the labelled training images data.pairs_file does not name" in summary["selection"]["description"]
+
+
 # --- the commands a user types -----------------------------------------------------------------------------------
 
 
@@ -362,6 +499,10 @@ def test_train_py_supervision_none_trains_selects_and_searches(tmp_path, data_di
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["supervision"] == {"mode": "none", "class_labels_read_in_training": False, "unlabelled_images": 32}
     assert summary["selection"]["mode"] == "val" and "recall@1" in summary["metrics"]["val_best"]
+    assert summary["selection"]["description"].endswith(
+        "on labelled validation classes held out of training (their labels read only to evaluate), trained on all "
+        "training images without their labels"
+    )
     assert "recall@1" in summary["metrics"]["test"]
     gallery = next(data_dir.glob("synthetic-v*-c12-n8-s32-seed0")) / "images"
     _search_with(Path(summary["best_checkpoint"]), gallery, tmp_path / "index")
@@ -377,6 +518,8 @@ def test_train_py_supervision_pairs_trains_on_the_file_and_searches(tmp_path, da
     assert summary["supervision"]["tuples"] == 24 and summary["supervision"]["class_labels_read_in_training"] is False
     # The classes no pair names are the validation classes that select the checkpoint.
     assert summary["selection"]["mode"] == "val"
+    description = summary["selection"]["description"]
+    assert "the labelled training classes of which data.pairs_file names no image" in description
     gallery = next(data_dir.glob("synthetic-v*-c12-n8-s32-seed0")) / "images"
     _search_with(Path(summary["best_checkpoint"]), gallery, tmp_path / "index")
 
@@ -391,6 +534,8 @@ def test_without_held_out_labelled_classes_selection_falls_back_to_last(tmp_path
     assert summary["selection"]["mode"] == "last"
     assert "selection: last" in (run_dir / "config.yaml").read_text()
     assert "no labelled training classes are held out" in result.stderr + result.stdout
+    assert "val_fraction set to 0" not in result.stderr + result.stdout
+    assert "trained on the triplets of data.triplets_file only" in summary["selection"]["description"]
 
 
 def test_a_tuples_file_smaller_than_one_batch_is_refused(tmp_path, data_dir):

@@ -16,7 +16,9 @@ Tables (name: source):
 - ``reproduce``: the default-parameter table, ``results/results.csv`` and ``results/runs.csv`` (``make reproduce``);
 - ``options``: warm-up, pooling and XBM on the built-in data, ``results/options/*/results.{csv,md}``;
 - ``recipes``: the paper recipes, the ``recipe:`` cards of ``conf/experiment/*.yaml``;
-- ``performance``: the speed targets, ``results/benchmark/benchmark.json`` and ``results/benchmark/avx2/``.
+- ``performance``: the speed targets, ``results/benchmark/benchmark.json`` and ``results/benchmark/avx2/``;
+- ``supervision`` and ``supervision_cifar``: the supervision study, ``results/supervision/summary.md`` and
+  ``results/supervision/cifar_standin/summary.md`` (``scripts/supervision_study.py``).
 """
 
 from __future__ import annotations
@@ -382,9 +384,34 @@ def postprocess_table(sources: DocsSources) -> str:
     return "\n".join(lines)
 
 
+def _study_summary(sources: DocsSources, folder: str, command: str, picture: str | None = None) -> str:
+    """The summary a study wrote into ``results/FOLDER``, or a line saying none has; and its plot (``picture`` is
+    the link text), when there is one to link."""
+    file = sources.results_dir / folder / "summary.md"
+    if not file.is_file():
+        return f"No run of this study has finished yet: `{command}` writes `results/{folder}/summary.md`."
+    text = file.read_text(encoding="utf-8").strip()
+    if picture is not None and (sources.results_dir / folder / "supervision.png").is_file():
+        # Pages link results pictures relative to the docs folder (docs/hooks/results_files.py).
+        text += f"\n\n![{picture}](results/{folder}/supervision.png)"
+    return text
+
+
 def supervision_table(sources: DocsSources) -> str:
-    """The supervision study (``scripts/supervision_study.py``): its summary table as the study wrote it."""
-    return (sources.results_dir / "supervision" / "summary.md").read_text(encoding="utf-8").strip()
+    """The supervision study on the built-in data (``scripts/supervision_study.py``): its summary table and the
+    line stating its optimizer steps, as the study wrote them."""
+    return _study_summary(sources, "supervision", "nice -n 10 python scripts/supervision_study.py")
+
+
+def supervision_cifar_table(sources: DocsSources) -> str:
+    """The supervision study on the CIFAR-10 stand-in (``scripts/supervision_study.py dataset=cifar_standin``), and
+    its plot once there is one."""
+    return _study_summary(
+        sources,
+        "supervision/cifar_standin",
+        "nice -n 10 python scripts/supervision_study.py dataset=cifar_standin",
+        picture="test R@1 and MAP@R of each supervision setting on the CIFAR-10 stand-in",
+    )
 
 
 def format_backend_table(result: Mapping[str, Any]) -> str:
@@ -430,6 +457,7 @@ TABLES: dict[str, Callable[[DocsSources], str]] = {
     "performance": performance_table,
     "postprocess": postprocess_table,
     "supervision": supervision_table,
+    "supervision_cifar": supervision_cifar_table,
     "search_backends": search_backends_table,
 }
 

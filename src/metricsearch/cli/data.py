@@ -96,8 +96,9 @@ MAKE_TUPLES = Command(
     name="make_tuples",
     summary=(
         "Draw a pairs or triplets CSV for supervision=pairs | triplets from a labelled dataset's training split "
-        "(seeded; paths relative to the data root; a held-out fraction of the training classes is named by no "
-        "tuple, for checkpoint selection). Prints one JSON line saying what was written."
+        "(seeded; paths relative to the data root; a held-out fraction of the training classes, or under the "
+        "closed-set protocol of every class's training images, is named by no tuple, for checkpoint selection). "
+        "Prints one JSON line saying what was written."
     ),
     options={
         "kind": Option(
@@ -105,8 +106,10 @@ MAKE_TUPLES = Command(
         ),
         "count": Option(None, "how many distinct tuples to draw", type=int, required=True),
         "out": Option(None, "the CSV to write", type=str, required=True),
-        "seed": Option(0, "seed of the held-out classes and of the draw"),
-        "holdout": Option(0.2, "fraction of the training classes that no tuple names (0: none)"),
+        "seed": Option(0, "seed of the held-out classes (or images) and of the draw"),
+        "holdout": Option(
+            0.2, "fraction of the training classes that no tuple names (closed set: of every class's images; 0: none)"
+        ),
     },
     passed_on=TRAINING_OVERRIDES,
 )

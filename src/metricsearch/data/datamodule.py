@@ -194,7 +194,8 @@ class MetricDataModule(L.LightningDataModule):
         supervision: what training reads (``conf/supervision``). ``class``: labelled images in batches of the
             sampler. ``pairs`` / ``triplets``: only the tuples of ``pairs_file`` / ``triplets_file``, batches of
             ``batch_size // 2`` pairs or ``batch_size // 3`` triplets, and no label; validation is on the training
-            classes no tuple names. ``none``: every training image as two ``views``, no label.
+            classes no tuple names (``closed_set``: the training images no tuple names). ``none``: every training
+            image as two ``views``, no label.
         pairs_file: the pairs CSV of ``supervision=pairs`` (see :mod:`metricsearch.data.tuples`).
         triplets_file: the triplets CSV of ``supervision=triplets``.
         views: the :class:`~metricsearch.data.views.ViewTransform` options of ``supervision=none``.
@@ -319,10 +320,16 @@ class MetricDataModule(L.LightningDataModule):
                     f"data.num_folds={self.num_folds}: class folds need unseen validation classes, but this dataset "
                     "uses the closed_set protocol (its test classes are the training classes); set data.num_folds=0"
                 )
-            # The validation images are held out of every training class, as the test images are of the same ones.
-            self.train_records, self.val_records = split_validation_images(split.train, self.val_fraction, self.seed)
+            if self.tuples is not None:
+                self.train_records, self.val_records = self._split_by_tuples(split.train, closed_set=True)
+            else:
+                # The validation images are held out of every training class, as the test images are of the same
+                # ones.
+                self.train_records, self.val_records = split_validation_images(
+                    split.train, self.val_fraction, self.seed
+                )
         elif self.tuples is not None:
-            self.train_records, self.val_records = self._split_by_tuples(split.train)
+            self.train_records, self.val_records = self._split_by_tuples(split.train, closed_set=False)
         elif self.num_folds:
             self.train_records, self.val_records = split_fold_classes(
                 split.train, self.num_folds, self.fold, self.fold_seed
@@ -334,16 +341,17 @@ class MetricDataModule(L.LightningDataModule):
         if self.cache is not None:
             self._build_caches()
 
-    def _split_by_tuples(self, records: ImageRecords) -> tuple[ImageRecords, ImageRecords]:
-        """Trains on the images the tuples name; validates on the training classes of which they name none.
+    def _split_by_tuples(self, records: ImageRecords, closed_set: bool) -> tuple[ImageRecords, ImageRecords]:
+        """Trains on the images the tuples name; validates on the training classes of which they name none, or
+        under ``closed_set`` (the test images are of the training classes) on the training images they do not name.
 
         The labels decide only which images are evaluated for checkpoint selection; training never reads them.
         """
         check_tuples_in(self.tuples, records.paths)
         named = {path for path in self.tuples.paths}
         is_named = np.array([Path(p).resolve() in named for p in records.paths])
-        named_classes = np.unique(records.labels[is_named])
-        unnamed = ~np.isin(records.labels, named_classes)
+        # Closed set: the images no tuple names; otherwise the classes of which no tuple names an image.
+        unnamed = ~is_named if closed_set else ~np.isin(records.labels, np.unique(records.labels[is_named]))
         if self.val_fraction <= 0 or len(np.unique(records.labels[unnamed])) < 2:
             unnamed[:] = False
         return records.select(is_named), records.select(unnamed)

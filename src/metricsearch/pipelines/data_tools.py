@@ -145,7 +145,9 @@ def make_tuples(
     """Draws a pairs or triplets file from the labels of a dataset's training split and writes it to ``out``.
 
     A seeded ``holdout`` fraction of the training classes (at least two when above 0) is left out of every tuple,
-    so that ``supervision=pairs | triplets`` can select checkpoints on labelled classes it never trained on.
+    so that ``supervision=pairs | triplets`` can select checkpoints on labelled classes it never trained on. Under
+    the ``closed_set`` protocol (the test images are of the training classes) it is a fraction of every training
+    class's images instead, as the validation images of a labelled run are.
 
     Returns:
         What was written (printed as one JSON line by ``scripts/make_tuples.py``).
@@ -156,6 +158,8 @@ def make_tuples(
     """
     import numpy as np
 
+    from metricsearch.data.datamodule import split_validation_images
+    from metricsearch.data.records import CLOSED_SET
     from metricsearch.data.tuples import HEADERS, dataset_root, format_tuples_csv, sample_tuples
     from metricsearch.utils.atomic_io import atomic_write_text
 
@@ -170,9 +174,13 @@ def make_tuples(
     records = split.train
     classes = records.classes
     held_out = np.array([], dtype=np.int64)
-    if holdout > 0:
-        held_out = np.random.default_rng([seed, 1]).permutation(classes)[: max(2, round(holdout * len(classes)))]
-    used = records.select(~np.isin(records.labels, held_out))
+    if split.protocol == CLOSED_SET:
+        used, held_images = split_validation_images(records, holdout, seed)
+    else:
+        if holdout > 0:
+            held_out = np.random.default_rng([seed, 1]).permutation(classes)[: max(2, round(holdout * len(classes)))]
+        used = records.select(~np.isin(records.labels, held_out))
+        held_images = records.select(np.isin(records.labels, held_out))
     root = dataset_root(source)
     rows = sample_tuples(used, kind, count, seed, root)
     atomic_write_text(out, format_tuples_csv(kind, rows))
@@ -182,7 +190,9 @@ def make_tuples(
         "count": len(rows),
         "seed": seed,
         "root": str(root),
+        "protocol": split.protocol,
         "training_classes": int(len(classes)),
         "classes_held_out": int(len(held_out)),
+        "images_held_out": int(len(held_images)),
         "images_named": int(len({name for row in rows for name in row[: 2 if kind == "pairs" else 3]})),
     }

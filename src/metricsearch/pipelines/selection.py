@@ -25,14 +25,57 @@ log = logging.getLogger(__name__)
 
 # The prefix of the per-epoch test evaluations under selection=test_best (never "val": they are not validation).
 TEST_EPOCH_PREFIX = "test_epoch"
-DESCRIPTIONS = {
-    "val": "the checkpoint with the best {monitor} on validation classes held out of training",
-    "last": "the last epoch's model, trained on all training classes (no model selection)",
-    "test_best": (
-        "the best of the per-epoch evaluations on the test classes ({monitor}), trained on all training classes: "
-        "the papers' protocol, OPTIMISTIC because the test set chose the model"
-    ),
+# What each supervision (conf/supervision) trained on, and what its validation held out, for the description of
+# the selection in metrics.json. The validation of a closed-set dataset (test images of the training classes) is
+# images of the training classes; otherwise whole classes.
+TRAINED_ON = {
+    "class": "trained on all training classes",
+    "pairs": "trained on the pairs of data.pairs_file only (no class label)",
+    "triplets": "trained on the triplets of data.triplets_file only (no class label)",
+    "none": "trained on all training images without their labels",
 }
+VALIDATED_ON = {
+    ("class", False): "validation classes held out of training",
+    ("class", True): "validation images held out of every training class",
+    ("tuples", False): "the labelled training classes of which data.{supervision}_file names no image",
+    ("tuples", True): "the labelled training images data.{supervision}_file does not name",
+    ("none", False): "labelled validation classes held out of training",
+    ("none", True): "labelled validation images held out of every training class",
+}
+
+
+def _validated_on(supervision: str, closed_set: bool) -> str:
+    kind = "tuples" if supervision in ("pairs", "triplets") else supervision
+    held_out = VALIDATED_ON[kind, closed_set].format(supervision=supervision)
+    if supervision != "class":
+        held_out += " (their labels read only to evaluate)"
+    return held_out
+
+
+def describe_selection(
+    mode: str, monitor: str, supervision: str = "class", closed_set: bool = False, reason: str | None = None
+) -> str:
+    """What selected the reported model, and what it was trained on, as ``metrics.json`` says it.
+
+    Args:
+        mode: the selection mode (``val``, ``last`` or ``test_best``).
+        monitor: the metric that selects.
+        supervision: what training read (``class``, ``pairs``, ``triplets`` or ``none``).
+        closed_set: whether validation holds out images of the training classes rather than whole classes.
+        reason: why a run that asked for ``val`` tests the last model instead (:func:`fall_back_to_last`).
+    """
+    trained_on = TRAINED_ON[supervision]
+    if mode == "val":
+        held_out = _validated_on(supervision, closed_set)
+        if supervision == "class":
+            return f"the checkpoint with the best {monitor} on {held_out}"
+        return f"the checkpoint with the best {monitor} on {held_out}, {trained_on}"
+    if mode == "last":
+        return f"the last epoch's model, {trained_on} (no model selection{': ' + reason if reason else ''})"
+    return (
+        f"the best of the per-epoch evaluations on the test classes ({monitor}), {trained_on}: the papers' "
+        "protocol, OPTIMISTIC because the test set chose the model"
+    )
 
 
 def selection_of(cfg: DictConfig) -> str:
@@ -51,19 +94,23 @@ def selection_of(cfg: DictConfig) -> str:
     return mode
 
 
-def apply_selection(cfg: DictConfig) -> tuple[DictConfig, str]:
+def apply_selection(cfg: DictConfig, announce: bool = True) -> tuple[DictConfig, str]:
     """A copy of ``cfg`` with the settings the selection mode needs, and the mode; ``cfg`` itself is left as it is.
 
     ``last`` and ``test_best`` train on every training class (``data.val_fraction=0``); ``last`` keeps only the
     latest checkpoint, ``test_best`` evaluates the test classes every epoch under :data:`TEST_EPOCH_PREFIX` and
     monitors the same metric there.
+
+    Args:
+        announce: log that ``data.val_fraction`` is set to 0 (false where the data is already built and the
+            caller says what happened).
     """
     mode = selection_of(cfg)
     cfg = copy.deepcopy(cfg)
     if mode == "val":
         return cfg, mode
     with open_dict(cfg):
-        if OmegaConf.select(cfg, "data.val_fraction", default=0.0):
+        if announce and OmegaConf.select(cfg, "data.val_fraction", default=0.0):
             log.info("selection=%s trains on every training class: data.val_fraction set to 0", mode)
         cfg.data.val_fraction = 0.0
         checkpoint = OmegaConf.select(cfg, "callbacks.model_checkpoint")
@@ -91,18 +138,31 @@ def apply_selection(cfg: DictConfig) -> tuple[DictConfig, str]:
 
 
 def fall_back_to_last(cfg: DictConfig, reason: str) -> tuple[DictConfig, str]:
-    """A copy of ``cfg`` switched to ``selection=last`` (logged) for a run that cannot select on validation classes,
-    and the mode; ``cfg`` itself is left as it is."""
+    """A copy of ``cfg`` switched to ``selection=last`` for a run whose data, once built, has nothing to select on,
+    and the mode; ``cfg`` itself is left as it is.
+
+    One warning says so; the copy's ``data.val_fraction`` is 0, so that its saved config rebuilds the same data.
+    """
     log.warning("selection=last: %s, so the last epoch's model is tested (no checkpoint selection)", reason)
     cfg = copy.deepcopy(cfg)
     OmegaConf.set_readonly(cfg, False)
     with open_dict(cfg):
         cfg.selection = "last"
-    switched, mode = apply_selection(cfg)
+    switched, mode = apply_selection(cfg, announce=False)
     OmegaConf.set_readonly(switched, True)
     return switched, mode
 
 
-def selection_record(mode: str, monitor: str) -> dict[str, object]:
-    """What ``metrics.json`` records of the selection: the mode, whether it is optimistic, and what it means."""
-    return {"mode": mode, "optimistic": mode == "test_best", "description": DESCRIPTIONS[mode].format(monitor=monitor)}
+def selection_record(
+    mode: str, monitor: str, supervision: str = "class", closed_set: bool = False, reason: str | None = None
+) -> dict[str, object]:
+    """What ``metrics.json`` records of the selection: the mode, whether it is optimistic, what it means
+    (:func:`describe_selection`), and why a run fell back to ``last`` when it did."""
+    record: dict[str, object] = {
+        "mode": mode,
+        "optimistic": mode == "test_best",
+        "description": describe_selection(mode, monitor, supervision, closed_set, reason),
+    }
+    if reason is not None:
+        record["fallback_reason"] = reason
+    return record

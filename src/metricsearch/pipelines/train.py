@@ -19,7 +19,7 @@ from metricsearch.analysis.run_folder import (
     write_metrics,
 )
 from metricsearch.data.datamodule import MetricDataModule
-from metricsearch.data.records import DatasetError
+from metricsearch.data.records import CLOSED_SET, DatasetError
 from metricsearch.data.samplers import SamplerConfigError
 from metricsearch.models.backbone import PretrainedWeightsError
 from metricsearch.models.embedding_model import build_embedding_model
@@ -169,6 +169,21 @@ def supervision_record(supervision: str, datamodule: MetricDataModule) -> dict[s
     return record
 
 
+def _no_validation_reason(supervision: str, closed_set: bool) -> str:
+    """Why a run without class labels has nothing to select its checkpoint on."""
+    held_out = "images of the training classes" if closed_set else "training classes"
+    if supervision in ("pairs", "triplets"):
+        named = "every training image" if closed_set else "an image of every training class"
+        return (
+            f"supervision={supervision} and no labelled {held_out} are held out of training (data.{supervision}_file "
+            f"names {named}, or there are fewer than two classes to validate on, or data.val_fraction=0)"
+        )
+    return (
+        f"supervision={supervision} and no labelled {held_out} are held out of training (data.val_fraction=0, or "
+        "the dataset has none to hold out)"
+    )
+
+
 def _test(trainer: L.Trainer, module: MetricLearningModule, datamodule: MetricDataModule, prefix: str, **kw) -> dict:
     module.test_prefix = prefix
     results = trainer.test(module, datamodule=datamodule, verbose=False, **kw)
@@ -203,11 +218,12 @@ def train(run: RunConfig | DictConfig) -> dict[str, float]:
 
     module, datamodule = build_run(cfg)
     supervision = supervision_of(cfg)
+    closed_set = datamodule.split.protocol == CLOSED_SET
+    fallback_reason = None
     if supervision != "class" and selection == "val" and len(datamodule.val_records) == 0:
         # Without labelled classes held out of training there is nothing to select on: test the last model.
-        cfg, selection = fall_back_to_last(
-            cfg, f"supervision={supervision} and no labelled training classes are held out of training"
-        )
+        fallback_reason = _no_validation_reason(supervision, closed_set)
+        cfg, selection = fall_back_to_last(cfg, fallback_reason)
         write_config(output_dir, OmegaConf.to_yaml(cfg, resolve=True))
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
@@ -242,7 +258,7 @@ def train(run: RunConfig | DictConfig) -> dict[str, float]:
             save_embeddings(output_dir / TEST_EMBEDDINGS_FILE, module.last_evaluation["test"])
 
     summary = {
-        "selection": selection_record(selection, cfg.monitor),
+        "selection": selection_record(selection, cfg.monitor, supervision, closed_set, fallback_reason),
         "supervision": supervision_record(supervision, datamodule),
         "metrics": results,
         "best_checkpoint": best_path,
