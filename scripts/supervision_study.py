@@ -38,7 +38,7 @@ STUDY = Command(
         "seeds": Option("0,1", "comma-separated seeds"),
         "steps": Option(
             None,
-            "optimizer steps of every trained run (none: builtin 50 steps of 64 images, cifar_standin 2000 of 20)",
+            "optimizer steps of every trained run (none: builtin 300 steps of 64 images, cifar_standin 2000 of 20)",
             type=int,
         ),
         "budgets": Option("400,3200", "comma-separated numbers of pairs and of triplets"),

@@ -545,3 +545,15 @@ def test_a_tuples_file_smaller_than_one_batch_is_refused(tmp_path, data_dir):
     cfg = compose_config(["supervision=pairs", f"data.pairs_file={pairs}"], tmp_path / "run", data_dir)
     with pytest.raises(DatasetError, match=r"holds 4 pairs, fewer than one batch of 8 \(data.batch_size=16 // 2\)"):
         build_run(cfg)
+
+
+def test_self_supervision_refuses_a_loss_an_experiment_sets_and_says_how_to_drop_it(tmp_path):
+    from metricsearch.pipelines.train import _build_loss
+    from metricsearch.utils.config import ConfigError
+
+    cfg = compose_config(["experiment=seed_cifar10", "supervision=none"], tmp_path, tmp_path, tiny=False)
+    with pytest.raises(ConfigError, match="add ~loss when an experiment= sets one"):
+        _build_loss(cfg, "none", num_classes=10, embedding_dim=8)
+    cfg = compose_config(["experiment=seed_cifar10", "supervision=none", "~loss"], tmp_path, tmp_path, tiny=False)
+    loss, _ = _build_loss(cfg, "none", num_classes=10, embedding_dim=8)
+    assert isinstance(loss, NTXentLoss)  # the default method's loss, simclr

@@ -100,9 +100,11 @@ VARIANTS = {
         data=("data.source.image_size=32", "data.image_size=32", "data.resize_size=32"),
         shared=(),
         class_labels="1,600 image labels (80 classes)",
-        steps=50,
+        steps=300,
         # The class run's epoch: 1,600 training images / 64.
         steps_per_epoch=25,
+        # MoCo's queue at half the 1,600 training images, so it rarely holds an older key of the query's own image.
+        self_supervised=("supervision.queue_size=800",),
         frozen=("data=synthetic", "data.source.image_size=32"),
     ),
     "cifar_standin": Variant(

@@ -68,7 +68,8 @@ def _build_loss(cfg: DictConfig, supervision: str, num_classes: int, embedding_d
         if cfg.get("loss") is not None:
             raise ConfigError(
                 "supervision=none trains with the loss of supervision.method (simclr, vicreg or moco; its settings "
-                "under supervision.losses), not the loss group: leave loss= out"
+                "under supervision.losses), not the loss group: leave loss= out, and add ~loss when an experiment= "
+                "sets one"
             )
         method = str(cfg.supervision.method)
         if method not in cfg.supervision.losses:
