@@ -50,6 +50,7 @@ def test_each_table_appears_where_a_reader_looks_for_it():
         "postprocess": ["docs/postprocess.md"],
         "supervision": ["docs/supervision.md"],
         "supervision_cifar": ["docs/supervision.md"],
+        "search_backends": ["docs/search_backends.md"],
     }
 
 
