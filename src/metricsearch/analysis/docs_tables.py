@@ -430,7 +430,7 @@ def format_backend_table(result: Mapping[str, Any]) -> str:
             continue
         params = ", ".join(f"{key} {value}" for key, value in row["params"].items() if key != "kind")
         index = row["kind"] + (f" ({params})" if params else "")
-        qps = row["qps"]
+        qps = {int(clients): value for clients, value in row["qps"].items()}  # JSON keys are strings
         lines.append(
             f"| {'Milvus Lite' if row['backend'] == 'milvus' else 'faiss'} | {index} | {row['build_s']:.2f} | "
             f"{row['add_1k_s']:.3f} | {qps[1]:,.0f} | {qps[16]:,.0f} | {row[f'recall@{k}']:.4f} | "
