@@ -31,6 +31,32 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def embedder(tiny):
+    """The tiny checkpoint's embedder (read-only: the search tests share it)."""
+    from metricsearch.inference.model_loading import load_embedder
+
+    return load_embedder(ckpt=tiny.ckpt)
+
+
+@pytest.fixture(scope="session")
+def faiss_index(tiny):
+    """The tiny gallery's faiss index, as loaded from its folder (read-only: tests that change one copy it)."""
+    from metricsearch.search.index import GalleryIndex
+
+    return GalleryIndex.load(tiny.index_dir)
+
+
+@pytest.fixture
+def release_milvus():
+    """Closes the Milvus Lite files a test opened, so the suite never holds dozens of embedded servers (a module
+    uses it with ``pytestmark = pytest.mark.usefixtures("release_milvus")``)."""
+    yield
+    from metricsearch.search.milvus_index import release_all
+
+    release_all()
+
+
+@pytest.fixture(scope="session")
 def python3_kernel() -> str:
     """The ``python3`` kernel of this interpreter (ipykernel installs it into ``<venv>/share/jupyter``), for the
     notebook tests."""

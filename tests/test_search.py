@@ -31,11 +31,6 @@ from tests.helpers import REPO_ROOT
 from tests.search_fixtures import copy_index
 
 
-@pytest.fixture(scope="session")
-def embedder(tiny):
-    return load_embedder(ckpt=tiny.ckpt)
-
-
 def quiet_trainer():
     return make_predict_trainer(progress_bar=False)
 

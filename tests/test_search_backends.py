@@ -24,26 +24,11 @@ from metricsearch.search.backends import filtered_search, load_gallery_index
 from metricsearch.search.errors import IndexLoadError, IndexMismatchError, RequestError, SearchError
 from metricsearch.search.filters import SearchFilter, milvus_expression, quote_literal
 from metricsearch.search.index import METADATA_NAME, GalleryIndex, open_index
-from metricsearch.search.milvus_index import MilvusGalleryIndex, build_milvus_index, release, release_all
+from metricsearch.search.milvus_index import MilvusGalleryIndex, build_milvus_index, release
 from tests.helpers import REPO_ROOT
 from tests.search_fixtures import copy_index
 
-
-@pytest.fixture(autouse=True)
-def close_milvus_after_each_test():
-    """Each test's Milvus Lite files are closed after it, so the suite never holds dozens of embedded servers."""
-    yield
-    release_all()
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny):
-    return load_embedder(ckpt=tiny.ckpt)
-
-
-@pytest.fixture(scope="module")
-def faiss_index(tiny):
-    return GalleryIndex.load(tiny.index_dir)
+pytestmark = pytest.mark.usefixtures("release_milvus")
 
 
 def milvus_copy(faiss_index: GalleryIndex, embedder, folder: Path, labels=None) -> MilvusGalleryIndex:

@@ -17,7 +17,6 @@ from omegaconf import OmegaConf
 
 from metricsearch.cli.search import main_search, main_serve
 from metricsearch.data.io import load_rgb_image
-from metricsearch.inference.model_loading import load_embedder
 from metricsearch.metrics.postprocess import (
     POSTPROCESS_METHODS,
     KReciprocalParams,
@@ -29,9 +28,11 @@ from metricsearch.metrics.postprocess import (
 from metricsearch.search.errors import RequestError
 from metricsearch.search.filters import SearchFilter
 from metricsearch.search.index import GalleryIndex
-from metricsearch.search.milvus_index import build_milvus_index, release_all
+from metricsearch.search.milvus_index import build_milvus_index
 from metricsearch.search.rerank import SearchPostprocess, search_postprocessed
 from metricsearch.utils.config import CONFIG_DIR
+
+pytestmark = pytest.mark.usefixtures("release_milvus")
 
 # Parameters other than the defaults, so that passing them through is tested too (k1 well below the gallery size).
 PARAMS = {
@@ -40,22 +41,6 @@ PARAMS = {
     "dba": {"k": 4, "alpha": 2.0},
     "k_reciprocal": {"k1": 8, "k2": 3, "lambda": 0.2},
 }
-
-
-@pytest.fixture(autouse=True)
-def close_milvus_after_each_test():
-    yield
-    release_all()
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny):
-    return load_embedder(ckpt=tiny.ckpt)
-
-
-@pytest.fixture(scope="module")
-def faiss_index(tiny):
-    return GalleryIndex.load(tiny.index_dir)
 
 
 def open_backend(backend: str, faiss_index: GalleryIndex, embedder, folder: Path):

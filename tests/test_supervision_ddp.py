@@ -25,8 +25,7 @@ from metricsearch.models.embedding_model import EmbeddingModel
 from metricsearch.models.head import EmbeddingHead
 from metricsearch.models.self_supervised import SelfSupervisedModule
 from metricsearch.models.tuple_module import TupleModule
-from metricsearch.utils.trainer_settings import quiet_trainer_settings
-from tests.ddp_helpers import RankBatches
+from tests.ddp_helpers import RankBatches, two_rank_trainer
 
 pytestmark = pytest.mark.ddp
 
@@ -92,16 +91,7 @@ def test_two_ranks_train_as_one_process_on_both_batches(method):
     batches = _batches(method)
     module = _module(method)
     reference = copy.deepcopy(module)
-    trainer = L.Trainer(
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        max_steps=STEPS,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        **quiet_trainer_settings(),
-    )
+    trainer = two_rank_trainer(max_steps=STEPS, num_sanity_val_steps=0)
     trainer.fit(module, train_dataloaders=DataLoader(RankBatches(batches), batch_size=None))
 
     optimizer = reference.configure_optimizers()

@@ -26,8 +26,7 @@ from metricsearch.data.dataset import IMAGE, INDEX, LABEL
 from metricsearch.models.embedding_model import EmbeddingModel
 from metricsearch.models.head import EmbeddingHead
 from metricsearch.models.module import MetricLearningModule
-from metricsearch.utils.trainer_settings import quiet_trainer_settings
-from tests.ddp_helpers import RankBatches
+from tests.ddp_helpers import RankBatches, two_rank_trainer
 
 pytestmark = pytest.mark.ddp
 
@@ -87,17 +86,7 @@ def test_memory_holds_both_ranks_embeddings_in_the_same_order(tmp_path):
     ]
     module = xbm_module()
     reference = copy.deepcopy(module)
-    trainer = L.Trainer(
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        max_steps=STEPS,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        callbacks=[RecordMemory(tmp_path)],
-        **quiet_trainer_settings(),
-    )
+    trainer = two_rank_trainer(max_steps=STEPS, num_sanity_val_steps=0, callbacks=[RecordMemory(tmp_path)])
     trainer.fit(module, train_dataloaders=DataLoader(RankBatches(batches), batch_size=None))
 
     records = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
@@ -156,15 +145,8 @@ def test_warmup_under_ddp_freezes_the_backbone_on_every_rank_then_releases_it(tm
         warmup_epochs=1,
     )
     start = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    trainer = L.Trainer(
-        strategy="ddp_spawn_find_unused_parameters_true",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=2,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        callbacks=[SaveEpochState(tmp_path)],
-        **quiet_trainer_settings(),
+    trainer = two_rank_trainer(
+        "ddp_spawn_find_unused_parameters_true", max_epochs=2, callbacks=[SaveEpochState(tmp_path)]
     )
     trainer.fit(module, train_dataloaders=DataLoader(RankBatches(batches), batch_size=None))
 
