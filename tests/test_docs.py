@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import math
 import os
 import shutil
@@ -17,6 +18,7 @@ import pytest
 from scipy import stats
 
 from metricsearch.analysis.docs_tables import (
+    LOAD_TEST_FILES,
     DocsSources,
     compare_table,
     generate_tables,
@@ -51,6 +53,8 @@ def test_each_table_appears_where_a_reader_looks_for_it():
         "supervision": ["docs/supervision.md"],
         "supervision_cifar": ["docs/supervision.md"],
         "search_backends": ["docs/search_backends.md"],
+        "search_latency": ["docs/search.md"],
+        "load_test": ["docs/search_backends.md"],
     }
 
 
@@ -73,6 +77,32 @@ def test_a_changed_results_file_makes_the_page_stale_until_regenerated(tmp_path)
     assert stale_tables(pages, sources) == []
     assert "| multi_similarity | 3 | 41.2 ± 2.8 |" in pages[1].read_text()
     assert "hand-typed" not in pages[0].read_text()
+
+
+def test_the_load_test_table_gives_each_query_kind_and_the_total_of_the_reports_samples():
+    from metricsearch.analysis.docs_tables import format_load_test_rows
+    from metricsearch.benchmarks.load_test import LoadTestSettings, Sample, summarize
+
+    samples = [Sample("path", s, None) for s in (0.010, 0.020, 0.030)] + [Sample("upload", 0.5, "HTTP 503")]
+    samples += [Sample("upload", s, None) for s in (0.4, 0.6)]
+    info = {"count": 1999, "index_kind": "flat", "backend": "milvus"}
+    report = summarize(samples, 2.0, LoadTestSettings(clients=4), "http://x", info)
+    rows = {row[1]: row for row in format_load_test_rows(report)}
+    assert rows["gallery path (search only)"] == ["Milvus Lite (flat, 1,999 images)", "gallery path (search only)",
+                                                  "3", "0", "1.5", "20.0", "28.0", "29.8"]  # fmt: skip
+    # The failed upload counts as a request and an error, and its latency stays out of the percentiles.
+    assert rows["upload (decode, embed, search)"][2:] == ["3", "1", "1.5", "500.0", "580.0", "598.0"]
+    assert rows["all"][2:6] == ["6", "1", "3.0", "30.0"]
+
+
+def test_the_committed_load_tests_held_at_16_clients_on_both_backends():
+    for name, backend in zip(LOAD_TEST_FILES, ("faiss", "milvus"), strict=True):
+        report = json.loads((REPO_ROOT / "results" / "benchmark" / name).read_text())
+        assert (report["index"]["backend"] or "faiss") == backend, name
+        assert report["clients"] == 16 and report["mode"] == "mixed", name
+        assert report["requests"] > 0 and report["errors"] == 0 and report["error_kinds"] == {}, name
+        assert set(report["by_kind"]) == {"path", "upload"}, name
+        assert report["command"].startswith("python scripts/load_test.py index=") and report["machine"]["cpu"], name
 
 
 def test_an_unknown_table_name_is_refused():

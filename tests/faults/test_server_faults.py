@@ -9,6 +9,7 @@ behind a real uvicorn server, and each refusal is followed by a search that must
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -90,6 +91,10 @@ def test_a_short_load_test_gets_only_correct_answers(server, tmp_path, capsys):
     assert sum(part["requests"] for part in report["by_kind"].values()) == report["requests"]
     assert set(report["latency_ms"]) == {"p50", "p90", "p99", "max", "mean"}
     assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
+    # What the numbers came from: the command that gives them again, and the machine.
+    command = f"python scripts/load_test.py url={server.url} clients=3 duration=2.0 queries=8 out={out}"
+    assert report["command"] == command
+    assert report["machine"]["cpu_cores"] == os.cpu_count()
 
 
 @pytest.mark.parametrize(

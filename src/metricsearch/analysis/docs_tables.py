@@ -449,6 +449,77 @@ def search_backends_table(sources: DocsSources) -> str:
     return "\n\n".join(blocks)
 
 
+def search_latency_table(sources: DocsSources) -> str:
+    """``make bench-search``'s faiss section: each index kind's build time, single-query latency, batched
+    throughput and recall against exact search, and the model's embedding rate when the run had one."""
+    report = json.loads((sources.results_dir / "benchmark" / "search_latency.json").read_text(encoding="utf-8"))
+    s, k = report["settings"], report["settings"]["k"]
+    body = []
+    for row in report["indexes"]:
+        params = ", ".join(f"{key} {value}" for key, value in row["params"].items() if key != "kind")
+        body.append(
+            [
+                row["index"] + (f" ({params})" if params else " (exact)"),
+                f"{row['build_s']:.2f}",
+                f"{row['query_p50_ms']:.3f}",
+                f"{row['query_p99_ms']:.3f}",
+                f"{row['batch_queries_per_s']:,.0f}",
+                f"{row[f'recall@{k}']:.4f}",
+            ]
+        )
+    header = ["index", "build s", "p50 ms", "p99 ms", "batched queries/s", f"recall@{k} vs exact"]
+    lines = _table(header, ["---", "---:", "---:", "---:", "---:", "---:"], body)
+    lines += ["", f"Gallery {s['n']:,} x {s['dim']} around {s['clusters']:,} centres, {s['queries']:,} queries, k={k}."]
+    if "embedding" in report:
+        lines[-1] += (
+            f" The model embedded gallery images at {report['embedding']['images_per_s']:,.0f} images/s, so embedding,"
+            " not indexing, bounds how fast an index of images is built."
+        )
+    source = "`results/benchmark/search_latency.json`"
+    lines += ["", f"Measured on {_machine(report)} with `{report['command']}` ({source})."]
+    return "\n".join(lines)
+
+
+LOAD_TEST_FILES = ("load_test_faiss.json", "load_test_milvus.json")
+
+
+def format_load_test_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """One row per query kind of a ``scripts/load_test.py out=`` report, then one for all its requests."""
+    index = report["index"]
+    backend = "Milvus Lite" if index.get("backend") == "milvus" else "faiss"
+    name = f"{backend} ({index['index_kind']}, {index['count']:,} images)"
+    kinds = {"path": "gallery path (search only)", "upload": "upload (decode, embed, search)"}
+
+    def row(label: str, part: Mapping[str, Any]) -> list[str]:
+        latency = part["latency_ms"]
+        cells = [f"{latency[key]:.1f}" if latency[key] is not None else "-" for key in ("p50", "p90", "p99")]
+        return [name, label, f"{part['requests']:,}", f"{part['errors']:,}", f"{part['throughput_rps']:.1f}", *cells]
+
+    rows = [row(kinds.get(kind, kind), part) for kind, part in report["by_kind"].items()]
+    return [*rows, row("all", report)]
+
+
+def load_test_table(sources: DocsSources) -> str:
+    """``make load-test`` against the demo index on each backend: requests, failures and latency per query kind."""
+    reports = [
+        (name, json.loads((sources.results_dir / "benchmark" / name).read_text(encoding="utf-8")))
+        for name in LOAD_TEST_FILES
+    ]
+    header = ["backend", "queries", "requests", "non-2xx or wrong", "req/s", "p50 ms", "p90 ms", "p99 ms"]
+    body = [row for _, report in reports for row in format_load_test_rows(report)]
+    lines = _table(header, ["---", "---", "---:", "---:", "---:", "---:", "---:", "---:"], body)
+    lines.append("")
+    for name, report in reports:
+        load = report["machine"].get("load_average_at_start") or [None]
+        lines.append(
+            f"- `results/benchmark/{name}`: {report['clients']} clients x {report['duration_s']:g} s, "
+            f"`{report['command']}` on {_machine(report)}"
+            + (f", load average {load[0]:.1f} at the start" if load[0] is not None else "")
+            + "."
+        )
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[DocsSources], str]] = {
     "compare": compare_table,
     "reproduce": reproduce_table,
@@ -459,6 +530,8 @@ TABLES: dict[str, Callable[[DocsSources], str]] = {
     "supervision": supervision_table,
     "supervision_cifar": supervision_cifar_table,
     "search_backends": search_backends_table,
+    "search_latency": search_latency_table,
+    "load_test": load_test_table,
 }
 
 

@@ -146,12 +146,7 @@ def _bench_search(args: Arguments) -> None:
         print(format_backend_table(result["backends"]))
     from metricsearch.benchmarks.speed import machine_info
 
-    changed = [
-        f"{key}={str(args[key]).lower() if isinstance(args[key], bool) else args[key]}"
-        for key, option in BENCH_SEARCH.options.items()
-        if args[key] != option.default
-    ]
-    result.update(machine=machine_info(), command=" ".join(["python scripts/bench_search.py", *changed]))
+    result.update(machine=machine_info(), command=command_line(BENCH_SEARCH, args))
     out = Path(args["out"])
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"results: {out.resolve()}")
@@ -218,6 +213,17 @@ def main_bench_postprocess(argv: Sequence[str] | None = None) -> int:
 
 # --- load_test: concurrent clients against the search server ---
 
+
+def command_line(command: Command, args: Arguments) -> str:
+    """The command that gives ``args`` again, naming only the options that differ from their defaults."""
+
+    def spelled(value: object) -> str:
+        return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    changed = [f"{key}={spelled(args[key])}" for key, option in command.options.items() if args[key] != option.default]
+    return " ".join([f"python scripts/{command.name}.py", *changed])
+
+
 LOAD_TEST = Command(
     name="load_test",
     summary=(
@@ -282,6 +288,9 @@ def _load_test(args: Arguments) -> int:
         print(f"starting the server for index={args['index']} ...", file=sys.stderr)
         with start_server(serve_args) as url:
             report = run_load_test(url, settings)
+    from metricsearch.benchmarks.speed import machine_info
+
+    report.update(machine=machine_info(), command=command_line(LOAD_TEST, args))
     print(json.dumps(report, indent=2) if args["json"] else format_load_test_report(report))
     if args["out"]:
         print(f"report: {write_load_test_report(report, args['out'])}", file=sys.stderr)
