@@ -353,8 +353,13 @@ def test_the_protocol_end_to_end_killed_and_resumed(tmp_path, data_dir):
     final_runs = sorted(results.glob("synthetic/*/final/*/seed0/fold*"))
     assert len(final_runs) == 8  # 2 losses x (tuned, default) x 2 folds x 1 seed
     for run in final_runs:
-        assert "test" in json.loads((run / "metrics.json").read_text())["metrics"]
+        result = json.loads((run / "metrics.json").read_text())
+        assert "test" in result["metrics"]
         assert (run / "test_embeddings.npz").is_file()
+        # A finished final run keeps its selected checkpoint only; a search run keeps none.
+        kept = [p.name for p in (run / "checkpoints").iterdir()]
+        assert kept == [Path(result["best_checkpoint"]).name] and kept != ["last.ckpt"], run
+    assert not [p for p in search_runs if (p / "checkpoints").exists()]
 
     # 4. The folds are class-disjoint, cover the training classes, and never include a test class.
     for group in [*results.glob("synthetic/*/search/*"), *results.glob("synthetic/*/final/*/seed0")]:

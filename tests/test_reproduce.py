@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from metricsearch.pipelines.reproduce import (
     Cell,
     cell_overrides,
     dataset_availability,
+    drop_resume_checkpoint,
     grid_cells,
     recipe_comparison_table,
     results_table,
@@ -196,12 +198,16 @@ def test_tiny_grid_end_to_end_with_skip_and_resume(tmp_path, data_dir):
     finished = results / "runs" / "synthetic" / "triplet" / "seed0" / "metrics.json"
     assert finished.is_file()
     mtime = finished.stat().st_mtime_ns
+    # A finished cell keeps the checkpoint it selected, not also the last.ckpt that only serves to continue it.
+    selected = Path(json.loads(finished.read_text())["best_checkpoint"])
+    assert sorted(p.name for p in (finished.parent / "checkpoints").iterdir()) == [selected.name] != ["last.ckpt"]
 
-    # Two interrupted cells: seed 1 was killed after a checkpoint and continues from its last.ckpt (a copy of seed
-    # 0's stands in for it); seed 2 was killed before any checkpoint and starts over. The finished cell is skipped.
+    # Two interrupted cells: seed 1 was killed after a checkpoint and continues from its last.ckpt (seed 0's
+    # selected checkpoint stands in for it); seed 2 was killed before any checkpoint and starts over. The finished
+    # cell is skipped.
     resumable = results / "runs" / "synthetic" / "triplet" / "seed1"
     (resumable / "checkpoints").mkdir(parents=True)
-    shutil.copy(finished.parent / "checkpoints" / "last.ckpt", resumable / "checkpoints" / "last.ckpt")
+    shutil.copy(selected, resumable / "checkpoints" / "last.ckpt")
     fresh = results / "runs" / "synthetic" / "triplet" / "seed2"
     (fresh / "checkpoints").mkdir(parents=True)
     (fresh / "checkpoints" / "stale.ckpt").write_bytes(b"partial")
@@ -234,3 +240,28 @@ def test_tiny_grid_end_to_end_with_skip_and_resume(tmp_path, data_dir):
     assert (results / "recall_at_1.png").stat().st_size > 1000
     # The cells draw the final test set only: the notebook finds a map and a retrieval table in every cell.
     assert (fresh / "tables" / "retrieval_test.csv").is_file()
+
+
+def test_a_finished_cell_drops_last_ckpt_only_when_it_selected_another_checkpoint(tmp_path):
+    def cell(name: str, best: str | None, files: tuple[str, ...]) -> Path:
+        folder = tmp_path / name
+        (folder / "checkpoints").mkdir(parents=True)
+        for file in files:
+            (folder / "checkpoints" / file).write_bytes(b"x")
+        if best is not None:
+            # Written where the run was trained: the results folder has moved since, so only the name matches.
+            (folder / "metrics.json").write_text(json.dumps({"best_checkpoint": f"/elsewhere/checkpoints/{best}"}))
+        return folder
+
+    def left(folder: Path) -> list[str]:
+        return sorted(p.name for p in (folder / "checkpoints").iterdir())
+
+    selected = cell("selected", "epoch003.ckpt", ("epoch003.ckpt", "last.ckpt"))
+    assert drop_resume_checkpoint(selected) and left(selected) == ["epoch003.ckpt"]
+    for name, best, files in [
+        ("selection_last", "last.ckpt", ("last.ckpt",)),  # selection=last: last.ckpt is the selected one
+        ("unfinished", None, ("last.ckpt",)),  # no metrics.json: still resumable
+        ("selected_missing", "epoch003.ckpt", ("last.ckpt",)),  # nothing else would be left
+    ]:
+        folder = cell(name, best, files)
+        assert not drop_resume_checkpoint(folder) and left(folder) == ["last.ckpt"], name

@@ -44,7 +44,7 @@ from metricsearch.analysis.results import (
     summarize_results,
     summary_csv_rows,
 )
-from metricsearch.analysis.run_folder import LAST_CHECKPOINT, REPRODUCE_INFO, REPRODUCE_LOG
+from metricsearch.analysis.run_folder import LAST_CHECKPOINT, REPRODUCE_INFO, REPRODUCE_LOG, read_metrics
 from metricsearch.utils.atomic_io import atomic_write_text
 from metricsearch.utils.config import CONFIG_DIR, REPO_ROOT, normalize_overrides
 from metricsearch.utils.recipes import BACKBONE_WEIGHTS, published_recall_at_1, recipe_cards, recipes_for
@@ -207,9 +207,29 @@ def run_cell(
         ok = _train(folder, overrides, timeout, fresh=True, finished=finished)
     seconds = time.perf_counter() - start
     if ok:
+        drop_resume_checkpoint(folder)
         info = {"seconds": round(seconds, 1), "overrides": overrides, "cell": cell.__dict__}
         atomic_write_text(folder / REPRODUCE_INFO, json.dumps(info, indent=1) + "\n")
     return ok, seconds
+
+
+def drop_resume_checkpoint(folder: Path) -> bool:
+    """Removes a finished cell's ``last.ckpt`` when the run selected another checkpoint; returns whether it did.
+
+    ``last.ckpt`` only serves to continue an interrupted run, and a grid keeps one per cell: at full size (a
+    ResNet-50 with its optimizer state) that is as much disk again as the selected checkpoints the cells keep.
+    """
+    last = folder / LAST_CHECKPOINT
+    try:
+        best = read_metrics(folder).get("best_checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return False
+    # metrics.json names it by an absolute path; a results folder that was moved still holds it by name.
+    kept = last.parent / Path(best).name if best else None
+    if kept is None or kept.name == last.name or not kept.is_file() or not last.is_file():
+        return False
+    last.unlink()
+    return True
 
 
 def _train(
