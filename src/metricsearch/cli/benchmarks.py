@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from metricsearch.benchmarks import SECTIONS
 from metricsearch.cli.args import Arguments, Command, Option, UsageError, run_command
@@ -71,6 +72,25 @@ def main_benchmark(argv: Sequence[str] | None = None) -> int:
 
 ANN_KEYS = ("nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search")
 
+
+def command_line(command: Command, args: Arguments) -> str:
+    """The command that gives ``args`` again, naming only the options that differ from their defaults."""
+
+    def spelled(value: object) -> str:
+        return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    changed = [f"{key}={spelled(args[key])}" for key, option in command.options.items() if args[key] != option.default]
+    return " ".join([f"python scripts/{command.name}.py", *changed])
+
+
+def provenance(command: Command, args: Arguments) -> dict[str, Any]:
+    """What a report records of where it came from: the machine, read before the measurement starts (its load
+    average included), and the command that gives the report again."""
+    from metricsearch.benchmarks.speed import machine_info
+
+    return {"machine": machine_info(), "command": command_line(command, args)}
+
+
 BENCH_SEARCH = Command(
     name="bench_search",
     summary=(
@@ -116,6 +136,7 @@ def _bench_search(args: Arguments) -> None:
     # The gallery and queries both benchmarks draw: the same ones, so their tables compare.
     data = {"n": args["n"], "dim": args["dim"], "num_queries": args["queries"], "k": args["k"]}
     data.update(clusters=args["clusters"], spread=args["spread"], seed=args["seed"])
+    origin = provenance(BENCH_SEARCH, args)
     result: dict = {}
     if args["latency"]:
         result = run_search_benchmark(
@@ -144,9 +165,7 @@ def _bench_search(args: Arguments) -> None:
             backends=tuple(pairs),
         )
         print(format_backend_table(result["backends"]))
-    from metricsearch.benchmarks.speed import machine_info
-
-    result.update(machine=machine_info(), command=command_line(BENCH_SEARCH, args))
+    result.update(origin)
     out = Path(args["out"])
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"results: {out.resolve()}")
@@ -214,16 +233,6 @@ def main_bench_postprocess(argv: Sequence[str] | None = None) -> int:
 # --- load_test: concurrent clients against the search server ---
 
 
-def command_line(command: Command, args: Arguments) -> str:
-    """The command that gives ``args`` again, naming only the options that differ from their defaults."""
-
-    def spelled(value: object) -> str:
-        return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-    changed = [f"{key}={spelled(args[key])}" for key, option in command.options.items() if args[key] != option.default]
-    return " ".join([f"python scripts/{command.name}.py", *changed])
-
-
 LOAD_TEST = Command(
     name="load_test",
     summary=(
@@ -272,6 +281,7 @@ def _load_test(args: Arguments) -> int:
         queries=args["queries"],
         timeout_s=args["timeout"],
     )
+    origin = provenance(LOAD_TEST, args)
     if args["url"]:
         report = run_load_test(args["url"].rstrip("/"), settings)
     else:
@@ -288,9 +298,7 @@ def _load_test(args: Arguments) -> int:
         print(f"starting the server for index={args['index']} ...", file=sys.stderr)
         with start_server(serve_args) as url:
             report = run_load_test(url, settings)
-    from metricsearch.benchmarks.speed import machine_info
-
-    report.update(machine=machine_info(), command=command_line(LOAD_TEST, args))
+    report.update(origin)
     print(json.dumps(report, indent=2) if args["json"] else format_load_test_report(report))
     if args["out"]:
         print(f"report: {write_load_test_report(report, args['out'])}", file=sys.stderr)
