@@ -414,6 +414,11 @@ def supervision_cifar_table(sources: DocsSources) -> str:
     )
 
 
+def _index_params(params: Mapping[str, Any]) -> str:
+    """An index's parameters of a benchmark row (its ``kind`` left out), e.g. ``nlist 1024, nprobe 16``."""
+    return ", ".join(f"{key} {value}" for key, value in params.items() if key != "kind")
+
+
 def format_backend_table(result: Mapping[str, Any]) -> str:
     """A markdown table of ``benchmarks.search_backends.run_backend_benchmark``'s rows (``make bench-search``)."""
     s, k = result["settings"], result["settings"]["k"]
@@ -428,7 +433,7 @@ def format_backend_table(result: Mapping[str, Any]) -> str:
         if "error" in row:
             lines.append(f"| {row['backend']} | {row['kind']} | error: {row['error'][:80]} | | | | | |")
             continue
-        params = ", ".join(f"{key} {value}" for key, value in row["params"].items() if key != "kind")
+        params = _index_params(row["params"])
         index = row["kind"] + (f" ({params})" if params else "")
         qps = {int(clients): value for clients, value in row["qps"].items()}  # JSON keys are strings
         lines.append(
@@ -456,7 +461,7 @@ def search_latency_table(sources: DocsSources) -> str:
     s, k = report["settings"], report["settings"]["k"]
     body = []
     for row in report["indexes"]:
-        params = ", ".join(f"{key} {value}" for key, value in row["params"].items() if key != "kind")
+        params = _index_params(row["params"])
         body.append(
             [
                 row["index"] + (f" ({params})" if params else " (exact)"),

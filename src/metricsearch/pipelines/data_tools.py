@@ -179,8 +179,8 @@ def make_tuples(
     else:
         if holdout > 0:
             held_out = np.random.default_rng([seed, 1]).permutation(classes)[: max(2, round(holdout * len(classes)))]
-        used = records.select(~np.isin(records.labels, held_out))
-        held_images = records.select(np.isin(records.labels, held_out))
+        is_held_out = np.isin(records.labels, held_out)
+        used, held_images = records.select(~is_held_out), records.select(is_held_out)
     root = dataset_root(source)
     rows = sample_tuples(used, kind, count, seed, root)
     atomic_write_text(out, format_tuples_csv(kind, rows))

@@ -162,11 +162,16 @@ def tuples_file(out: Path, kind: str, count: int) -> Path:
     return out / "tuples" / f"{kind}_{count}.csv"
 
 
+def run_folder(out: Path, setting: str, seed: int) -> Path:
+    """The run folder of one setting and seed of the study."""
+    return out / "runs" / setting / f"seed{seed}"
+
+
 def run_study(
     out: str | Path,
     data_dir: str | Path,
     seeds: Sequence[int] = (0, 1),
-    steps: int = 50,
+    steps: int | None = None,
     budgets: Sequence[int] = (400, 3200),
     frozen_reference: bool = True,
     variant: Variant = VARIANTS["builtin"],
@@ -178,20 +183,23 @@ def run_study(
     A run whose ``metrics.json`` exists is skipped, so running it again continues an interrupted study.
 
     Args:
+        steps: optimizer steps of every trained run (default: the variant's).
         settings: the names of the settings to train (default: all of :func:`study_settings`).
     """
     from metricsearch.pipelines.data_tools import make_tuples
 
     out, data_dir = Path(out).resolve(), Path(data_dir).resolve()
+    steps = variant.steps if steps is None else steps
     chosen = [s for s in study_settings(budgets, variant) if settings is None or s.name in settings]
     for setting in chosen:
-        if setting.tuples is not None and not tuples_file(out, *setting.tuples).is_file():
-            kind, count = setting.tuples
-            tuples_file(out, kind, count).parent.mkdir(parents=True, exist_ok=True)
-            # Drawn from the training images: a held-out 20% of the training classes (or, under the closed set,
-            # of every class's training images) is named by no tuple and selects the checkpoints.
-            overrides = [f"paths.data_dir={data_dir}", *variant.data]
-            make_tuples(overrides, kind, count, str(tuples_file(out, kind, count)), seed=0)
+        if setting.tuples is None or tuples_file(out, *setting.tuples).is_file():
+            continue
+        kind, count = setting.tuples
+        file = tuples_file(out, kind, count)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        # Drawn from the training images: a held-out 20% of the training classes (or, under the closed set, of
+        # every class's training images) is named by no tuple and selects the checkpoints.
+        make_tuples([f"paths.data_dir={data_dir}", *variant.data], kind, count, str(file), seed=0)
     for seed in seeds:
         for setting in chosen:
             _train(out, data_dir, setting, seed, steps, variant)
@@ -213,14 +221,13 @@ def train_overrides(
     out: Path, data_dir: Path, setting: Setting, seed: int, steps: int, variant: Variant = VARIANTS["builtin"]
 ) -> list[str]:
     """The ``train.py`` overrides of one run of the study."""
-    run_dir = out / "runs" / setting.name / f"seed{seed}"
     overrides = [
         *variant.shared,
         *setting.overrides,
         *variant.data,
         f"seed={seed}",
         f"paths.data_dir={data_dir}",
-        f"hydra.run.dir={run_dir}",
+        f"hydra.run.dir={run_folder(out, setting.name, seed)}",
         f"trainer.max_steps={steps}",
         "trainer.max_epochs=1000",
         *variant.schedule(steps),
@@ -241,7 +248,7 @@ def train_overrides(
 
 
 def _train(out: Path, data_dir: Path, setting: Setting, seed: int, steps: int, variant: Variant) -> None:
-    run_dir = out / "runs" / setting.name / f"seed{seed}"
+    run_dir = run_folder(out, setting.name, seed)
     if has_metrics(run_dir):
         return
     _run([sys.executable, "train.py", *train_overrides(out, data_dir, setting, seed, steps, variant)], run_dir)
